@@ -1,0 +1,130 @@
+"""Task 3 (training): teach SAM's decoder to say which organ it was prompted on.
+
+    python classify_train_task3.py --slices data/slices --results-dir results
+    python classify_train_task3.py --slices data/slices --results-dir results --prompt bound_box --epochs 10
+
+Builds `modified_classifier.ClassifyingDecoder` on the Task 2 decoder finetuned with the same prompt
+type (RESULTS_DIR/finetune/<prompt>/best.pt; the pretrained decoder, with a warning, when absent).
+The prompt encoder and the mask/IoU parts stay frozen; the class token, its two-way transformer and
+`class_prediction_head` are trained with Adam (lr 1e-5, the report's recipe) and cross-entropy on
+the cached image embeddings, prompts drawn afresh each epoch. Class imbalance (adrenal glands are
+under 3% of samples): the cross-entropy is weighted by inverse class frequency in the training split
+(CLASS_WEIGHTING = "balanced"; "none" for the plain loss). Checkpoints: RESULTS_DIR/classifier/
+{best,last}.pt (best by validation accuracy) with epochs.csv.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modified_classifier import build_classifier
+from sam_models import EVAL_EPOCH, PromptDataset, decode_batch, load_backbone, open_cache
+from training import fit, init_distributed, run_batches
+from utils import (NUM_ORGANS, PipelineError, autocast, parse_config, prompt_types_arg, run_main, start_run,
+                   write_json)
+
+# ---------------------------------------------------------------------------------------------- config
+SLICES = "data/slices"
+RESULTS_DIR = "results"
+MODEL = "litemedsam"  # litemedsam | vit_b | vit_l | vit_h
+CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
+PROMPT = "one_central_point"  # point prompts, as the report's Table 4; any contract prompt type works
+FINETUNED = None  # Task 2 checkpoint; default RESULTS_DIR/finetune/<PROMPT>/best.pt
+EPOCHS = 50
+BATCH_SIZE = 64
+LR = 1e-5  # Adam
+CLASS_WEIGHTING = "balanced"  # balanced (inverse class frequency) | none
+SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoch
+VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation
+SEED = 0
+DEVICE = ""
+DTYPE = "fp32"  # fp32 | bf16 autocast
+RESUME = False
+ENCODE_BATCH = 1
+DECODE_BATCH = 8
+# -----------------------------------------------------------------------------------------------------
+
+
+def class_weights(items, mode: str) -> torch.Tensor:
+    """(13,) cross-entropy weights: inverse frequency of each organ among (slice, organ) samples,
+    normalised to mean 1 over the organs present ('balanced'), or all ones ('none')."""
+    if mode == "none":
+        return torch.ones(NUM_ORGANS)
+    if mode != "balanced":
+        raise PipelineError(f"unknown --class-weighting {mode!r}; use balanced or none")
+    counts = np.bincount([organ - 1 for _, organ in items], minlength=NUM_ORGANS).astype(np.float64)
+    weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    weights *= (counts > 0).sum() / weights.sum()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def class_logits(model, batch, prompt_type, device, dtype) -> torch.Tensor:
+    """Class logits (B, 13) of a collated batch, without computing masks."""
+    with autocast(device, dtype):
+        return decode_batch(model, batch, prompt_type, device, with_masks=False)[3][0].float()
+
+
+def main(argv=None):
+    cfg = parse_config(globals(), argv)
+    device = start_run(cfg)
+    env = init_distributed(device)
+    device = env.device
+    prompts = prompt_types_arg(cfg["prompt"])
+    if len(prompts) != 1:
+        raise PipelineError("--prompt takes one prompt type for classification")
+    prompt_type = prompts[0]
+    barrier = torch.distributed.barrier if env.world > 1 else None
+    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
+    _, train_cache, _, _ = open_cache(cfg["slices"], "train", backbone, cfg["dtype"], device, cfg["encode_batch"],
+                                      env.main, barrier)
+    _, val_cache, _, _ = open_cache(cfg["slices"], "val", backbone, cfg["dtype"], device, cfg["encode_batch"],
+                                    env.main, barrier)
+    if not train_cache.slices.items:
+        raise PipelineError(f"the train split of {cfg['slices']} has no slices; classification needs training cases")
+    out = Path(cfg["results_dir"])
+    finetuned = cfg["finetuned"] or str(out / "finetune" / prompt_type / "best.pt")
+    torch.manual_seed(cfg["seed"])
+    model = build_classifier(backbone, finetuned).to(device)
+    trainable = model.freeze_all_but_class_branch()
+    optimizer = torch.optim.Adam(trainable, lr=cfg["lr"])
+    weights = class_weights(train_cache.slices.items, cfg["class_weighting"]).to(device)
+
+    def loss_fn(m, batch):
+        logits = class_logits(m, batch, prompt_type, device, cfg["dtype"])
+        return F.cross_entropy(logits, batch["organ"].to(device) - 1, weight=weights, reduction="none")
+
+    val_data = PromptDataset(val_cache, prompt_type, cfg["seed"], EVAL_EPOCH)
+
+    def validate(m):
+        m.eval()
+        losses, correct = [], []
+
+        def step(batch):
+            logits = class_logits(m, batch, prompt_type, device, cfg["dtype"])
+            target = batch["organ"].to(device) - 1
+            losses.extend(F.cross_entropy(logits, target, reduction="none").tolist())
+            correct.extend((logits.argmax(1) == target).tolist())
+
+        run_batches(val_data, cfg["decode_batch"], step, cfg["val_samples"])
+        return {"val_loss": float(np.mean(losses)), "val_metric": float(np.mean(correct))}
+
+    run = fit(module=model, optimizer=optimizer,
+              train_data=lambda epoch: PromptDataset(train_cache, prompt_type, cfg["seed"], epoch),
+              loss_fn=loss_fn, validate=validate,
+              cfg=dict(cfg, prompt=prompt_type, backbone=backbone.key, finetuned=finetuned,
+                       finetuned_used=Path(finetuned).is_file()),
+              out_dir=out / "classifier", env=env, what=f"classify {prompt_type}", loss_name="CE loss",
+              metric_name="accuracy")
+    if env.main:
+        write_json(out / "classifier" / "train_summary.json",
+                   {"prompt": prompt_type, "best": run["best"], "last": run["last"], "best_val_accuracy": run["best_metric"],
+                    "finetuned_decoder": finetuned if Path(finetuned).is_file() else None,
+                    "class_weights": weights.tolist(), "history": run["history"]})
+        print(f"best validation accuracy {run['best_metric']:.4f}; checkpoint {run['best']}")
+
+
+if __name__ == "__main__":
+    run_main(main)

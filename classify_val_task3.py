@@ -1,0 +1,155 @@
+"""Task 3 (validation): per-organ classification accuracy (report Table 4) and Figure 3.
+
+    python classify_val_task3.py --slices data/slices --results-dir results
+
+Loads RESULTS_DIR/classifier/best.pt (from classify_train_task3.py), decodes every (slice, organ) of
+the validation split with the prompt type it was trained with, and writes
+table4_classification.json / .md / .csv (accuracy and count per organ, weighted average), a
+confusion matrix (figures/confusion_matrix.png) and Figure 3 (figures/fig3_classification_example.png:
+a misclassified sample, the smallest one, or else the smallest organ region, beside its slice). The
+mask Dice of the same model is reported beside the accuracy together with the Dice of the decoder it
+started from, which the classification training must not have changed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modified_classifier import finetuned_decoder, load_classifier
+from sam_models import evaluate, load_backbone, open_cache
+from training import load_checkpoint
+from utils import (ORGANS, DiceTable, PipelineError, markdown_table, organ_name, parse_config, run_main,
+                   save_figure, start_run, write_csv, write_json, write_text)
+
+# ---------------------------------------------------------------------------------------------- config
+SLICES = "data/slices"
+RESULTS_DIR = "results"
+MODEL = "litemedsam"
+CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
+CLASSIFIER = None  # default RESULTS_DIR/classifier/best.pt
+SPLIT = "val"
+SEED = 0
+DEVICE = ""
+DTYPE = "fp32"
+ENCODE_BATCH = 1
+DECODE_BATCH = 8
+# -----------------------------------------------------------------------------------------------------
+
+
+def confusion_figure(confusion: np.ndarray, organs_present):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(ORGANS)), [o.replace("_", " ") for o in ORGANS], rotation=70, ha="right", fontsize=7)
+    ax.set_yticks(range(len(ORGANS)), [o.replace("_", " ") + ("" if i + 1 in organs_present else " (absent)")
+                                       for i, o in enumerate(ORGANS)], fontsize=7)
+    for t in range(len(ORGANS)):
+        for p in range(len(ORGANS)):
+            if confusion[t, p]:
+                ax.text(p, t, int(confusion[t, p]), ha="center", va="center", fontsize=6,
+                        color="white" if rows[t, p] > 0.5 else "black")
+    ax.set_xlabel("predicted organ")
+    ax.set_ylabel("true organ")
+    ax.set_title("Confusion matrix (counts; colour = row fraction)")
+    return fig
+
+
+def example_figure(image, mask, true_name, pred_name, case, z):
+    """Figure 3: the raw slice (organ region boxed) beside the zoomed region with its classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+
+    rows, cols = np.nonzero(mask)
+    pad = max(8, int(0.6 * max(np.ptp(rows), np.ptp(cols))))
+    y0, y1 = max(rows.min() - pad, 0), min(rows.max() + pad + 1, mask.shape[0])
+    x0, x1 = max(cols.min() - pad, 0), min(cols.max() + pad + 1, mask.shape[1])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 5))
+    a.imshow(image, cmap="gray")
+    a.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", linewidth=1.5))
+    a.set_title(f"raw slice ({case}, z={z})")
+    b.imshow(image[y0:y1, x0:x1], cmap="gray")
+    b.contour(mask[y0:y1, x0:x1], levels=[0.5], colors="red", linewidths=1.2)
+    verdict = "correct" if true_name == pred_name else "wrong"
+    b.set_title(f"region of {true_name.replace('_', ' ')} ({int(mask.sum())} px)\n"
+                f"predicted: {pred_name.replace('_', ' ')} ({verdict})")
+    for ax in (a, b):
+        ax.axis("off")
+    return fig
+
+
+def main(argv=None):
+    cfg = parse_config(globals(), argv)
+    device = start_run(cfg)
+    out = Path(cfg["results_dir"])
+    ck_path = Path(cfg["classifier"] or out / "classifier" / "best.pt")
+    if not ck_path.is_file():
+        raise PipelineError(f"classifier checkpoint not found: {ck_path}; run classify_train_task3.py first")
+    ck = load_checkpoint(ck_path)
+    prompt_type = ck["config"]["prompt"]
+    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
+    if ck["config"].get("backbone") != backbone.key:
+        raise PipelineError(f"{ck_path} was trained on {ck['config'].get('backbone')}, not {backbone.key}; "
+                            f"pass the matching --model/--checkpoint")
+    slices, cache, _, _ = open_cache(cfg["slices"], cfg["split"], backbone, cfg["dtype"], device, cfg["encode_batch"])
+    model = load_classifier(backbone, ck).to(device)
+    records = []  # (item index, true organ, predicted organ)
+
+    def collect(_prompt, batch, extra, _preds):
+        pred = extra[0].float().argmax(1).cpu() + 1
+        records.extend(zip(batch["index"].tolist(), batch["organ"].tolist(), pred.tolist()))
+
+    after = evaluate(model, cache, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"],
+                     DiceTable(), on_batch=collect)
+    # the decoder the classifier started from (its mask parts were frozen): the same Dice is expected
+    start = finetuned_decoder(backbone, ck["config"]["finetuned"] if ck["config"].get("finetuned_used") else None)
+    before = evaluate(start.to(device), cache, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"])
+    true = np.array([t for _, t, _ in records])
+    pred = np.array([p for _, _, p in records])
+    confusion = np.zeros((len(ORGANS), len(ORGANS)), dtype=np.int64)
+    np.add.at(confusion, (true - 1, pred - 1), 1)
+    present = sorted(set(true.tolist()))
+    accuracy = {organ_name(o): float(np.mean(pred[true == o] == o)) for o in present}
+    counts = {organ_name(o): int(np.sum(true == o)) for o in present}
+    result = {"accuracy": accuracy, "n": counts, "weighted_average": float(np.mean(pred == true)),
+              "prompt": prompt_type, "split": cfg["split"], "model": backbone.name, "classifier": str(ck_path),
+              "mask_mdice_after_classification_training": after.mdice()[prompt_type],
+              "mask_mdice_before_classification_training": before.mdice()[prompt_type],
+              "confusion": confusion.tolist(), "seed": cfg["seed"]}
+    write_json(out / "table4_classification.json", result)
+    rows = [[o.replace("_", " "), accuracy[o], counts[o]] for o in accuracy]
+    rows.append(["**Weighted Average**", result["weighted_average"], int(len(true))])
+    write_text(out / "table4_classification.md",
+               f"## Table 4: classification accuracy of different organs ({prompt_type.replace('_', ' ')} prompts, "
+               f"{cfg['split']} split)\n\n" + markdown_table(["organ", "accuracy", "n"], rows)
+               + f"\nWeighted average = accuracy over all {len(true)} (slice, organ) samples (weights = counts). "
+                 f"Mask mDice of the same model: {result['mask_mdice_after_classification_training']:.4f} after "
+                 f"classification training, {result['mask_mdice_before_classification_training']:.4f} before "
+                 f"(mask parts frozen).\n")
+    write_csv(out / "table4_classification.csv", ["organ", "accuracy", "n"], [[o, accuracy[o], counts[o]] for o in accuracy])
+    save_figure(confusion_figure(confusion, set(present)), out / "figures" / "confusion_matrix.png")
+    # Figure 3: the smallest misclassified region, else the smallest region
+    ds_items = cache.slices.items
+    areas = [slices.records[ds_items[k][0]]["organs"][str(ds_items[k][1])]["area"] for k, _, _ in records]
+    wrong = [j for j, (_, t, p) in enumerate(records) if t != p]
+    j = min(wrong or range(len(records)), key=lambda q: areas[q])
+    k, t, p = records[j]
+    i = ds_items[k][0]
+    image, label = slices.load(i)
+    save_figure(example_figure(image, label == t, organ_name(t), organ_name(p), slices.records[i]["case"],
+                               slices.records[i]["z"]), out / "figures" / "fig3_classification_example.png")
+    print(markdown_table(["organ", "accuracy", "n"], rows), end="")
+    print(f"wrote {out / 'table4_classification.md'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny phantom written and preprocessed once per test session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY_SHAPE = (96, 96, 12)  # voxels of each test phantom volume: few slices, fast to encode
+TINY_VOLUMES = 3  # two training cases and one validation case
+
+
+def tiny_spacing():
+    from phantom import DEFAULT_SHAPE, DEFAULT_SPACING
+
+    return tuple(sp * d / n for sp, d, n in zip(DEFAULT_SPACING, DEFAULT_SHAPE, TINY_SHAPE))
+
+
+@pytest.fixture(scope="session")
+def raw_phantom(tmp_path_factory):
+    from phantom import write_phantom
+
+    raw = tmp_path_factory.mktemp("raw")
+    write_phantom(raw, TINY_VOLUMES, seed=3, shape=TINY_SHAPE, spacing=tiny_spacing())
+    return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_slices(raw_phantom, tmp_path_factory):
+    from preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("slices") / "slices"
+    preprocess(raw_phantom, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    from sam_models import load_backbone
+    from utils import tune_allocator
+
+    tune_allocator()
+    return load_backbone("litemedsam")
+
+
+def real_data(sub: str) -> Path:
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"real CT sample {path} is absent (it lives in ../shared/data beside the repository)")
+    return path
+
+
+def run_script(args, cwd=ROOT, env=None, timeout=600):
+    """Run a project script in a subprocess; returns CompletedProcess (text)."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1", **(env or {}))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
