@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from modified_classifier import build_classifier
-from sam_models import EVAL_EPOCH, PromptDataset, decode_batch, load_backbone, open_cache
-from training import fit, init_distributed, run_batches
-from utils import (NUM_ORGANS, PipelineError, autocast, parse_config, prompt_types_arg, run_main, start_run,
-                   write_json)
+from sam_models import EVAL_EPOCH, PromptDataset, decode_batch
+from training import fit, run_batches, setup_training
+from utils import (NUM_ORGANS, PipelineError, autocast, parse_config, prompt_types_arg, run_main, write_json)
 
 # ---------------------------------------------------------------------------------------------- config
 SLICES = "data/slices"
@@ -37,6 +36,7 @@ EPOCHS = 50
 BATCH_SIZE = 64
 LR = 1e-5  # Adam
 CLASS_WEIGHTING = "balanced"  # balanced (inverse class frequency) | none
+GRAD_CLIP = 0.0  # > 0: clip the gradient norm before each step (0: off, as the report)
 SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoch
 VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation
 SEED = 0
@@ -69,21 +69,12 @@ def class_logits(model, batch, prompt_type, device, dtype) -> torch.Tensor:
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
-    device = start_run(cfg)
-    env = init_distributed(device)
-    device = env.device
     prompts = prompt_types_arg(cfg["prompt"])
     if len(prompts) != 1:
         raise PipelineError("--prompt takes one prompt type for classification")
     prompt_type = prompts[0]
-    barrier = torch.distributed.barrier if env.world > 1 else None
-    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
-    _, train_cache, _, _ = open_cache(cfg["slices"], "train", backbone, cfg["dtype"], device, cfg["encode_batch"],
-                                      env.main, barrier)
-    _, val_cache, _, _ = open_cache(cfg["slices"], "val", backbone, cfg["dtype"], device, cfg["encode_batch"],
-                                    env.main, barrier)
-    if not train_cache.slices.items:
-        raise PipelineError(f"the train split of {cfg['slices']} has no slices; classification needs training cases")
+    env, backbone, train_cache, val_cache = setup_training(cfg, "classification")
+    device = env.device
     out = Path(cfg["results_dir"])
     finetuned = cfg["finetuned"] or str(out / "finetune" / prompt_type / "best.pt")
     torch.manual_seed(cfg["seed"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from modified_classifier import finetuned_decoder, load_classifier
 from sam_models import evaluate, load_backbone, open_cache

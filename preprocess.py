@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -33,7 +32,7 @@ SYNTHETIC = 0  # > 0: first write this many phantom volumes into DATA_DIR (BTCV 
 SEED = 0  # phantom and augmentation seed
 PHANTOM_SHAPE = "256,256,64"  # voxels (i, j, k) of each phantom volume; same body, coarser spacing if smaller
 VAL_FRACTION = 0.2  # without dataset_0.json: the last 20% of cases by sorted id are validation
-WINDOW_HU = "-175,250"  # abdominal soft-tissue window (MONAI's BTCV recipe), mapped to [0, 1]
+WINDOW_HU = "-160,240"  # abdominal window W400/L40, as MedSAM/LiteMedSAM were trained (MONAI's BTCV: -175,250)
 ORIENTATION = "LPS"  # canonical axes; a slice is vol[:, :, k].T: anterior up, patient right on the left
 AUGMENT_COPIES = 0  # MONAI-augmented copies of every training slice (flip, rotate, intensity shift)
 DEVICE = "cpu"  # accepted for a uniform interface; preprocessing runs on the CPU

@@ -158,24 +158,24 @@ def image_to_input(image: np.ndarray, img_size: int) -> torch.Tensor:
     return torch.from_numpy(resized)[None].expand(3, -1, -1)
 
 
-def coords_to_input(xy: np.ndarray, orig_hw, img_size: int) -> np.ndarray:
-    """Map (..., 2) XY pixel coordinates of the slice into the model's input frame."""
+def _scale_xy(xy: np.ndarray, orig_hw, img_size: int, to_input: bool) -> np.ndarray:
     h, w = orig_hw
     new_h, new_w = input_size(orig_hw, img_size)
+    sx, sy = (new_w / w, new_h / h) if to_input else (w / new_w, h / new_h)
     out = np.asarray(xy, dtype=np.float64).copy()
-    out[..., 0] *= new_w / w
-    out[..., 1] *= new_h / h
+    out[..., 0] *= sx
+    out[..., 1] *= sy
     return out
+
+
+def coords_to_input(xy: np.ndarray, orig_hw, img_size: int) -> np.ndarray:
+    """Map (..., 2) XY pixel coordinates of the slice into the model's input frame."""
+    return _scale_xy(xy, orig_hw, img_size, to_input=True)
 
 
 def coords_from_input(xy: np.ndarray, orig_hw, img_size: int) -> np.ndarray:
     """Inverse of `coords_to_input`."""
-    h, w = orig_hw
-    new_h, new_w = input_size(orig_hw, img_size)
-    out = np.asarray(xy, dtype=np.float64).copy()
-    out[..., 0] *= w / new_w
-    out[..., 1] *= h / new_h
-    return out
+    return _scale_xy(xy, orig_hw, img_size, to_input=False)
 
 
 def prompt_to_input(prompt: dict, orig_hw, img_size: int) -> dict:
@@ -464,8 +464,10 @@ def evaluate(decoder: PromptedDecoder, cache: EmbeddingCache, prompt_types, seed
         ds = PromptDataset(cache, prompt_type, seed, EVAL_EPOCH)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
         for batch in tqdm(loader, desc=f"decode {prompt_type}", disable=not progress, leave=False):
+            t0 = time.perf_counter()
             with autocast(torch.device(device), dtype):
                 logits, _, _, extra = decode_batch(decoder, batch, prompt_type, device)
+            table.decoder_seconds += time.perf_counter() - t0
             preds = []
             for b, k in enumerate(batch["index"].tolist()):
                 i, organ = ds.items[k]

@@ -15,12 +15,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sam_models import PromptedDecoder, evaluate, load_backbone, open_cache
-from utils import (ORGANS, REPORT_ZERO_SHOT, DiceTable, PipelineError, SliceSet, markdown_table, organ_name,
-                   parse_config, per_organ_markdown, prompt_types_arg, run_main, save_figure, start_run,
-                   write_csv, write_json, write_text)
+from utils import (ORGANS, REPORT_ZERO_SHOT, DiceTable, SliceSet, markdown_table, parse_config, per_organ_markdown,
+                   prompt_types_arg, run_main, save_figure, start_run, write_csv, write_json, write_text)
 
 # ---------------------------------------------------------------------------------------------- config
 SLICES = "data/slices"  # output of preprocess.py
@@ -105,7 +103,10 @@ def main(argv=None):
         "timing": {"encode_seconds": round(t_enc, 2), "decode_seconds": round(t_end - t_dec, 2),
                    "n_prompts": n_prompts,
                    "encode_seconds_per_slice": round(t_enc / passes, 4) if passes else None,
-                   "decode_seconds_per_prompt": round((t_end - t_dec) / max(n_prompts, 1), 4)},
+                   "decoder_forward_seconds": round(table.decoder_seconds, 2),
+                   "decoder_seconds_per_prompt": round(table.decoder_seconds / max(n_prompts, 1), 4),
+                   # wall time over the time spent in the networks (encoder passes + decoder forwards)
+                   "wall_over_model_time": round((t_end - t_start) / max(t_enc + table.decoder_seconds, 1e-9), 3)},
         "mdice": table.mdice(), "per_organ": table.per_organ(), "volume_dice": table.volume_dice(),
         "n_per_organ": table.counts(), "seed": cfg["seed"], "dtype": cfg["dtype"], "device": str(device),
         "point_prompt_mask": "multimask output, highest predicted IoU", "box_prompt_mask": "single mask",

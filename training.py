@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from utils import PipelineError, read_json, torch_save, write_csv, write_json
+from utils import PipelineError, torch_save, write_csv
 
 LOG_FIELDS = ["epoch", "train_loss", "val_loss", "val_metric", "seconds", "samples_per_second"]
 
@@ -47,6 +47,24 @@ def init_distributed(device: torch.device) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistEnv(rank, world, device)
+
+
+def setup_training(cfg: dict, what: str):
+    """What Task 2 and Task 3 training share before the loop: seeds and device, the process group under
+    torchrun, the backbone, and filled embedding caches of both splits (only rank 0 encodes).
+    Returns (env, backbone, train cache, val cache)."""
+    from sam_models import load_backbone, open_cache
+    from utils import start_run
+
+    env = init_distributed(start_run(cfg))
+    barrier = dist.barrier if env.world > 1 else None
+    backbone = load_backbone(cfg["model"], cfg["checkpoint"], env.device)
+    caches = [open_cache(cfg["slices"], split, backbone, cfg["dtype"], env.device, cfg["encode_batch"], env.main,
+                         barrier)[1] for split in ("train", "val")]
+    backbone.sam.image_encoder.to("cpu")  # never used in the training loop
+    if not caches[0].slices.items:
+        raise PipelineError(f"the train split of {cfg['slices']} has no slices; {what} needs training cases")
+    return env, backbone, caches[0], caches[1]
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, env: DistEnv, limit: int = 0):
@@ -123,6 +141,8 @@ def fit(*, module, optimizer, train_data, loss_fn, validate, cfg: dict, out_dir,
                                     f"the last good checkpoint is {last_path if last_path.exists() else 'none yet'}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
             optimizer.step()
             total += float(losses.detach().sum())
             count += len(indices)

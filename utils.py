@@ -353,6 +353,7 @@ class DiceTable:
     def __init__(self):
         self.slice_dice = {}  # (prompt, organ) -> list of Dice
         self.volume = {}  # (prompt, organ, case) -> [intersection, pred sum, gt sum]
+        self.decoder_seconds = 0.0  # time spent in decoder forward passes while filling the table
 
     def add(self, prompt: str, organ: int, case: str, pred: np.ndarray, gt: np.ndarray) -> float:
         pred = pred.astype(bool)

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
-TINY_SHAPE = (96, 96, 12)  # voxels of each test phantom volume: few slices, fast to encode
+TINY_SHAPE = (80, 80, 10)  # voxels of each test phantom volume: few slices, fast to encode
 TINY_VOLUMES = 3  # two training cases and one validation case
 
 

@@ -5,7 +5,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import real_data, run_script
+from conftest import TINY_SHAPE, real_data, run_script
 
 from preprocess import augmentation, find_cases, preprocess
 from utils import PipelineError, SliceSet
@@ -31,7 +31,7 @@ def test_counts_match_label_volumes(raw_phantom, tiny_slices):
         rows = (tiny_slices / split / "organs.csv").read_text().strip().splitlines()[1:]
         assert len(rows) == len(s.items)
     image, label = SliceSet(tiny_slices, "val").load(0)
-    assert image.dtype == np.uint8 and label.dtype == np.uint8 and image.shape == label.shape == (96, 96)
+    assert image.dtype == np.uint8 and label.dtype == np.uint8 and image.shape == label.shape == TINY_SHAPE[:2]
 
 
 def test_three_layouts_give_the_same_slices(raw_phantom, tmp_path):
@@ -109,7 +109,7 @@ def test_orientation_is_handled_phantom(raw_phantom, tmp_path):
     s = SliceSet(tmp_path / "s_lps", "val")
     liver = [r["organs"]["6"]["bbox"] for r in s.records if "6" in r["organs"]]
     spleen = [r["organs"]["1"]["bbox"] for r in s.records if "1" in r["organs"]]
-    assert np.mean([(b[0] + b[2]) / 2 for b in liver]) < 48 < np.mean([(b[0] + b[2]) / 2 for b in spleen])
+    assert np.mean([(b[0] + b[2]) / 2 for b in liver]) < TINY_SHAPE[0] / 2 < np.mean([(b[0] + b[2]) / 2 for b in spleen])
 
 
 def test_orientation_is_handled_real_ct(tmp_path):

@@ -1,0 +1,557 @@
+"""python bench.py --quick: benchmarks of the pipeline on phantom slices -> RESULTS_DIR/bench.json, bench.md.
+
+    python bench.py --quick               # under 10 minutes on a quiet 2-core CPU
+    python bench.py                       # larger sizes (tens of minutes on a 2-core CPU)
+
+Measured in one run, on slices generated here (`preprocess.py`'s phantom, PHANTOM_SHAPE voxels):
+
+1. Zero-shot evaluation: this pipeline (embedding cache filled on a cold cache, batched decoding by
+   `sam_models.evaluate`) against the loop users write around ``segment_anything.SamPredictor``
+   (re-encode for every prompt, one ``predict`` per prompt), same model, slices, prompts and mask
+   selection. The naive loop runs on NAIVE_ITEMS evenly spread (slice, organ) items per prompt type;
+   the speed-up is seconds per prompt against seconds per prompt, and both give per-organ Dice on
+   that subset, which must agree.
+2. Image encoder: slices per second in fp32 and under bf16 autocast, and the fraction of pixels whose
+   bound-box mask (decoded in fp32 from each embedding) agrees.
+3. Decoder training: samples per second, TRAIN_BATCH samples per SGD step against one at a time.
+4. Memory: peak RSS of one Task 2 epoch (a `finetune_task2.py` subprocess) with N and 4N training
+   slices (the 4N set repeats the N set's volumes under new case names).
+5. Scaling: wall time of Task 1 (a `segmentation_task1.py` subprocess, cold cache) on 1x, 2x, 4x
+   validation slices.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune_task2 import LR, MOMENTUM, WEIGHT_DECAY, mask_losses
+from sam_models import (EVAL_EPOCH, EmbeddingCache, PromptDataset, PromptedDecoder, coords_to_input, decode_batch,
+                        encode_images, evaluate, image_to_input, load_backbone, masks_to_slice, open_cache,
+                        prompt_to_input)
+from utils import (POINT_PROMPTS, PipelineError, SliceSet, autocast, dice_score, make_prompt, markdown_table,
+                   organ_name, parse_config, prompt_rng, prompt_types_arg, run_main, start_run, write_json,
+                   write_text)
+
+# ---------------------------------------------------------------------------------------------- config
+RESULTS_DIR = "results"  # bench.json and bench.md go here
+WORK_DIR = "data/bench"  # phantom volumes, slice sets and subprocess outputs (rebuilt on every run)
+MODEL = "litemedsam"  # litemedsam | vit_b | vit_l | vit_h
+CHECKPOINT = None  # default: the bundled LiteMedSAM weights, or checkpoints/<official name>
+QUICK = False  # smaller sizes (QUICK_SIZES below) for every constant left at its default; under 10 min on 2 cores
+SEED = 0  # phantom and prompt seed
+DEVICE = ""  # cpu | cuda; empty: cuda when present
+PHANTOM_SHAPE = "128,128,24"  # voxels of each phantom volume (about 18 slices with organs each at this size)
+TRAIN_VOLUMES = 6  # phantom volumes of the 1x training split (decoder training, memory test)
+VAL_VOLUMES = 2  # phantom volumes of the 1x validation split (zero-shot, encoder, Task 1 at 1x)
+ZERO_SHOT_PROMPT = "all"  # prompt types of the zero-shot comparison
+NAIVE_ITEMS = 60  # (slice, organ) items per prompt type run through the naive SamPredictor loop
+DECODE_BATCH = 8  # prompts per decoder pass in the pipeline (segmentation_task1.py's default)
+ENCODER_SLICES = 16  # slices timed through the image encoder, per dtype
+TRAIN_PROMPT = "bound_box"  # prompt type of the decoder-training samples
+TRAIN_BATCH = 32  # samples per SGD step in the batched measurement
+TRAIN_SAMPLES = 128  # samples timed per mode (batched, one at a time) and dtype
+RSS_SAMPLES_PER_EPOCH = 0  # cap on the Task 2 epoch of the memory test; 0: every training sample
+RSS_VAL_SAMPLES = 0  # cap on its per-epoch validation; 0: every validation sample
+SCALES = "1,2,4"  # Task 1 scaling: multiples of the validation volumes
+TASK1_PROMPT = "all"  # --prompt of the Task 1 runs
+# -----------------------------------------------------------------------------------------------------
+
+QUICK_SIZES = {"train_volumes": 3, "val_volumes": 1, "naive_items": 12, "encoder_slices": 6, "train_batch": 16,
+               "train_samples": 48, "rss_samples_per_epoch": 64, "rss_val_samples": 16, "task1_prompt": "bound_box"}
+HERE = Path(__file__).resolve().parent
+TARGETS = {"zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.5, "encoder_bf16_mask_agreement": 0.99,
+           "decoder_batched_speedup": 3.0, "peak_rss_ratio_4x": 1.2, "zero_shot_dice_max_abs_diff": 1e-4,
+           "task1_linear_slack": 1.1}
+# A child Python that runs a script as __main__ and reports its own peak RSS (KiB on Linux) at exit
+_RSS_RUNNER = ("import json, resource, runpy, sys\n"
+               "sys.argv = json.loads(sys.argv[1])\n"
+               "try:\n"
+               "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+               "finally:\n"
+               "    print('BENCH_MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine_info(device) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(device), "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- data
+def make_set(work: Path, name: str, volumes: list, train: list, val: list, seed: int, shape) -> Path:
+    """Preprocess a slice set whose splits list phantom volumes by index, repeats allowed (each repeat
+    is a symlink under a new case name). Written through a dataset_0.json; returns the slices folder."""
+    from preprocess import preprocess
+
+    root = work / "sets" / name
+    raw = root / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    spec = {}
+    for key, picks in (("training", train), ("validation", val)):
+        entries, seen = [], {}
+        for v in picks:
+            copy_no = seen[v] = seen.get(v, -1) + 1
+            image, label = volumes[v]
+            entry = {}
+            for what, src in (("image", image), ("label", label)):
+                link = raw / f"{what}{v + 1:04d}r{copy_no}.nii.gz"
+                if not link.exists():
+                    os.symlink(src.resolve(), link)
+                entry[what] = str(link.relative_to(root))
+            entries.append(entry)
+        spec[key] = entries
+    write_json(root / "dataset_0.json", spec)
+    out = root / "slices"
+    preprocess(root, out, seed=seed, synthetic={"volumes": len(volumes), "seed": seed, "shape": list(shape)})
+    return out
+
+
+def build_data(cfg: dict) -> dict:
+    from phantom import DEFAULT_SHAPE, DEFAULT_SPACING, write_phantom
+
+    work = Path(cfg["work_dir"]).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    shape = tuple(int(v) for v in cfg["phantom_shape"].split(","))
+    spacing = tuple(sp * d / n for sp, d, n in zip(DEFAULT_SPACING, DEFAULT_SHAPE, shape))
+    n_train, n_val = cfg["train_volumes"], cfg["val_volumes"]
+    print(f"bench: writing {n_train + n_val} phantom volumes {shape} to {work / 'raw'}", flush=True)
+    images = write_phantom(work / "raw", n_train + n_val, cfg["seed"], shape=shape, spacing=spacing)
+    volumes = [(p, p.parent.parent / "label" / p.name.replace("img", "label", 1)) for p in images]
+    train, val = list(range(n_train)), list(range(n_train, n_train + n_val))
+    sets = {"base": make_set(work, "base", volumes, train, val, cfg["seed"], shape),
+            "rss4": make_set(work, "rss4", volumes, train * 4, val, cfg["seed"], shape)}
+    for s in scales_arg(cfg["scales"]):
+        sets[f"task1_x{s}"] = make_set(work, f"task1_x{s}", volumes, [], val * s, cfg["seed"], shape)
+    return sets
+
+
+def scales_arg(text: str) -> list[int]:
+    try:
+        scales = [int(v) for v in text.split(",") if v.strip()]
+        assert scales and min(scales) >= 1
+    except (ValueError, AssertionError):
+        raise PipelineError(f"--scales must be a comma list of positive integers like 1,2,4, got {text!r}") from None
+    return scales
+
+
+def fill_by_copy(cache: EmbeddingCache, sources: list) -> int:
+    """Fill rows of `cache` whose slice image is byte-identical to a cached slice of `sources` by copying
+    that row (what the encoder would compute for the same input); returns the rows copied."""
+    def key(image):
+        return hashlib.sha1(repr(image.shape).encode() + image.tobytes()).hexdigest()
+
+    index = {}
+    for src in sources:
+        for j in np.flatnonzero(src.done):
+            index.setdefault(key(src.slices.load(int(j))[0]), (src, int(j)))
+    todo = [i for i in cache.missing() if key(cache.slices.load(i)[0]) in index]
+    if not todo:
+        return 0
+    cache.dir.mkdir(parents=True, exist_ok=True)
+    if not cache.done.any():
+        np.lib.format.open_memmap(cache.path, mode="w+", dtype=np.float16, shape=cache.shape).flush()
+        write_json(cache.meta_path, cache.meta)
+    arr = np.load(cache.path, mmap_mode="r+")
+    for i in todo:
+        src, j = index[key(cache.slices.load(i)[0])]
+        arr[i] = src.read(j).astype(np.float16)
+        cache.done[i] = True
+    arr.flush()
+    del arr
+    cache._save_done()
+    return len(todo)
+
+
+def run_script(script: str, args: list, log: Path) -> dict:
+    """Run `script` in a fresh Python; returns wall seconds and the child's peak RSS (MiB)."""
+    argv = [script, *[str(a) for a in args]]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _RSS_RUNNER, json.dumps(argv)], cwd=HERE, capture_output=True,
+                          text=True)
+    seconds = time.perf_counter() - t0
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise PipelineError(f"{script} failed (exit {proc.returncode}, log {log}): {' | '.join(tail)}")
+    rss = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("BENCH_MAXRSS_KB")]
+    return {"seconds": seconds, "peak_rss_mib": rss[-1] / 1024 if rss else None}
+
+
+# ---------------------------------------------------------------------------------------------- 1. zero-shot
+def spread(n_total: int, n: int) -> list[int]:
+    """n evenly spread indices of range(n_total) (all of them when n >= n_total)."""
+    if n <= 0 or n >= n_total:
+        return list(range(n_total))
+    return np.unique(np.linspace(0, n_total - 1, n).round().astype(int)).tolist()
+
+
+def naive_predictor_loop(backbone, slices: SliceSet, items: list, prompt_type: str, seed: int, device):
+    """What users write around SamPredictor: set the image (re-encode) and predict, one prompt at a time.
+
+    The input tensor is `image_to_input` (the pipeline's resize) given through `set_torch_image`.
+    Returns (per-item Dice, seconds, max |apply_coords - coords_to_input|)."""
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(backbone.sam)
+    img_size = backbone.img_size
+    dices, coord_diff = [], 0.0
+    sync(device)
+    t0 = time.perf_counter()
+    for i, organ in items:
+        rec = slices.records[i]
+        image, label = slices.load(i)
+        mask = label == organ
+        prompt = make_prompt(mask, prompt_type, prompt_rng(seed, rec["case"], rec["z"], organ, prompt_type, EVAL_EPOCH))
+        predictor.set_torch_image(image_to_input(image, img_size)[None].to(device), image.shape)
+        if prompt_type in POINT_PROMPTS:
+            pts = prompt["points"]
+            coord_diff = max(coord_diff, float(np.abs(predictor.transform.apply_coords(pts, image.shape)
+                                                      - coords_to_input(pts, image.shape, img_size)).max()))
+            masks, iou, _ = predictor.predict(point_coords=pts, point_labels=np.ones(len(pts)), multimask_output=True)
+            pred = masks[int(np.argmax(iou))]
+        else:
+            box = prompt["box"]
+            coord_diff = max(coord_diff, float(np.abs(predictor.transform.apply_boxes(box, image.shape).reshape(4)
+                                                      - prompt_to_input(prompt, image.shape, img_size)["box"]).max()))
+            masks, _, _ = predictor.predict(box=box, multimask_output=False)
+            pred = masks[0]
+        dices.append(dice_score(pred, mask))
+    sync(device)
+    return dices, time.perf_counter() - t0, coord_diff
+
+
+def per_organ_mean(items: list, dices: list) -> dict:
+    out = {}
+    for (_, organ), d in zip(items, dices):
+        out.setdefault(organ, []).append(d)
+    return {organ_name(o): float(np.mean(v)) for o, v in sorted(out.items())}
+
+
+def bench_zero_shot(cfg, backbone, slices_dir: Path, device) -> dict:
+    prompts = prompt_types_arg(cfg["zero_shot_prompt"])
+    shutil.rmtree(slices_dir / "embeddings", ignore_errors=True)  # cold cache
+    encode_images(backbone, [SliceSet(slices_dir, "val").load(0)[0]], device)  # warm-up, not timed
+    subset_k = None
+    kept = {p: {} for p in prompts}
+
+    def collect(prompt_type, batch, extra, preds):
+        for k, pred in zip(batch["index"].tolist(), preds):
+            if k in subset_k:
+                kept[prompt_type][k] = pred
+
+    sync(device)
+    t0 = time.perf_counter()
+    slices, cache, passes, t_fill = open_cache(slices_dir, "val", backbone, "fp32", device, 1)
+    subset_k = set(spread(len(slices.items), cfg["naive_items"]))
+    table = evaluate(PromptedDecoder.from_backbone(backbone), cache, prompts, cfg["seed"], device, "fp32",
+                     cfg["decode_batch"], on_batch=collect)
+    sync(device)
+    pipe_seconds = time.perf_counter() - t0
+    n_pipe = len(slices.items) * len(prompts)
+    items = [slices.items[k] for k in sorted(subset_k)]
+    naive_seconds, diffs, per_sample_diff, coord_diff, per_prompt = 0.0, [], 0.0, 0.0, {}
+    for p in prompts:
+        print(f"bench: naive SamPredictor loop, {p}, {len(items)} prompts", flush=True)
+        naive_dice, secs, cdiff = naive_predictor_loop(backbone, slices, items, p, cfg["seed"], device)
+        naive_seconds += secs
+        coord_diff = max(coord_diff, cdiff)
+        pipe_dice = []
+        for k in sorted(subset_k):
+            i, organ = slices.items[k]
+            pipe_dice.append(dice_score(kept[p][k], slices.load_label(i) == organ))
+        a, b = per_organ_mean(items, pipe_dice), per_organ_mean(items, naive_dice)
+        diff = max(abs(a[o] - b[o]) for o in a)
+        diffs.append(diff)
+        per_sample_diff = max(per_sample_diff, float(np.max(np.abs(np.subtract(pipe_dice, naive_dice)))))
+        per_prompt[p] = {"pipeline_mdice_subset": float(np.mean(list(a.values()))),
+                         "naive_mdice_subset": float(np.mean(list(b.values()))), "per_organ_max_abs_diff": diff,
+                         "naive_seconds": round(secs, 3)}
+    n_naive = len(items) * len(prompts)
+    pipe_pp, naive_pp = pipe_seconds / n_pipe, naive_seconds / n_naive
+    return {
+        "zero_shot_speedup": naive_pp / pipe_pp,
+        "zero_shot_dice_max_abs_diff": max(diffs),
+        "zero_shot": {
+            "prompt_types": prompts, "n_slices": len(slices), "pipeline_prompts": n_pipe,
+            "pipeline_seconds": round(pipe_seconds, 3), "pipeline_encoder_passes": passes,
+            "pipeline_encode_seconds": round(t_fill, 3), "pipeline_seconds_per_prompt": pipe_pp,
+            "naive_prompts": n_naive, "naive_items_per_prompt_type": len(items), "naive_seconds": round(naive_seconds, 3),
+            "naive_seconds_per_prompt": naive_pp, "per_sample_dice_max_abs_diff": per_sample_diff,
+            "coords_max_abs_diff_apply_coords_vs_coords_to_input": coord_diff,
+            "pipeline_mdice_all": table.mdice(), "per_prompt": per_prompt,
+            "note": ("pipeline: cold embedding cache fill (fp16 rows) + evaluate() over every (slice, organ) of the "
+                     "val split; naive: SamPredictor.set_torch_image(image_to_input(...)) + predict() per prompt "
+                     "on evenly spread items; speed-up = naive s/prompt / pipeline s/prompt; Dice compared on the "
+                     "naive items only"),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- 2. encoder
+def bench_encoder(cfg, backbone, slices_dir: Path, device) -> dict:
+    slices = SliceSet(slices_dir, "val")
+    picks = spread(len(slices), cfg["encoder_slices"])
+    images = [slices.load(i)[0] for i in picks]
+    out, emb = {}, {}
+    for dtype in ("fp32", "bf16"):
+        encode_images(backbone, images[:1], device, dtype)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        emb[dtype] = [encode_images(backbone, [im], device, dtype) for im in images]
+        sync(device)
+        out[dtype] = len(images) / (time.perf_counter() - t0)
+        print(f"bench: encoder {dtype}: {out[dtype]:.2f} slices/s", flush=True)
+    decoder = PromptedDecoder.from_backbone(backbone).eval()
+    agree = total = 0
+    dices = []
+    with torch.no_grad():
+        for n, i in enumerate(picks):
+            label = slices.load_label(i)
+            organs = sorted({int(o) for o in np.unique(label)} - {0})
+            boxes = torch.tensor(np.stack([prompt_to_input(make_prompt(label == o, "bound_box", None), label.shape,
+                                                           backbone.img_size)["box"] for o in organs]),
+                                 dtype=torch.float32, device=device)
+            preds = {}
+            for dtype in ("fp32", "bf16"):
+                e = emb[dtype][n].expand(len(organs), -1, -1, -1)
+                logits = decoder(e, boxes=boxes, multimask=False)[0][:, 0]
+                preds[dtype] = (masks_to_slice(logits, label.shape, backbone.img_size) > 0).cpu().numpy()
+            agree += int((preds["fp32"] == preds["bf16"]).sum())
+            total += preds["fp32"].size
+            dices += [dice_score(a, b) for a, b in zip(preds["fp32"], preds["bf16"])]
+    return {"encoder_bf16_speedup": out["bf16"] / out["fp32"], "encoder_bf16_mask_agreement": agree / total,
+            "encoder": {"slices": len(images), "fp32_slices_per_second": out["fp32"],
+                        "bf16_slices_per_second": out["bf16"], "masks_compared": len(dices),
+                        "fp32_vs_bf16_mask_dice_mean": float(np.mean(dices)),
+                        "fp32_vs_bf16_mask_dice_min": float(np.min(dices)),
+                        "note": "batch 1 per encoder pass; bound-box masks of every organ, decoded in fp32 "
+                                "from each embedding; agreement = equal pixels / all pixels"}}
+
+
+# ---------------------------------------------------------------------------------------------- 3. decoder training
+def bench_training(cfg, backbone, cache: EmbeddingCache, device) -> dict:
+    prompt_type = cfg["train_prompt"]
+    ds = PromptDataset(cache, prompt_type, cfg["seed"], epoch=1)
+    order = np.random.default_rng([cfg["seed"], 1, 7919]).permutation(len(ds))[:cfg["train_samples"]]
+    samples = [ds[int(k)] for k in order]
+    n = len(samples)
+    multimask = prompt_type in POINT_PROMPTS
+    pretrained = PromptedDecoder.from_backbone(backbone)
+
+    def run(batch_size: int, dtype: str) -> float:
+        torch.manual_seed(cfg["seed"])
+        module = copy.deepcopy(pretrained).to(device).train()
+        opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM,
+                              weight_decay=WEIGHT_DECAY)
+        batches = [torch.utils.data.default_collate(samples[s:s + batch_size]) for s in range(0, n, batch_size)]
+
+        def step(batch):
+            with autocast(torch.device(device), dtype):
+                _, masks, iou, _ = decode_batch(module, batch, prompt_type, device)
+            losses = mask_losses(masks, iou, batch["target"].to(device), 1.0 if multimask else 0.0)
+            opt.zero_grad(set_to_none=True)
+            (losses.sum() / len(losses)).backward()
+            opt.step()
+
+        step(batches[0])  # warm-up, not timed
+        sync(device)
+        t0 = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        sync(device)
+        rate = n / (time.perf_counter() - t0)
+        print(f"bench: decoder training {dtype} batch {batch_size}: {rate:.2f} samples/s", flush=True)
+        return rate
+
+    rates = {dtype: {"batched": run(cfg["train_batch"], dtype), "one_at_a_time": run(1, dtype)}
+             for dtype in ("fp32", "bf16")}
+    return {"decoder_batched_speedup": rates["fp32"]["batched"] / rates["fp32"]["one_at_a_time"],
+            "decoder_training": {
+                "prompt_type": prompt_type, "samples": n, "batch": cfg["train_batch"],
+                "fp32_samples_per_second_batched": rates["fp32"]["batched"],
+                "fp32_samples_per_second_one_at_a_time": rates["fp32"]["one_at_a_time"],
+                "bf16_samples_per_second_batched": rates["bf16"]["batched"],
+                "bf16_samples_per_second_one_at_a_time": rates["bf16"]["one_at_a_time"],
+                "bf16_batched_speedup": rates["bf16"]["batched"] / rates["bf16"]["one_at_a_time"],
+                "note": "forward + mask_losses + backward + SGD step (finetune_task2's recipe) on samples read "
+                        "before timing; one warm-up step per run not timed"}}
+
+
+# ---------------------------------------------------------------------------------------------- 4. memory
+def bench_memory(cfg, backbone, sets: dict, device, work: Path) -> dict:
+    base_train = EmbeddingCache(SliceSet(sets["base"], "train"), backbone, "fp32")
+    base_val = EmbeddingCache(SliceSet(sets["base"], "val"), backbone, "fp32")
+    copied = 0
+    for split in ("train", "val"):
+        cache = EmbeddingCache(SliceSet(sets["rss4"], split), backbone, "fp32")
+        copied += fill_by_copy(cache, [base_train, base_val])
+        cache.fill(device, 1, progress=False)
+    runs = {}
+    for name, scale in (("base", 1), ("rss4", 4)):
+        args = ["--slices", sets[name], "--results-dir", work / "out" / f"task2_{name}", "--prompt", "bound_box",
+                "--epochs", 1, "--samples-per-epoch", cfg["rss_samples_per_epoch"], "--val-samples",
+                cfg["rss_val_samples"], "--model", cfg["model"], "--seed", cfg["seed"], "--dtype", "fp32"]
+        if cfg["checkpoint"]:
+            args += ["--checkpoint", Path(cfg["checkpoint"]).resolve()]
+        if cfg["device"]:
+            args += ["--device", cfg["device"]]
+        print(f"bench: Task 2 epoch on {scale}x training slices (subprocess)", flush=True)
+        r = run_script("finetune_task2.py", args, work / "logs" / f"task2_{name}.log")
+        slices = SliceSet(sets[name], "train")
+        r.update(train_slices=len(slices), train_samples=len(slices.items),
+                 cache_mib=round(len(slices) * int(np.prod(base_train.shape[1:])) * 2 / 2**20, 1))
+        runs[f"{scale}x"] = r
+    return {"peak_rss_ratio_4x": runs["4x"]["peak_rss_mib"] / runs["1x"]["peak_rss_mib"],
+            "memory": {"runs": runs, "samples_per_epoch_cap": cfg["rss_samples_per_epoch"] or "all samples",
+                       "val_samples_cap": cfg["rss_val_samples"] or "all", "rows_copied_into_4x_cache": copied,
+                       "note": ("finetune_task2.py --prompt bound_box --epochs 1 in a fresh Python each; peak RSS = "
+                                "ru_maxrss of that process; caches filled before (the 4x set repeats the 1x volumes "
+                                "under new case names, its rows copied from the 1x cache for identical images)")}}
+
+
+# ---------------------------------------------------------------------------------------------- 5. scaling
+def bench_task1_scaling(cfg, sets: dict, work: Path) -> dict:
+    by_scale, detail = {}, {}
+    for s in scales_arg(cfg["scales"]):
+        slices_dir = sets[f"task1_x{s}"]
+        shutil.rmtree(slices_dir / "embeddings", ignore_errors=True)  # cold cache
+        out = work / "out" / f"task1_x{s}"
+        args = ["--slices", slices_dir, "--results-dir", out, "--split", "val", "--prompt", cfg["task1_prompt"],
+                "--model", cfg["model"], "--seed", cfg["seed"], "--decode-batch", cfg["decode_batch"]]
+        if cfg["checkpoint"]:
+            args += ["--checkpoint", Path(cfg["checkpoint"]).resolve()]
+        if cfg["device"]:
+            args += ["--device", cfg["device"]]
+        print(f"bench: Task 1 at {s}x (subprocess, cold cache)", flush=True)
+        r = run_script("segmentation_task1.py", args, work / "logs" / f"task1_x{s}.log")
+        t1 = json.loads((out / "table1_zero_shot.json").read_text())
+        by_scale[str(s)] = round(r["seconds"], 2)
+        detail[str(s)] = {"wall_seconds": round(r["seconds"], 2), "in_script_seconds": t1["seconds"],
+                          "n_slices": t1["n_slices"], "n_prompts": t1["timing"]["n_prompts"],
+                          "wall_seconds_per_slice": r["seconds"] / t1["n_slices"], "timing": t1["timing"]}
+    return {"task1_seconds_by_scale": by_scale,
+            "task1_scaling": {"prompt": cfg["task1_prompt"], "runs": detail,
+                              "note": "wall time of a segmentation_task1.py subprocess (includes Python start-up "
+                                      "and model loading), embeddings deleted before each run"}}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def report(res: dict) -> str:
+    t = TARGETS
+    yes = {True: "yes", False: "no"}
+    sc = res["task1_seconds_by_scale"]
+    lo, hi = min(sc, key=int), max(sc, key=int)
+    linear_ok = sc[hi] <= t["task1_linear_slack"] * (int(hi) / int(lo)) * sc[lo]
+    zs = res["zero_shot"]
+    enc = res["encoder"]
+    tr = res["decoder_training"]
+    mem = res["memory"]["runs"]
+    rows = [
+        ["zero-shot speed-up (naive SamPredictor s/prompt / pipeline s/prompt)",
+         f"{res['zero_shot_speedup']:.1f}x ({zs['naive_seconds_per_prompt']:.3f} vs "
+         f"{zs['pipeline_seconds_per_prompt']:.4f} s/prompt)", ">= 10x", yes[res["zero_shot_speedup"] >= t["zero_shot_speedup"]]],
+        ["zero-shot Dice max abs diff (per organ, per prompt type)", f"{res['zero_shot_dice_max_abs_diff']:.2e}",
+         "<= 1e-4", yes[res["zero_shot_dice_max_abs_diff"] <= t["zero_shot_dice_max_abs_diff"]]],
+        ["image encoder bf16 speed-up (mask agreement)",
+         f"{res['encoder_bf16_speedup']:.2f}x ({enc['fp32_slices_per_second']:.2f} -> {enc['bf16_slices_per_second']:.2f}"
+         f" slices/s; agreement {res['encoder_bf16_mask_agreement']:.4f})", ">= 1.5x, agreement >= 0.99",
+         yes[res["encoder_bf16_speedup"] >= t["encoder_bf16_speedup"]
+             and res["encoder_bf16_mask_agreement"] >= t["encoder_bf16_mask_agreement"]]],
+        [f"decoder training, batch {tr['batch']} vs 1 (fp32)",
+         f"{res['decoder_batched_speedup']:.2f}x ({tr['fp32_samples_per_second_one_at_a_time']:.1f} -> "
+         f"{tr['fp32_samples_per_second_batched']:.1f} samples/s; bf16 {tr['bf16_batched_speedup']:.2f}x)", ">= 3x",
+         yes[res["decoder_batched_speedup"] >= t["decoder_batched_speedup"]]],
+        ["peak RSS of a Task 2 epoch, 4N / N training slices",
+         f"{res['peak_rss_ratio_4x']:.3f} ({mem['1x']['peak_rss_mib']:.0f} -> {mem['4x']['peak_rss_mib']:.0f} MiB; "
+         f"N = {mem['1x']['train_slices']})", "<= 1.2", yes[res["peak_rss_ratio_4x"] <= t["peak_rss_ratio_4x"]]],
+        ["Task 1 wall time by scale (cold cache)", ", ".join(f"{k}x: {v:.1f} s" for k, v in sc.items()),
+         f"linear ({hi}x <= {t['task1_linear_slack']:.1f} x {int(hi) // int(lo)} x {lo}x)", yes[linear_ok]],
+    ]
+    m = res["machine"]
+    return ("## Benchmarks (`python bench.py" + (" --quick" if res["quick"] else "") + "`)\n\n"
+            + markdown_table(["measure", "measured", "target", "met"], rows)
+            + f"\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}; phantom slices "
+              f"{res['phantom_shape']}. Full numbers in bench.json.\n")
+
+
+def apply_quick(cfg: dict) -> dict:
+    if cfg["quick"]:
+        for key, value in QUICK_SIZES.items():
+            if cfg[key] == globals()[key.upper()]:  # left at its default
+                cfg[key] = value
+    return cfg
+
+
+def main(argv=None):
+    cfg = apply_quick(parse_config(globals(), argv))
+    device = start_run(cfg)
+    t_start = time.perf_counter()
+    res = {"machine": machine_info(device), "quick": cfg["quick"], "model": cfg["model"],
+           "phantom_shape": cfg["phantom_shape"]}
+    work = Path(cfg["work_dir"]).resolve()
+    sections = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        sections[name] = round(time.perf_counter() - t0, 1)
+        return out
+
+    sets = timed("data", build_data, cfg)
+    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
+    print("bench: 1. zero-shot, pipeline against SamPredictor", flush=True)
+    res.update(timed("zero_shot", bench_zero_shot, cfg, backbone, sets["base"], device))
+    print("bench: 2. image encoder fp32 / bf16", flush=True)
+    res.update(timed("encoder", bench_encoder, cfg, backbone, sets["base"], device))
+    print("bench: 3. decoder training", flush=True)
+    train_cache = EmbeddingCache(SliceSet(sets["base"], "train"), backbone, "fp32")
+    timed("train_cache_fill", train_cache.fill, device, 1)
+    res.update(timed("decoder_training", bench_training, cfg, backbone, train_cache, device))
+    print("bench: 4. memory of a Task 2 epoch", flush=True)
+    res.update(timed("memory", bench_memory, cfg, backbone, sets, device, work))
+    print("bench: 5. Task 1 scaling", flush=True)
+    res.update(timed("task1_scaling", bench_task1_scaling, cfg, sets, work))
+    res["section_seconds"] = sections
+    res["bench_seconds"] = round(time.perf_counter() - t_start, 1)
+    res["config"] = cfg
+    keys = ["zero_shot_speedup", "zero_shot_dice_max_abs_diff", "encoder_bf16_speedup", "encoder_bf16_mask_agreement",
+            "decoder_batched_speedup", "peak_rss_ratio_4x", "task1_seconds_by_scale", "machine"]
+    res = {**{k: res[k] for k in keys}, **{k: v for k, v in res.items() if k not in keys}}
+    out = Path(cfg["results_dir"])
+    md = report(res)
+    write_json(out / "bench.json", res)
+    write_text(out / "bench.md", md)
+    print(md, end="")
+    print(f"bench: {res['bench_seconds']} s; wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,163 @@
+"""End to end on a tiny phantom: Task 1, Task 2 (checkpoints, resume, NaN, torchrun), Task 3."""
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_script
+
+import classify_train_task3
+import classify_val_task3
+import finetune_task2
+import segmentation_task1
+from training import load_checkpoint
+from utils import ORGANS, PROMPT_TYPES, PipelineError, SliceSet
+
+TINY_TRAIN = ["--epochs", "2", "--samples-per-epoch", "16", "--batch-size", "8", "--val-samples", "8"]
+
+
+@pytest.fixture(scope="module")
+def cold_slices(tiny_slices, tmp_path_factory):
+    """A copy of the tiny slices without any cached embeddings."""
+    dst = tmp_path_factory.mktemp("cold") / "slices"
+    shutil.copytree(tiny_slices, dst, ignore=shutil.ignore_patterns("embeddings"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def task1(cold_slices, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    segmentation_task1.main(["--slices", str(cold_slices), "--results-dir", str(out)])
+    return out
+
+
+def test_task1_contract_outputs_and_cache(task1, cold_slices):
+    res = json.loads((task1 / "table1_zero_shot.json").read_text())
+    n_val = len(SliceSet(cold_slices, "val"))
+    assert res["model"] == "litemedsam" and res["split"] == "val" and res["n_slices"] == n_val
+    assert res["encoder_passes"] == n_val  # cold cache: one pass per slice
+    assert list(res["mdice"]) == PROMPT_TYPES
+    for prompt in PROMPT_TYPES:
+        assert 0.0 <= res["mdice"][prompt] <= 1.0
+        assert set(res["per_organ"][prompt]) <= set(ORGANS) and set(res["volume_dice"][prompt]) <= set(ORGANS)
+        assert (task1 / "figures" / f"task1_overlay_{prompt}.png").stat().st_size > 1000
+    assert res["mdice"]["bound_box"] > res["mdice"]["one_central_point"]  # box beats point, zero-shot
+    md = (task1 / "table1_zero_shot.md").read_text()
+    assert "Table 1" in md and "highest predicted IoU" in md and "volume Dice" in md
+    # warm cache: no encoder pass, same numbers
+    again = task1 / "again"
+    segmentation_task1.main(["--slices", str(cold_slices), "--results-dir", str(again)])
+    res2 = json.loads((again / "table1_zero_shot.json").read_text())
+    assert res2["encoder_passes"] == 0 and res2["mdice"] == res["mdice"]
+
+
+def test_task1_other_seed_other_random_points(task1, cold_slices, tmp_path):
+    segmentation_task1.main(["--slices", str(cold_slices), "--results-dir", str(tmp_path), "--seed", "1",
+                             "--prompt", "one_random_point,bound_box"])
+    a = json.loads((task1 / "table1_zero_shot.json").read_text())["mdice"]
+    b = json.loads((tmp_path / "table1_zero_shot.json").read_text())["mdice"]
+    assert b["bound_box"] == a["bound_box"] and b["one_random_point"] != a["one_random_point"]
+
+
+@pytest.fixture(scope="module")
+def task2(task1, cold_slices):
+    finetune_task2.main(["--slices", str(cold_slices), "--results-dir", str(task1),
+                         "--prompt", "one_central_point,bound_box", *TINY_TRAIN])
+    return task1
+
+
+def test_task2_outputs_and_checkpoints(task2):
+    res = json.loads((task2 / "table2_finetune.json").read_text())
+    assert set(res) >= {"model", "mdice_original", "mdice_finetuned", "improved_pct"}
+    assert list(res["mdice_finetuned"]) == ["one_central_point", "bound_box"]
+    t1 = json.loads((task2 / "table1_zero_shot.json").read_text())
+    assert res["mdice_original"]["bound_box"] == pytest.approx(t1["mdice"]["bound_box"])
+    for prompt in ("one_central_point", "bound_box"):
+        run = task2 / "finetune" / prompt
+        last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+        assert last["epoch"] == 2 and set(last) >= {"model", "optimizer", "epoch", "best_metric", "config"}
+        assert last["config"]["lr"] == 0.1 and last["config"]["prompt"] == prompt
+        assert best["best_metric"] == max(r["val_metric"] for r in last["history"])
+        assert len((run / "epochs.csv").read_text().strip().splitlines()) == 3
+    for fig in ("fig1_curve_one_central_point.png", "fig2_curve_bound_box.png"):
+        assert (task2 / "figures" / fig).stat().st_size > 1000
+    t3 = (task2 / "table3_comparison.md").read_text()
+    assert "92.1" in t3 and "measured here" in t3 and t3.count("quoted from the report") == 5
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_equals_uninterrupted_and_needs_a_checkpoint(cold_slices, tmp_path):
+    args = ["--slices", str(cold_slices), "--prompt", "bound_box", "--samples-per-epoch", "16", "--batch-size", "8",
+            "--val-samples", "8"]
+    finetune_task2.main([*args, "--results-dir", str(tmp_path / "a"), "--epochs", "2"])
+    finetune_task2.main([*args, "--results-dir", str(tmp_path / "b"), "--epochs", "1"])
+    finetune_task2.main([*args, "--results-dir", str(tmp_path / "b"), "--epochs", "2", "--resume"])
+    a, b = _weights(tmp_path / "a/finetune/bound_box/last.pt"), _weights(tmp_path / "b/finetune/bound_box/last.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(PipelineError, match="no checkpoint"):
+        finetune_task2.main([*args, "--results-dir", str(tmp_path / "c"), "--epochs", "1", "--resume"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cold_slices, tmp_path, monkeypatch):
+    args = ["--slices", str(cold_slices), "--results-dir", str(tmp_path), "--prompt", "bound_box",
+            "--samples-per-epoch", "16", "--batch-size", "8", "--val-samples", "8"]
+    finetune_task2.main([*args, "--epochs", "1"])
+    good = _weights(tmp_path / "finetune/bound_box/last.pt")
+    real = finetune_task2.mask_losses
+    monkeypatch.setattr(finetune_task2, "mask_losses", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(PipelineError, match="loss became nan"):
+        finetune_task2.main([*args, "--epochs", "2", "--resume"])
+    ck = load_checkpoint(tmp_path / "finetune/bound_box/last.pt")
+    assert ck["epoch"] == 1 and all(torch.equal(ck["model"][k], v) for k, v in good.items())
+
+
+def test_degenerate_organ_gives_finite_loss():
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, 0, 3, 3] = 1  # a one-pixel organ; the other sample is empty
+    logits = torch.randn(2, 3, 16, 16) * 5
+    for loss in ("dice", "dice_ce"):
+        values = finetune_task2.mask_losses(logits, torch.rand(2, 3), target, 1.0, loss)
+        assert torch.isfinite(values).all()
+
+
+def test_torchrun_two_processes_match_one(cold_slices, tmp_path):
+    args = ["finetune_task2.py", "--slices", cold_slices, "--prompt", "bound_box", "--epochs", "1",
+            "--samples-per-epoch", "16", "--batch-size", "8", "--val-samples", "8", "--device", "cpu"]
+    run_script([*args, "--results-dir", tmp_path / "one"]).check_returncode()
+    res = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                      *args, "--results-dir", tmp_path / "two"], env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("finetune bound_box epoch 1 |") == 1  # only rank 0 logs and writes
+    one, two = _weights(tmp_path / "one/finetune/bound_box/last.pt"), _weights(tmp_path / "two/finetune/bound_box/last.pt")
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-4
+
+
+def test_task3_classification(task2, cold_slices):
+    args = ["--slices", str(cold_slices), "--results-dir", str(task2)]
+    classify_train_task3.main([*args, *TINY_TRAIN, "--lr", "1e-3"])
+    ck = load_checkpoint(task2 / "classifier" / "best.pt")
+    assert ck["config"]["finetuned_used"] and ck["config"]["lr"] == 1e-3
+    classify_val_task3.main(args)
+    res = json.loads((task2 / "table4_classification.json").read_text())
+    assert set(res) >= {"accuracy", "n", "weighted_average", "prompt"} and res["prompt"] == "one_central_point"
+    n_items = len(SliceSet(cold_slices, "val").items)
+    assert sum(res["n"].values()) == n_items
+    weighted = sum(res["accuracy"][o] * res["n"][o] for o in res["n"]) / n_items
+    assert res["weighted_average"] == pytest.approx(weighted)
+    # the frozen mask parts: classification training leaves the finetuned masks exactly as they were
+    assert res["mask_mdice_after_classification_training"] == res["mask_mdice_before_classification_training"]
+    t2 = json.loads((task2 / "table2_finetune.json").read_text())
+    assert res["mask_mdice_before_classification_training"] == pytest.approx(t2["mdice_finetuned"]["one_central_point"])
+    for fig in ("fig3_classification_example.png", "confusion_matrix.png"):
+        assert (task2 / "figures" / fig).stat().st_size > 1000
+
+
+def test_scripts_fail_cleanly_on_bad_input(tmp_path):
+    res = run_script(["segmentation_task1.py", "--slices", tmp_path / "none", "--results-dir", tmp_path / "r"])
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: slices folder")
+    res = run_script(["segmentation_task1.py", "--slices", tmp_path, "--model", "vit_q"])
+    assert res.returncode == 2 and "unknown model 'vit_q'" in res.stderr
+    assert not (tmp_path / "r").exists()
