@@ -126,7 +126,8 @@ def curve_figure(history: list, prompt_type: str, loss_name: str):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in history]
-    ax.plot(epochs, [r["train_loss"] for r in history], "o-", label=f"train {loss_name}")
+    trained = [r for r in history if r["train_loss"] is not None]
+    ax.plot([r["epoch"] for r in trained], [r["train_loss"] for r in trained], "o-", label=f"train {loss_name}")
     ax.plot(epochs, [r["val_loss"] for r in history], "s-", label=f"validation {loss_name}")
     ax.set_xlabel("epoch")
     ax.set_ylabel(loss_name)
@@ -159,12 +160,13 @@ def zero_shot(cfg, backbone, decoder, val_cache, device) -> DiceTable:
 def write_tables(out: Path, result: dict) -> None:
     prompts = list(result["mdice_finetuned"])
     rows = [[p, result["mdice_original"][p], result["mdice_finetuned"][p], result["improved_pct"][p],
-             REPORT_ZERO_SHOT[p], REPORT_FINETUNED[p]] for p in prompts]
+             result["best_epoch"].get(p), REPORT_ZERO_SHOT[p], REPORT_FINETUNED[p]] for p in prompts]
     md = (f"## Table 2: mDice of different prompts after finetuning ({result['model']}, validation split)\n\n"
-          + markdown_table(["prompt type", "mDice (original)", "mDice (finetuned)", "improved (%)",
+          + markdown_table(["prompt type", "mDice (original)", "mDice (finetuned)", "improved (%)", "best epoch",
                             "report original", "report finetuned"], rows, "{:.4f}")
           + f"\nData: {result['data']}. Epochs: {result['epochs']}, batch {result['batch_size']}, "
-            f"SGD lr {result['lr']}. Dice at each slice's own resolution, best checkpoint by validation Dice.\n\n"
+            f"SGD lr {result['lr']}. Dice at each slice's own resolution. Best checkpoint by validation Dice; best "
+            f"epoch 0 means no epoch beat the starting weights, which were kept.\n\n"
           + per_organ_markdown(result["per_organ_finetuned"], "### Per-organ Dice after finetuning"))
     write_json(out / "table2_finetune.json", result)
     write_text(out / "table2_finetune.md", md)
@@ -230,9 +232,10 @@ def main(argv=None):
         "per_organ_original": {p: per_organ_zero[p] for p in prompts}, "per_organ_finetuned": finetuned.per_organ(),
         "volume_dice_finetuned": finetuned.volume_dice(),
         "train_seconds": {p: round(runs[p]["seconds"], 1) for p in prompts},
-        "train_samples_per_second": {p: float(np.mean([r["samples_per_second"] for r in runs[p]["history"]]))
-                                     for p in prompts if runs[p]["history"]},
+        "train_samples_per_second": {p: float(np.mean([r["samples_per_second"] for r in runs[p]["history"]
+                                                        if r["samples_per_second"]])) for p in prompts},
         "best_epoch_val_mdice": {p: runs[p]["best_metric"] for p in prompts},
+        "best_epoch": {p: int(load_checkpoint(runs[p]["best"])["epoch"]) for p in prompts},
         "epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "lr": cfg["lr"], "seed": cfg["seed"],
         "dtype": cfg["dtype"], "data": data_description(train_cache.slices.params),
         "checkpoints": {p: runs[p]["best"] for p in prompts},

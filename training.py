@@ -105,8 +105,9 @@ def fit(*, module, optimizer, train_data, loss_fn, validate, cfg: dict, out_dir,
 
     train_data(epoch) -> Dataset of the epoch's samples (prompts drawn afresh per epoch);
     loss_fn(model, batch) -> per-sample losses (B,); validate(module) -> {"val_loss", "val_metric"}
-    (higher val_metric is better; rank 0 only). Checkpoints hold the module, optimiser, epoch, best
-    metric, history and cfg.
+    (higher val_metric is better; rank 0 only). The starting weights are validated first (epoch 0) and
+    stay "best" unless an epoch beats them, so finetuning never reports worse weights than it started
+    from. Checkpoints hold the module, optimiser, epoch, best metric, history and cfg.
     """
     out_dir = Path(out_dir)
     last_path, best_path = checkpoint_paths(out_dir)
@@ -124,6 +125,14 @@ def fit(*, module, optimizer, train_data, loss_fn, validate, cfg: dict, out_dir,
     if env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=True)
+    if start_epoch == 1 and env.main:  # the starting weights are a candidate for "best" too (epoch 0)
+        val = validate(module)
+        history.append({"epoch": 0, "train_loss": None, "val_loss": val["val_loss"], "val_metric": val["val_metric"],
+                        "seconds": 0.0, "samples_per_second": None})
+        best = val["val_metric"]
+        torch_save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0, "best_metric": best,
+                    "history": history, "config": cfg}, best_path)
+        print(f"{what} epoch 0 (start) | val {loss_name} {val['val_loss']:.4f} | val {metric_name} {best:.4f}", flush=True)
     batch_size = cfg["batch_size"]
     for epoch in range(start_epoch, cfg["epochs"] + 1):
         t0 = time.perf_counter()
@@ -171,7 +180,7 @@ def fit(*, module, optimizer, train_data, loss_fn, validate, cfg: dict, out_dir,
                   + (" | best" if improved else ""), flush=True)
         if env.world > 1:
             dist.barrier()
-    if env.main and not history:
+    if env.main and not any(r["epoch"] > 0 for r in history):
         raise PipelineError(f"{what}: nothing to train (epochs={cfg['epochs']})")
     return {"history": history, "last": str(last_path), "best": str(best_path), "best_metric": best}
 
