@@ -419,10 +419,7 @@ def bench_memory(cfg, backbone, sets: dict, device, work: Path) -> dict:
         args = ["--slices", sets[name], "--results-dir", work / "out" / f"task2_{name}", "--prompt", "bound_box",
                 "--epochs", 1, "--samples-per-epoch", cfg["rss_samples_per_epoch"], "--val-samples",
                 cfg["rss_val_samples"], "--model", cfg["model"], "--seed", cfg["seed"], "--dtype", "fp32"]
-        if cfg["checkpoint"]:
-            args += ["--checkpoint", Path(cfg["checkpoint"]).resolve()]
-        if cfg["device"]:
-            args += ["--device", cfg["device"]]
+        args += backbone_flags(cfg)
         print(f"bench: Task 2 epoch on {scale}x training slices (subprocess)", flush=True)
         r = run_script("finetune_task2.py", args, work / "logs" / f"task2_{name}.log")
         slices = SliceSet(sets[name], "train")
@@ -437,6 +434,12 @@ def bench_memory(cfg, backbone, sets: dict, device, work: Path) -> dict:
                                 "under new case names, its rows copied from the 1x cache for identical images)")}}
 
 
+def backbone_flags(cfg: dict) -> list:
+    """--checkpoint / --device of a script subprocess, as this run was given them."""
+    return ((["--checkpoint", Path(cfg["checkpoint"]).resolve()] if cfg["checkpoint"] else [])
+            + (["--device", cfg["device"]] if cfg["device"] else []))
+
+
 # ---------------------------------------------------------------------------------------------- 5. scaling
 def bench_task1_scaling(cfg, sets: dict, work: Path) -> dict:
     by_scale, detail = {}, {}
@@ -446,10 +449,7 @@ def bench_task1_scaling(cfg, sets: dict, work: Path) -> dict:
         out = work / "out" / f"task1_x{s}"
         args = ["--slices", slices_dir, "--results-dir", out, "--split", "val", "--prompt", cfg["task1_prompt"],
                 "--model", cfg["model"], "--seed", cfg["seed"], "--decode-batch", cfg["decode_batch"]]
-        if cfg["checkpoint"]:
-            args += ["--checkpoint", Path(cfg["checkpoint"]).resolve()]
-        if cfg["device"]:
-            args += ["--device", cfg["device"]]
+        args += backbone_flags(cfg)
         print(f"bench: Task 1 at {s}x (subprocess, cold cache)", flush=True)
         r = run_script("segmentation_task1.py", args, work / "logs" / f"task1_x{s}.log")
         t1 = json.loads((out / "table1_zero_shot.json").read_text())
