@@ -144,17 +144,17 @@ def data_description(params: dict) -> str:
     return f"CT volumes from {params['data_dir']}"
 
 
-def zero_shot(cfg, backbone, decoder, val_cache, device) -> DiceTable:
+def zero_shot(cfg, backbone, decoder, val_cache, device, prompts) -> dict:
     """Zero-shot per-organ Dice on the validation split: Task 1's table when it matches, else computed."""
     t1 = Path(cfg["results_dir"]) / "table1_zero_shot.json"
     if t1.is_file():
         prev = read_json(t1)
         if (prev.get("model") == backbone.name and prev.get("checkpoint") == backbone.checkpoint
                 and prev.get("split") == "val" and prev.get("seed") == cfg["seed"]
-                and prev.get("dtype") == cfg["dtype"] and prev.get("n_slices") == len(val_cache.slices)):
+                and prev.get("dtype") == cfg["dtype"] and prev.get("n_slices") == len(val_cache.slices)
+                and all(p in prev.get("per_organ", {}) for p in prompts)):
             return prev["per_organ"]
-    return evaluate(decoder, val_cache, prompt_types_arg(cfg["prompt"]), cfg["seed"], device, cfg["dtype"],
-                    cfg["decode_batch"]).per_organ()
+    return evaluate(decoder, val_cache, prompts, cfg["seed"], device, cfg["dtype"], cfg["decode_batch"]).per_organ()
 
 
 def write_tables(out: Path, result: dict) -> None:
@@ -216,7 +216,7 @@ def main(argv=None):
         runs[prompt_type]["seconds"] = time.perf_counter() - t0
     if not env.main:
         return
-    per_organ_zero = zero_shot(cfg, backbone, pretrained, val_cache, device)
+    per_organ_zero = zero_shot(cfg, backbone, pretrained, val_cache, device, prompts)
     finetuned = DiceTable()
     for prompt_type in prompts:
         module = copy.deepcopy(pretrained).to(device)
