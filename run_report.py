@@ -43,7 +43,7 @@ PROFILES = {
     "quick": {
         "phantom_volumes": 4, "phantom_shape": "160,160,32", "dtype": "bf16",
         "finetune": {"epochs": 4, "batch_size": 16, "samples_per_epoch": 128, "val_samples": 64, "lr": 0.1},
-        "classify": {"epochs": 10, "batch_size": 16, "samples_per_epoch": 0, "val_samples": 96, "lr": 1e-3},
+        "classify": {"epochs": 14, "batch_size": 16, "samples_per_epoch": 0, "val_samples": 0, "lr": 1e-3},
     },
     "smoke": {  # seconds-long run of every stage, for the tests; its numbers mean nothing
         "phantom_volumes": 3, "phantom_shape": "64,64,10", "dtype": "bf16",

@@ -47,6 +47,7 @@ def test_write_layout_and_determinism(tmp_path):
     paths_b = phantom.write_phantom(tmp_path / "b", n=2, seed=7, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
     root = tmp_path / "a" / "RawData" / "Training"
     assert paths_a == [root / "img" / "img0001.nii.gz", root / "img" / "img0002.nii.gz"]
+    assert [p.relative_to(tmp_path / "b") for p in paths_b] == [p.relative_to(tmp_path / "a") for p in paths_a]
     files_a = [p for p in _written_files(tmp_path / "a") if p.is_file()]
     files_b = [p for p in _written_files(tmp_path / "b") if p.is_file()]
     names = sorted(p.relative_to(root).as_posix() for p in files_a)
