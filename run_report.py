@@ -38,7 +38,7 @@ FORCE = False  # redo every stage
 
 # The profiles, in one place. quick: sized to finish in under 20 minutes on a 2-core CPU while still
 # showing the report's findings (fewer, smaller steps; Adam lr 1e-3 for the classifier, since 1e-5
-# learns next to nothing in 160 steps); full: the report's recipe (50 epochs, batch 64, lr 0.1 / 1e-5).
+# learns next to nothing in a few hundred steps); full: the report's recipe (50 epochs, batch 64, lr 0.1 / 1e-5).
 PROFILES = {
     "quick": {
         "phantom_volumes": 4, "phantom_shape": "160,160,32", "dtype": "bf16",
