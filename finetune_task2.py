@@ -235,7 +235,7 @@ def main(argv=None):
         "train_samples_per_second": {p: float(np.mean([r["samples_per_second"] for r in runs[p]["history"]
                                                         if r["samples_per_second"]])) for p in prompts},
         "best_epoch_val_mdice": {p: runs[p]["best_metric"] for p in prompts},
-        "best_epoch": {p: int(load_checkpoint(runs[p]["best"])["epoch"]) for p in prompts},
+        "best_epoch": {p: runs[p]["best_epoch"] for p in prompts},
         "epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "lr": cfg["lr"], "seed": cfg["seed"],
         "dtype": cfg["dtype"], "data": data_description(train_cache.slices.params),
         "checkpoints": {p: runs[p]["best"] for p in prompts},

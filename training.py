@@ -111,7 +111,7 @@ def fit(*, module, optimizer, train_data, loss_fn, validate, cfg: dict, out_dir,
     """
     out_dir = Path(out_dir)
     last_path, best_path = checkpoint_paths(out_dir)
-    start_epoch, best, history = 1, -math.inf, []
+    start_epoch, best, best_epoch, history = 1, -math.inf, None, []
     if cfg.get("resume"):
         if not last_path.is_file():
             raise PipelineError(f"--resume given but there is no checkpoint at {last_path}; run without --resume")
@@ -119,19 +119,24 @@ def fit(*, module, optimizer, train_data, loss_fn, validate, cfg: dict, out_dir,
         module.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         start_epoch, best, history = ck["epoch"] + 1, ck["best_metric"], ck["history"]
+        best_epoch = ck.get("best_epoch")
         if env.main:
             print(f"{what}: resumed from {last_path} after epoch {ck['epoch']}")
     model = module
     if env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=True)
+
+    def snapshot(epoch: int) -> dict:
+        return {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "best_metric": best, "best_epoch": best_epoch, "history": history, "config": cfg}
+
     if start_epoch == 1 and env.main:  # the starting weights are a candidate for "best" too (epoch 0)
         val = validate(module)
         history.append({"epoch": 0, "train_loss": None, "val_loss": val["val_loss"], "val_metric": val["val_metric"],
                         "seconds": 0.0, "samples_per_second": None})
-        best = val["val_metric"]
-        torch_save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0, "best_metric": best,
-                    "history": history, "config": cfg}, best_path)
+        best, best_epoch = val["val_metric"], 0
+        torch_save(snapshot(0), best_path)
         print(f"{what} epoch 0 (start) | val {loss_name} {val['val_loss']:.4f} | val {metric_name} {best:.4f}", flush=True)
     batch_size = cfg["batch_size"]
     for epoch in range(start_epoch, cfg["epochs"] + 1):
@@ -168,9 +173,9 @@ def fit(*, module, optimizer, train_data, loss_fn, validate, cfg: dict, out_dir,
                    "samples_per_second": round(count / seconds, 2)}
             history.append(row)
             improved = row["val_metric"] > best
-            best = max(best, row["val_metric"])
-            state = {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "best_metric": best, "history": history, "config": cfg}
+            if improved:
+                best, best_epoch = row["val_metric"], epoch
+            state = snapshot(epoch)
             torch_save(state, last_path)
             if improved:
                 torch_save(state, best_path)
@@ -182,7 +187,8 @@ def fit(*, module, optimizer, train_data, loss_fn, validate, cfg: dict, out_dir,
             dist.barrier()
     if env.main and not any(r["epoch"] > 0 for r in history):
         raise PipelineError(f"{what}: nothing to train (epochs={cfg['epochs']})")
-    return {"history": history, "last": str(last_path), "best": str(best_path), "best_metric": best}
+    return {"history": history, "last": str(last_path), "best": str(best_path), "best_metric": best,
+            "best_epoch": best_epoch}
 
 
 @torch.no_grad()

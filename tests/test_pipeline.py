@@ -78,6 +78,7 @@ def test_task2_outputs_and_checkpoints(task2):
         assert last["epoch"] == 2 and set(last) >= {"model", "optimizer", "epoch", "best_metric", "config"}
         assert last["config"]["lr"] == 0.1 and last["config"]["prompt"] == prompt
         assert best["best_metric"] == max(r["val_metric"] for r in last["history"])
+        assert res["best_epoch"][prompt] == best["epoch"] == last["best_epoch"]
         assert len((run / "epochs.csv").read_text().strip().splitlines()) == 4  # header, epochs 0 (start), 1, 2
     for fig in ("fig1_curve_one_central_point.png", "fig2_curve_bound_box.png"):
         assert (task2 / "figures" / fig).stat().st_size > 1000
