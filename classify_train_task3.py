@@ -10,7 +10,8 @@ The prompt encoder and the mask/IoU parts stay frozen; the class token, its two-
 the cached image embeddings, prompts drawn afresh each epoch. Class imbalance (adrenal glands are
 under 3% of samples): the cross-entropy is weighted by inverse class frequency in the training split
 (CLASS_WEIGHTING = "balanced"; "none" for the plain loss). Checkpoints: RESULTS_DIR/classifier/
-{best,last}.pt (best by validation accuracy) with epochs.csv.
+{best,last}.pt with epochs.csv; the best epoch is chosen by balanced validation accuracy (the mean of the
+per-organ accuracies, what the balanced loss optimises; SELECT_BY = "weighted" for plain accuracy).
 """
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ EPOCHS = 50
 BATCH_SIZE = 64
 LR = 1e-5  # Adam
 CLASS_WEIGHTING = "balanced"  # balanced (inverse class frequency) | none
+SELECT_BY = "balanced"  # best epoch by balanced (mean per-organ) | weighted (over samples) validation accuracy
 GRAD_CLIP = 0.0  # > 0: clip the gradient norm before each step (0: off, as the report)
 SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoch
 VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation
 SEED = 0
 DEVICE = ""
-DTYPE = "fp32"  # fp32 | bf16 autocast
+DTYPE = "fp32"  # fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = "fp32"  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
 RESUME = False
 ENCODE_BATCH = 1
 DECODE_BATCH = 8
@@ -59,6 +62,16 @@ def class_weights(items, mode: str) -> torch.Tensor:
     weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     weights *= (counts > 0).sum() / weights.sum()
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def accuracy_metric(correct: list, organs: list, select_by: str) -> float:
+    """Validation accuracy: over samples ("weighted") or the mean of the per-organ accuracies ("balanced")."""
+    if select_by not in ("balanced", "weighted"):
+        raise PipelineError(f"unknown --select-by {select_by!r}; use balanced or weighted")
+    correct, organs = np.asarray(correct, dtype=float), np.asarray(organs)
+    if select_by == "weighted":
+        return float(correct.mean())
+    return float(np.mean([correct[organs == o].mean() for o in np.unique(organs)]))
 
 
 def class_logits(model, batch, prompt_type, device, dtype) -> torch.Tensor:
@@ -91,16 +104,17 @@ def main(argv=None):
 
     def validate(m):
         m.eval()
-        losses, correct = [], []
+        losses, correct, organs = [], [], []
 
         def step(batch):
             logits = class_logits(m, batch, prompt_type, device, cfg["dtype"])
             target = batch["organ"].to(device) - 1
             losses.extend(F.cross_entropy(logits, target, reduction="none").tolist())
             correct.extend((logits.argmax(1) == target).tolist())
+            organs.extend(batch["organ"].tolist())
 
         run_batches(val_data, cfg["decode_batch"], step, cfg["val_samples"])
-        return {"val_loss": float(np.mean(losses)), "val_metric": float(np.mean(correct))}
+        return {"val_loss": float(np.mean(losses)), "val_metric": accuracy_metric(correct, organs, cfg["select_by"])}
 
     run = fit(module=model, optimizer=optimizer,
               train_data=lambda epoch: PromptDataset(train_cache, prompt_type, cfg["seed"], epoch),
@@ -108,10 +122,11 @@ def main(argv=None):
               cfg=dict(cfg, prompt=prompt_type, backbone=backbone.key, finetuned=finetuned,
                        finetuned_used=Path(finetuned).is_file()),
               out_dir=out / "classifier", env=env, what=f"classify {prompt_type}", loss_name="CE loss",
-              metric_name="accuracy")
+              metric_name=f"{cfg['select_by']} accuracy")
     if env.main:
         write_json(out / "classifier" / "train_summary.json",
                    {"prompt": prompt_type, "best": run["best"], "last": run["last"], "best_val_accuracy": run["best_metric"],
+                    "select_by": cfg["select_by"],
                     "finetuned_decoder": finetuned if Path(finetuned).is_file() else None,
                     "class_weights": weights.tolist(), "history": run["history"]})
         print(f"best validation accuracy {run['best_metric']:.4f}; checkpoint {run['best']}")

@@ -31,7 +31,8 @@ CLASSIFIER = None  # default RESULTS_DIR/classifier/best.pt
 SPLIT = "val"
 SEED = 0
 DEVICE = ""
-DTYPE = "fp32"
+DTYPE = "fp32"  # fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = "fp32"  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
 ENCODE_BATCH = 1
 DECODE_BATCH = 8
 # -----------------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def main(argv=None):
     if ck["config"].get("backbone") != backbone.key:
         raise PipelineError(f"{ck_path} was trained on {ck['config'].get('backbone')}, not {backbone.key}; "
                             f"pass the matching --model/--checkpoint")
-    slices, cache, _, _ = open_cache(cfg["slices"], cfg["split"], backbone, cfg["dtype"], device, cfg["encode_batch"])
+    slices, cache, _, _ = open_cache(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"])
     model = load_classifier(backbone, ck).to(device)
     records = []  # (item index, true organ, predicted organ)
 

@@ -50,7 +50,8 @@ SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoc
 VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation loss
 SEED = 0
 DEVICE = ""  # cpu | cuda; empty: cuda when present
-DTYPE = "fp32"  # fp32 | bf16 autocast
+DTYPE = "fp32"  # fp32 | bf16 autocast of the decoder (training and validation)
+ENCODER_DTYPE = "fp32"  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
 RESUME = False  # continue each prompt's run from its last.pt
 ENCODE_BATCH = 1
 DECODE_BATCH = 8
@@ -151,7 +152,8 @@ def zero_shot(cfg, backbone, decoder, val_cache, device, prompts) -> dict:
         prev = read_json(t1)
         if (prev.get("model") == backbone.name and prev.get("checkpoint") == backbone.checkpoint
                 and prev.get("split") == "val" and prev.get("seed") == cfg["seed"]
-                and prev.get("dtype") == cfg["dtype"] and prev.get("n_slices") == len(val_cache.slices)
+                and prev.get("dtype") == cfg["dtype"] and prev.get("encoder_dtype") == cfg["encoder_dtype"]
+                and prev.get("n_slices") == len(val_cache.slices)
                 and all(p in prev.get("per_organ", {}) for p in prompts)):
             return prev["per_organ"]
     return evaluate(decoder, val_cache, prompts, cfg["seed"], device, cfg["dtype"], cfg["decode_batch"]).per_organ()

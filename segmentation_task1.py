@@ -29,7 +29,8 @@ SPLIT = "val"
 PROMPT = "all"  # all, or one prompt type (comma list allowed)
 SEED = 0  # seeds the random point prompts
 DEVICE = ""  # cpu | cuda; empty: cuda when present
-DTYPE = "fp32"  # fp32 | bf16 (autocast for the encoder and decoder)
+DTYPE = "fp32"  # fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = "fp32"  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
 ENCODE_BATCH = 1  # slices per image-encoder pass (1 was fastest on a 2-core CPU)
 DECODE_BATCH = 8  # prompts per decoder pass (8 was fastest on a 2-core CPU)
 OVERLAY_SLICES = 3  # validation slices shown in each overlay figure
@@ -79,7 +80,7 @@ def main(argv=None):
     prompts = prompt_types_arg(cfg["prompt"])
     t_start = time.perf_counter()
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
-    slices, cache, passes, t_enc = open_cache(cfg["slices"], cfg["split"], backbone, cfg["dtype"], device,
+    slices, cache, passes, t_enc = open_cache(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device,
                                               cfg["encode_batch"])
     per_slice = sorted(range(len(slices)), key=lambda i: -len(slices.records[i]["organs"]))
     picks = sorted(per_slice[: cfg["overlay_slices"]])
@@ -108,7 +109,8 @@ def main(argv=None):
                    # wall time over the time spent in the networks (encoder passes + decoder forwards)
                    "wall_over_model_time": round((t_end - t_start) / max(t_enc + table.decoder_seconds, 1e-9), 3)},
         "mdice": table.mdice(), "per_organ": table.per_organ(), "volume_dice": table.volume_dice(),
-        "n_per_organ": table.counts(), "seed": cfg["seed"], "dtype": cfg["dtype"], "device": str(device),
+        "n_per_organ": table.counts(), "seed": cfg["seed"], "dtype": cfg["dtype"],
+        "encoder_dtype": cfg["encoder_dtype"], "device": str(device),
         "point_prompt_mask": "multimask output, highest predicted IoU", "box_prompt_mask": "single mask",
     }
     out = Path(cfg["results_dir"])

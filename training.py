@@ -59,7 +59,7 @@ def setup_training(cfg: dict, what: str):
     env = init_distributed(start_run(cfg))
     barrier = dist.barrier if env.world > 1 else None
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], env.device)
-    caches = [open_cache(cfg["slices"], split, backbone, cfg["dtype"], env.device, cfg["encode_batch"], env.main,
+    caches = [open_cache(cfg["slices"], split, backbone, cfg["encoder_dtype"], env.device, cfg["encode_batch"], env.main,
                          barrier)[1] for split in ("train", "val")]
     backbone.sam.image_encoder.to("cpu")  # never used in the training loop
     if not caches[0].slices.items:

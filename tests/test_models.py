@@ -1,11 +1,13 @@
 """Backbone loading, input frames, batched decoding, the embedding cache and the classifier model."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from modified_classifier import ClassifyingDecoder, ClassifyingMaskDecoder, build_classifier
 from sam_models import (EmbeddingCache, PromptDataset, PromptedDecoder, coords_from_input, coords_to_input,
-                        input_size, load_backbone, lowres_target, masks_to_slice, open_cache)
+                        encode_images, image_to_input, input_size, load_backbone, lowres_target, masks_to_slice, open_cache)
 from utils import PipelineError, SliceSet, dice_score
 
 
@@ -62,6 +64,21 @@ def test_official_vit_b_loading_path(vit_b_checkpoint, litemedsam):
     assert litemedsam.img_size == 256 and float(litemedsam.sam.pixel_std[0]) == 255.0
 
 
+def test_channels_last_encoder_matches_contiguous(litemedsam):
+    """LiteMedSAM's encoder runs channels_last (faster); its embeddings equal the contiguous ones."""
+    assert litemedsam.channels_last
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (90, 120), dtype=np.uint8), rng.integers(0, 256, (64, 64), dtype=np.uint8)]
+    fast = encode_images(litemedsam, images, "cpu")
+    assert fast.shape == (2, 256, 64, 64) and fast.is_contiguous()
+    sam = litemedsam.sam
+    batch = torch.cat([sam.preprocess(image_to_input(im, litemedsam.img_size)[None]) for im in images])
+    encoder = copy.deepcopy(sam.image_encoder).to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        plain = encoder(batch.contiguous())
+    assert torch.allclose(fast, plain, atol=1e-4), (fast - plain).abs().max()
+
+
 def _official(sam, emb, points=None, labels=None, boxes=None, multimask=False):
     pts = None if points is None else (points, labels)
     sparse, dense = sam.prompt_encoder(points=pts, boxes=boxes, masks=None)
@@ -84,6 +101,26 @@ def test_batched_decoder_matches_official_per_sample(litemedsam):
             assert torch.allclose(bm[b:b + 1], om, atol=1e-4) and torch.allclose(bi[b:b + 1], oi, atol=1e-5)
             om, oi = _official(sam, emb[b:b + 1], points[b:b + 1], torch.ones(1, 1), multimask=True)
             assert torch.allclose(pm[b:b + 1], om, atol=1e-4) and torch.allclose(pi[b:b + 1], oi, atol=1e-5)
+
+
+def test_batched_decoder_gradients_match_official(litemedsam):
+    """The channels_last layout and fused LayerNorm2d change no gradient either (training path)."""
+    torch.manual_seed(1)
+    sam = copy.deepcopy(litemedsam.sam)
+    emb = torch.randn(2, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 20, 100, 120], [50, 50, 60, 90]])
+    target = (torch.rand(2, 1, 256, 256) > 0.5).float()
+    params = [sam.mask_decoder.output_upscaling[1].weight, sam.mask_decoder.output_upscaling[0].weight,
+              sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.k_proj.weight]
+
+    def grads(masks):
+        loss = ((masks.sigmoid() - target) ** 2).mean()
+        return torch.autograd.grad(loss, params)
+
+    ours = grads(PromptedDecoder(sam.prompt_encoder, sam.mask_decoder)(emb, boxes=boxes)[0])
+    official = grads(torch.cat([_official(sam, emb[b:b + 1], boxes=boxes[b:b + 1])[0] for b in range(2)]))
+    for g, h in zip(ours, official):
+        assert torch.allclose(g, h, rtol=1e-3, atol=1e-6), (g - h).abs().max()
 
 
 def test_classifier_masks_equal_plain_decoder_and_only_class_branch_trains(litemedsam):

@@ -59,6 +59,18 @@ def test_task1_other_seed_other_random_points(task1, cold_slices, tmp_path):
     assert b["bound_box"] == a["bound_box"] and b["one_random_point"] != a["one_random_point"]
 
 
+def test_decoder_dtype_reuses_the_encoder_cache(task1, cold_slices, tmp_path):
+    """--dtype is the decoder's: a bf16 decode reads the fp32 encoder's cache; --encoder-dtype bf16 re-encodes."""
+    n_val = len(SliceSet(cold_slices, "val"))
+    base = ["--slices", str(cold_slices), "--prompt", "bound_box"]
+    segmentation_task1.main([*base, "--results-dir", str(tmp_path / "a"), "--dtype", "bf16"])
+    segmentation_task1.main([*base, "--results-dir", str(tmp_path / "b"), "--encoder-dtype", "bf16"])
+    a, b = (json.loads((tmp_path / k / "table1_zero_shot.json").read_text()) for k in "ab")
+    assert (a["encoder_passes"], a["dtype"], a["encoder_dtype"]) == (0, "bf16", "fp32")
+    assert (b["encoder_passes"], b["dtype"], b["encoder_dtype"]) == (n_val, "fp32", "bf16")
+    assert abs(a["mdice"]["bound_box"] - b["mdice"]["bound_box"]) < 0.05
+
+
 @pytest.fixture(scope="module")
 def task2(task1, cold_slices):
     finetune_task2.main(["--slices", str(cold_slices), "--results-dir", str(task1),
@@ -134,6 +146,15 @@ def test_torchrun_two_processes_match_one(cold_slices, tmp_path):
     assert res.stdout.count("finetune bound_box epoch 1 |") == 1  # only rank 0 logs and writes
     one, two = _weights(tmp_path / "one/finetune/bound_box/last.pt"), _weights(tmp_path / "two/finetune/bound_box/last.pt")
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-4
+
+
+def test_balanced_accuracy_selects_for_rare_organs():
+    """The best-epoch metric: balanced = mean of per-organ accuracies, so a missed rare organ counts."""
+    correct, organs = [1, 1, 1, 0], [6, 6, 6, 12]
+    assert classify_train_task3.accuracy_metric(correct, organs, "weighted") == pytest.approx(0.75)
+    assert classify_train_task3.accuracy_metric(correct, organs, "balanced") == pytest.approx(0.5)
+    with pytest.raises(PipelineError, match="select-by"):
+        classify_train_task3.accuracy_metric(correct, organs, "macro")
 
 
 def test_task3_classification(task2, cold_slices):
