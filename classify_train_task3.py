@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from modified_classifier import build_classifier
 from sam_models import EVAL_EPOCH, PromptDataset, decode_batch
-from training import fit, run_batches, setup_training
+from training import checkpoint_paths, fit, load_checkpoint, run_batches, setup_training
 from utils import (NUM_ORGANS, PipelineError, autocast, parse_config, prompt_types_arg, run_main, write_json)
 
 # ---------------------------------------------------------------------------------------------- config
@@ -86,9 +86,16 @@ def main(argv=None):
     if len(prompts) != 1:
         raise PipelineError("--prompt takes one prompt type for classification")
     prompt_type = prompts[0]
+    accuracy_metric([1], [1], cfg["select_by"])  # an unknown --select-by fails here, before any work
+    out = Path(cfg["results_dir"])
+    last = checkpoint_paths(out / "classifier")[0]
+    if cfg["resume"] and last.is_file():
+        before = load_checkpoint(last)["config"].get("select_by", "weighted")
+        if before != cfg["select_by"]:
+            raise PipelineError(f"{last} chose its best epoch by {before} accuracy; resume with --select-by "
+                                f"{before} or start again without --resume")
     env, backbone, train_cache, val_cache = setup_training(cfg, "classification")
     device = env.device
-    out = Path(cfg["results_dir"])
     finetuned = cfg["finetuned"] or str(out / "finetune" / prompt_type / "best.pt")
     torch.manual_seed(cfg["seed"])
     model = build_classifier(backbone, finetuned).to(device)

@@ -276,7 +276,8 @@ class PromptedDecoder(nn.Module):
         return masks[:, keep], iou[:, keep]
 
     def heads(self, hs, src):
-        """Mask and IoU heads of SAM's decoder on the transformer outputs."""
+        """Mask and IoU heads of SAM's decoder on the transformer outputs. The masks (B, K, L, L) are a
+        strided view (pixel-major memory), so reshape them, never ``.view``."""
         dec = self.mask_decoder
         up = upscale(dec.output_upscaling, src)  # (B, C, L, L), channels_last
         hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)

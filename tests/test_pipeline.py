@@ -175,6 +175,10 @@ def test_task3_classification(task2, cold_slices):
     assert res["mask_mdice_before_classification_training"] == pytest.approx(t2["mdice_finetuned"]["one_central_point"])
     for fig in ("fig3_classification_example.png", "confusion_matrix.png"):
         assert (task2 / "figures" / fig).stat().st_size > 1000
+    # a resume must keep the metric the best epoch was chosen by
+    assert ck["config"]["select_by"] == "balanced"
+    with pytest.raises(PipelineError, match="chose its best epoch by balanced accuracy"):
+        classify_train_task3.main([*args, *TINY_TRAIN, "--resume", "--select-by", "weighted"])
 
 
 def test_scripts_fail_cleanly_on_bad_input(tmp_path):
