@@ -64,10 +64,14 @@ def class_weights(items, mode: str) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def accuracy_metric(correct: list, organs: list, select_by: str) -> float:
-    """Validation accuracy: over samples ("weighted") or the mean of the per-organ accuracies ("balanced")."""
+def check_select_by(select_by: str) -> None:
     if select_by not in ("balanced", "weighted"):
         raise PipelineError(f"unknown --select-by {select_by!r}; use balanced or weighted")
+
+
+def accuracy_metric(correct: list, organs: list, select_by: str) -> float:
+    """Validation accuracy: over samples ("weighted") or the mean of the per-organ accuracies ("balanced")."""
+    check_select_by(select_by)
     correct, organs = np.asarray(correct, dtype=float), np.asarray(organs)
     if select_by == "weighted":
         return float(correct.mean())
@@ -86,7 +90,7 @@ def main(argv=None):
     if len(prompts) != 1:
         raise PipelineError("--prompt takes one prompt type for classification")
     prompt_type = prompts[0]
-    accuracy_metric([1], [1], cfg["select_by"])  # an unknown --select-by fails here, before any work
+    check_select_by(cfg["select_by"])  # before any work
     out = Path(cfg["results_dir"])
     last = checkpoint_paths(out / "classifier")[0]
     if cfg["resume"] and last.is_file():

@@ -239,7 +239,7 @@ def main(argv=None):
         "best_epoch_val_mdice": {p: runs[p]["best_metric"] for p in prompts},
         "best_epoch": {p: runs[p]["best_epoch"] for p in prompts},
         "epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "lr": cfg["lr"], "seed": cfg["seed"],
-        "dtype": cfg["dtype"], "data": data_description(train_cache.slices.params),
+        "dtype": cfg["dtype"], "encoder_dtype": cfg["encoder_dtype"], "data": data_description(train_cache.slices.params),
         "checkpoints": {p: runs[p]["best"] for p in prompts},
     })
     write_tables(out, result)

@@ -127,8 +127,15 @@ def tune_allocator() -> None:
         libc.mallopt(m_top_pad, 1 << 28)
 
 
+PRECISIONS = ("fp32", "bf16")  # values of --dtype (decoder) and --encoder-dtype (encoder pass)
+
+
 def start_run(cfg: dict) -> torch.device:
-    """What every script does first: allocator tuning, seeds, device."""
+    """What every script does first: check the precision flags (before any work), allocator tuning,
+    seeds, device."""
+    for key in ("dtype", "encoder_dtype"):
+        if key in cfg:
+            check_precision(cfg[key], "--" + key.replace("_", "-"))
     tune_allocator()
     seed_everything(cfg["seed"])
     return pick_device(cfg.get("device"))
@@ -152,12 +159,16 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def check_precision(dtype: str, flag: str = "--dtype") -> None:
+    if dtype not in PRECISIONS:
+        raise PipelineError(f"unknown {flag} {dtype!r}; use {' or '.join(PRECISIONS)}")
+
+
 def autocast(device: torch.device, dtype: str):
     """Context for the model's forward passes: bf16 autocast when dtype == 'bf16', else nothing."""
+    check_precision(dtype)
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if dtype != "fp32":
-        raise PipelineError(f"unknown --dtype {dtype!r}; use fp32 or bf16")
     return contextlib.nullcontext()
 
 

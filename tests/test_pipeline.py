@@ -187,3 +187,19 @@ def test_scripts_fail_cleanly_on_bad_input(tmp_path):
     res = run_script(["segmentation_task1.py", "--slices", tmp_path, "--model", "vit_q"])
     assert res.returncode == 2 and "unknown model 'vit_q'" in res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_bad_precision_fails_before_any_work(cold_slices, tmp_path):
+    """An unknown --encoder-dtype / --dtype / --select-by is refused before the cache or results are touched."""
+    caches = cold_slices / "embeddings"
+    before = sorted(p.name for p in caches.iterdir()) if caches.is_dir() else []
+    for flag, value in (("--encoder-dtype", "bf17"), ("--dtype", "fp16")):
+        res = run_script(["segmentation_task1.py", "--slices", cold_slices, "--results-dir", tmp_path / "r",
+                          flag, value])
+        last = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 2 and last == f"error: unknown {flag} '{value}'; use fp32 or bf16"
+    res = run_script(["classify_train_task3.py", "--slices", cold_slices, "--results-dir", tmp_path / "r",
+                      "--select-by", "macro"])
+    assert res.returncode == 2 and "unknown --select-by 'macro'" in res.stderr
+    assert (sorted(p.name for p in caches.iterdir()) if caches.is_dir() else []) == before
+    assert not (tmp_path / "r").exists()
