@@ -35,34 +35,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune_task2 import LR, MOMENTUM, WEIGHT_DECAY, mask_losses
-from sam_models import (EVAL_EPOCH, EmbeddingCache, PromptDataset, PromptedDecoder, coords_to_input, decode_batch,
-                        encode_images, evaluate, image_to_input, load_backbone, masks_to_slice, open_cache,
-                        prompt_to_input)
-from utils import (POINT_PROMPTS, PipelineError, SliceSet, autocast, dice_score, make_prompt, markdown_table,
-                   organ_name, parse_config, prompt_rng, prompt_types_arg, run_main, start_run, write_json,
-                   write_text)
+from cache import EVAL_EPOCH, EmbeddingCache, PromptDataset, evaluate, open_split
+from cli import DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_SEED, PipelineError, parse_config, run_main, start_run
+from files import Results, check_replaceable, markdown_table, write_json, write_text
+from finetune_task2 import LR, MOMENTUM, WEIGHT_DECAY
+from models import PromptedDecoder, autocast, decode_batch, encode_images, load_backbone
+from training import epoch_order, mask_losses
+from utils import POINT_PROMPTS, SliceSet, dice_score, make_prompt, organ_name, prompt_rng, prompt_types_arg
 
 # ---------------------------------------------------------------------------------------------- config
 RESULTS_DIR = "results"  # bench.json and bench.md go here
 WORK_DIR = "data/bench"  # phantom volumes, slice sets and subprocess outputs (rebuilt on every run)
-MODEL = "litemedsam"  # litemedsam | vit_b | vit_l | vit_h
-CHECKPOINT = None  # default: the bundled LiteMedSAM weights, or checkpoints/<official name>
-QUICK = False  # smaller sizes (QUICK_SIZES below) for every constant left at its default; under 10 min on 2 cores
-SEED = 0  # phantom and prompt seed
-DEVICE = ""  # cpu | cuda; empty: cuda when present
-PHANTOM_SHAPE = "128,128,24"  # voxels of each phantom volume (about 18 slices with organs each at this size)
-TRAIN_VOLUMES = 6  # phantom volumes of the 1x training split (decoder training, memory test)
-VAL_VOLUMES = 2  # phantom volumes of the 1x validation split (zero-shot, encoder, Task 1 at 1x)
+MODEL = DEFAULT_MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
+CHECKPOINT = None  # backbone weights; default: the packaged ones, or checkpoints/<official name>
+QUICK = False  # smaller sizes (QUICK_SIZES) for every constant not given on the command line
+SEED = DEFAULT_SEED  # phantom and prompt seed (>= 0)
+DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
+PHANTOM_SHAPE = "128,128,24"  # voxels of each phantom volume
+TRAIN_VOLUMES = 6  # phantom volumes of the 1x training split: decoder training, memory test (>= 1)
+VAL_VOLUMES = 2  # phantom volumes of the 1x validation split: zero-shot, encoder, Task 1 at 1x (>= 1)
 ZERO_SHOT_PROMPT = "all"  # prompt types of the zero-shot comparison
-NAIVE_ITEMS = 60  # (slice, organ) items per prompt type run through the naive SamPredictor loop
-DECODE_BATCH = 8  # prompts per decoder pass in the pipeline (segmentation_task1.py's default)
-ENCODER_SLICES = 16  # slices timed through the image encoder, per dtype
+NAIVE_ITEMS = 60  # (slice, organ) items per prompt type run through the naive SamPredictor loop (>= 1)
+DECODE_BATCH = DEFAULT_DECODE_BATCH  # prompts per decoder pass in the pipeline (>= 1)
+ENCODER_SLICES = 16  # slices timed through the image encoder, per dtype (>= 1)
 TRAIN_PROMPT = "bound_box"  # prompt type of the decoder-training samples
-TRAIN_BATCH = 32  # samples per SGD step in the batched measurement
-TRAIN_SAMPLES = 128  # samples timed per mode (batched, one at a time) and dtype
-RSS_SAMPLES_PER_EPOCH = 0  # cap on the Task 2 epoch of the memory test; 0: every training sample
-RSS_VAL_SAMPLES = 0  # cap on its per-epoch validation; 0: every validation sample
+TRAIN_BATCH = 32  # samples per SGD step in the batched measurement (>= 1)
+TRAIN_SAMPLES = 128  # samples timed per mode (batched, one at a time) and dtype (>= 1)
+RSS_SAMPLES_PER_EPOCH = 0  # cap on the Task 2 epoch of the memory test; 0: every training sample (>= 0)
+RSS_VAL_SAMPLES = 0  # cap on its per-epoch validation; 0: every validation sample (>= 0)
 SCALES = "1,2,4"  # Task 1 scaling: multiples of the validation volumes
 TASK1_PROMPT = "all"  # --prompt of the Task 1 runs
 # -----------------------------------------------------------------------------------------------------
@@ -70,6 +70,7 @@ TASK1_PROMPT = "all"  # --prompt of the Task 1 runs
 QUICK_SIZES = {"train_volumes": 3, "val_volumes": 1, "naive_items": 12, "encoder_slices": 6, "train_batch": 16,
                "train_samples": 48, "rss_samples_per_epoch": 64, "rss_val_samples": 16, "task1_prompt": "bound_box"}
 HERE = Path(__file__).resolve().parent
+WORK_MARKER = "bench_work.json"  # marks WORK_DIR as bench.py's, so that it may be rebuilt
 TARGETS = {"zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.5, "encoder_bf16_mask_agreement": 0.99,
            "decoder_batched_speedup": 3.0, "peak_rss_ratio_4x": 1.2, "zero_shot_dice_max_abs_diff": 1e-4,
            "task1_linear_slack": 1.1}
@@ -110,8 +111,8 @@ def make_set(work: Path, name: str, volumes: list, train: list, val: list, seed:
     is a symlink under a new case name). Written through a dataset_0.json; returns the slices folder."""
     from preprocess import preprocess
 
-    root = work / "sets" / name
-    raw = root / "raw"
+    root = work / "sets" / name / "raw"  # the data dir: links to phantom volumes and a dataset_0.json
+    raw = root / "volumes"
     raw.mkdir(parents=True, exist_ok=True)
     spec = {}
     for key, picks in (("training", train), ("validation", val)):
@@ -128,21 +129,24 @@ def make_set(work: Path, name: str, volumes: list, train: list, val: list, seed:
             entries.append(entry)
         spec[key] = entries
     write_json(root / "dataset_0.json", spec)
-    out = root / "slices"
+    out = root.parent / "slices"
     preprocess(root, out, seed=seed, synthetic={"volumes": len(volumes), "seed": seed, "shape": list(shape)})
     return out
 
 
 def build_data(cfg: dict) -> dict:
-    from phantom import DEFAULT_SHAPE, DEFAULT_SPACING, write_phantom
+    from phantom import write_phantom
+    from preprocess import phantom_shape
 
     work = Path(cfg["work_dir"]).resolve()
+    check_replaceable(work, WORK_MARKER, "--work-dir")  # rebuilt whole: only a folder bench.py wrote
     shutil.rmtree(work, ignore_errors=True)
-    shape = tuple(int(v) for v in cfg["phantom_shape"].split(","))
-    spacing = tuple(sp * d / n for sp, d, n in zip(DEFAULT_SPACING, DEFAULT_SHAPE, shape))
+    work.mkdir(parents=True)
+    write_json(work / WORK_MARKER, {"written_by": "bench.py"})
+    shape = phantom_shape(cfg["phantom_shape"])
     n_train, n_val = cfg["train_volumes"], cfg["val_volumes"]
     print(f"bench: writing {n_train + n_val} phantom volumes {shape} to {work / 'raw'}", flush=True)
-    images = write_phantom(work / "raw", n_train + n_val, cfg["seed"], shape=shape, spacing=spacing)
+    images = write_phantom(work / "raw", n_train + n_val, cfg["seed"], shape=shape)
     volumes = [(p, p.parent.parent / "label" / p.name.replace("img", "label", 1)) for p in images]
     train, val = list(range(n_train)), list(range(n_train, n_train + n_val))
     sets = {"base": make_set(work, "base", volumes, train, val, cfg["seed"], shape),
@@ -162,7 +166,7 @@ def scales_arg(text: str) -> list[int]:
 
 
 def fill_by_copy(cache: EmbeddingCache, sources: list) -> int:
-    """Fill rows of `cache` whose slice image is byte-identical to a cached slice of `sources` by copying
+    """Fill rows of `cache` whose slice image is byte-identical to a cached row of `sources` by copying
     that row (what the encoder would compute for the same input); returns the rows copied."""
     def key(image):
         return hashlib.sha1(repr(image.shape).encode() + image.tobytes()).hexdigest()
@@ -170,23 +174,15 @@ def fill_by_copy(cache: EmbeddingCache, sources: list) -> int:
     index = {}
     for src in sources:
         for j in np.flatnonzero(src.done):
-            index.setdefault(key(src.slices.load(int(j))[0]), (src, int(j)))
-    todo = [i for i in cache.missing() if key(cache.slices.load(i)[0]) in index]
+            index.setdefault(key(src.image(int(j))), (src, int(j)))
+    todo = [i for i in cache.missing() if key(cache.image(i)) in index]
     if not todo:
         return 0
-    cache.dir.mkdir(parents=True, exist_ok=True)
-    if not cache.done.any():
-        np.lib.format.open_memmap(cache.path, mode="w+", dtype=np.float16, shape=cache.shape).flush()
-        write_json(cache.meta_path, cache.meta)
-    arr = np.load(cache.path, mmap_mode="r+")
-    for i in todo:
-        src, j = index[key(cache.slices.load(i)[0])]
-        arr[i] = src.read(j).astype(np.float16)
-        cache.done[i] = True
-    arr.flush()
-    del arr
-    cache._save_done()
-    return len(todo)
+
+    def copy_rows(idx):
+        return np.stack([index[key(cache.image(i))][0].read(index[key(cache.image(i))][1]) for i in idx])
+
+    return cache.fill("cpu", batch_size=len(todo), rows=todo, progress=False, encode=copy_rows)
 
 
 def run_script(script: str, args: list, log: Path) -> dict:
@@ -216,12 +212,12 @@ def spread(n_total: int, n: int) -> list[int]:
 def naive_predictor_loop(backbone, slices: SliceSet, items: list, prompt_type: str, seed: int, device):
     """What users write around SamPredictor: set the image (re-encode) and predict, one prompt at a time.
 
-    The input tensor is `image_to_input` (the pipeline's resize) given through `set_torch_image`.
-    Returns (per-item Dice, seconds, max |apply_coords - coords_to_input|)."""
+    The input tensor is the pipeline's `InputFrame.image` given through `set_torch_image`.
+    Returns (per-item Dice, seconds, max |apply_coords - InputFrame.coords_to_input|)."""
     from segment_anything import SamPredictor
 
     predictor = SamPredictor(backbone.sam)
-    img_size = backbone.img_size
+    frame = backbone.frame
     dices, coord_diff = [], 0.0
     sync(device)
     t0 = time.perf_counter()
@@ -230,17 +226,17 @@ def naive_predictor_loop(backbone, slices: SliceSet, items: list, prompt_type: s
         image, label = slices.load(i)
         mask = label == organ
         prompt = make_prompt(mask, prompt_type, prompt_rng(seed, rec["case"], rec["z"], organ, prompt_type, EVAL_EPOCH))
-        predictor.set_torch_image(image_to_input(image, img_size)[None].to(device), image.shape)
+        predictor.set_torch_image(frame.image(image)[None].to(device), image.shape)
         if prompt_type in POINT_PROMPTS:
-            pts = prompt["points"]
+            pts = prompt.points
             coord_diff = max(coord_diff, float(np.abs(predictor.transform.apply_coords(pts, image.shape)
-                                                      - coords_to_input(pts, image.shape, img_size)).max()))
+                                                      - frame.coords_to_input(pts, image.shape)).max()))
             masks, iou, _ = predictor.predict(point_coords=pts, point_labels=np.ones(len(pts)), multimask_output=True)
             pred = masks[int(np.argmax(iou))]
         else:
-            box = prompt["box"]
+            box = prompt.box
             coord_diff = max(coord_diff, float(np.abs(predictor.transform.apply_boxes(box, image.shape).reshape(4)
-                                                      - prompt_to_input(prompt, image.shape, img_size)["box"]).max()))
+                                                      - frame.prompt(prompt, image.shape).box).max()))
             masks, _, _ = predictor.predict(box=box, multimask_output=False)
             pred = masks[0]
         dices.append(dice_score(pred, mask))
@@ -259,34 +255,32 @@ def bench_zero_shot(cfg, backbone, slices_dir: Path, device) -> dict:
     prompts = prompt_types_arg(cfg["zero_shot_prompt"])
     shutil.rmtree(slices_dir / "embeddings", ignore_errors=True)  # cold cache
     encode_images(backbone, [SliceSet(slices_dir, "val").load(0)[0]], device)  # warm-up, not timed
-    subset_k = None
+    subset = set()
     kept = {p: {} for p in prompts}
 
-    def collect(prompt_type, batch, extra, preds):
-        for k, pred in zip(batch["index"].tolist(), preds):
-            if k in subset_k:
-                kept[prompt_type][k] = pred
+    def collect(prompt_type, items, decoded, preds):
+        for item, pred in zip(items, preds):
+            if item in subset:
+                kept[prompt_type][item] = pred
 
     sync(device)
     t0 = time.perf_counter()
-    slices, cache, passes, t_fill = open_cache(slices_dir, "val", backbone, "fp32", device, 1)
-    subset_k = set(spread(len(slices.items), cfg["naive_items"]))
-    table = evaluate(PromptedDecoder.from_backbone(backbone), cache, prompts, cfg["seed"], device, "fp32",
+    data = open_split(slices_dir, "val", backbone, "fp32", device, 1)
+    slices, passes, t_fill = data.slices, data.encoder_passes, data.seconds
+    items = [slices.items[k] for k in spread(len(slices.items), cfg["naive_items"])]
+    subset.update(items)
+    table = evaluate(PromptedDecoder.from_backbone(backbone), data, prompts, cfg["seed"], device, "fp32",
                      cfg["decode_batch"], on_batch=collect)
     sync(device)
     pipe_seconds = time.perf_counter() - t0
     n_pipe = len(slices.items) * len(prompts)
-    items = [slices.items[k] for k in sorted(subset_k)]
     naive_seconds, diffs, per_sample_diff, coord_diff, per_prompt = 0.0, [], 0.0, 0.0, {}
     for p in prompts:
         print(f"bench: naive SamPredictor loop, {p}, {len(items)} prompts", flush=True)
         naive_dice, secs, cdiff = naive_predictor_loop(backbone, slices, items, p, cfg["seed"], device)
         naive_seconds += secs
         coord_diff = max(coord_diff, cdiff)
-        pipe_dice = []
-        for k in sorted(subset_k):
-            i, organ = slices.items[k]
-            pipe_dice.append(dice_score(kept[p][k], slices.load_label(i) == organ))
+        pipe_dice = [dice_score(kept[p][(i, organ)], slices.load_label(i) == organ) for i, organ in items]
         a, b = per_organ_mean(items, pipe_dice), per_organ_mean(items, naive_dice)
         diff = max(abs(a[o] - b[o]) for o in a)
         diffs.append(diff)
@@ -336,14 +330,14 @@ def bench_encoder(cfg, backbone, slices_dir: Path, device) -> dict:
         for n, i in enumerate(picks):
             label = slices.load_label(i)
             organs = sorted({int(o) for o in np.unique(label)} - {0})
-            boxes = torch.tensor(np.stack([prompt_to_input(make_prompt(label == o, "bound_box", None), label.shape,
-                                                           backbone.img_size)["box"] for o in organs]),
+            boxes = torch.tensor(np.stack([backbone.frame.prompt(make_prompt(label == o, "bound_box", None),
+                                                                 label.shape).box for o in organs]),
                                  dtype=torch.float32, device=device)
             preds = {}
             for dtype in ("fp32", "bf16"):
                 e = emb[dtype][n].expand(len(organs), -1, -1, -1)
                 logits = decoder(e, boxes=boxes, multimask=False)[0][:, 0]
-                preds[dtype] = (masks_to_slice(logits, label.shape, backbone.img_size) > 0).cpu().numpy()
+                preds[dtype] = (backbone.frame.to_slice(logits, label.shape) > 0).cpu().numpy()
             agree += int((preds["fp32"] == preds["bf16"]).sum())
             total += preds["fp32"].size
             dices += [dice_score(a, b) for a, b in zip(preds["fp32"], preds["bf16"])]
@@ -357,10 +351,10 @@ def bench_encoder(cfg, backbone, slices_dir: Path, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- 3. decoder training
-def bench_training(cfg, backbone, cache: EmbeddingCache, device) -> dict:
+def bench_training(cfg, backbone, data, device) -> dict:
     prompt_type = cfg["train_prompt"]
-    ds = PromptDataset(cache, prompt_type, cfg["seed"], epoch=1)
-    order = np.random.default_rng([cfg["seed"], 1, 7919]).permutation(len(ds))[:cfg["train_samples"]]
+    ds = PromptDataset(data, prompt_type, cfg["seed"], epoch=1)
+    order = epoch_order(len(ds), cfg["seed"], 1, cfg["train_samples"])
     samples = [ds[int(k)] for k in order]
     n = len(samples)
     multimask = prompt_type in POINT_PROMPTS
@@ -374,9 +368,9 @@ def bench_training(cfg, backbone, cache: EmbeddingCache, device) -> dict:
         batches = [torch.utils.data.default_collate(samples[s:s + batch_size]) for s in range(0, n, batch_size)]
 
         def step(batch):
-            with autocast(torch.device(device), dtype):
-                _, masks, iou, _ = decode_batch(module, batch, prompt_type, device)
-            losses = mask_losses(masks, iou, batch["target"].to(device), 1.0 if multimask else 0.0)
+            with autocast(device, dtype):
+                out = decode_batch(module, batch, prompt_type, device)
+            losses = mask_losses(out.masks, out.iou, batch["target"].to(device), 1.0 if multimask else 0.0)
             opt.zero_grad(set_to_none=True)
             (losses.sum() / len(losses)).backward()
             opt.step()
@@ -407,11 +401,11 @@ def bench_training(cfg, backbone, cache: EmbeddingCache, device) -> dict:
 
 # ---------------------------------------------------------------------------------------------- 4. memory
 def bench_memory(cfg, backbone, sets: dict, device, work: Path) -> dict:
-    base_train = EmbeddingCache(SliceSet(sets["base"], "train"), backbone, "fp32")
-    base_val = EmbeddingCache(SliceSet(sets["base"], "val"), backbone, "fp32")
+    base_train = EmbeddingCache.for_split(SliceSet(sets["base"], "train"), backbone, "fp32")
+    base_val = EmbeddingCache.for_split(SliceSet(sets["base"], "val"), backbone, "fp32")
     copied = 0
     for split in ("train", "val"):
-        cache = EmbeddingCache(SliceSet(sets["rss4"], split), backbone, "fp32")
+        cache = EmbeddingCache.for_split(SliceSet(sets["rss4"], split), backbone, "fp32")
         copied += fill_by_copy(cache, [base_train, base_val])
         cache.fill(device, 1, progress=False)
     runs = {}
@@ -452,7 +446,7 @@ def bench_task1_scaling(cfg, sets: dict, work: Path) -> dict:
         args += backbone_flags(cfg)
         print(f"bench: Task 1 at {s}x (subprocess, cold cache)", flush=True)
         r = run_script("segmentation_task1.py", args, work / "logs" / f"task1_x{s}.log")
-        t1 = json.loads((out / "table1_zero_shot.json").read_text())
+        t1 = json.loads(Results(out).table("table1", "json").read_text())
         by_scale[str(s)] = round(r["seconds"], 2)
         detail[str(s)] = {"wall_seconds": round(r["seconds"], 2), "in_script_seconds": t1["seconds"],
                           "n_slices": t1["n_slices"], "n_prompts": t1["timing"]["n_prompts"],
@@ -502,16 +496,10 @@ def report(res: dict) -> str:
               f"{res['phantom_shape']}. Full numbers in bench.json.\n")
 
 
-def apply_quick(cfg: dict) -> dict:
-    if cfg["quick"]:
-        for key, value in QUICK_SIZES.items():
-            if cfg[key] == globals()[key.upper()]:  # left at its default
-                cfg[key] = value
-    return cfg
-
-
 def main(argv=None):
-    cfg = apply_quick(parse_config(globals(), argv))
+    cfg = parse_config(globals(), argv)
+    if cfg["quick"]:
+        cfg = parse_config(globals(), argv, defaults=QUICK_SIZES)
     device = start_run(cfg)
     t_start = time.perf_counter()
     res = {"machine": machine_info(device), "quick": cfg["quick"], "model": cfg["model"],
@@ -532,9 +520,8 @@ def main(argv=None):
     print("bench: 2. image encoder fp32 / bf16", flush=True)
     res.update(timed("encoder", bench_encoder, cfg, backbone, sets["base"], device))
     print("bench: 3. decoder training", flush=True)
-    train_cache = EmbeddingCache(SliceSet(sets["base"], "train"), backbone, "fp32")
-    timed("train_cache_fill", train_cache.fill, device, 1)
-    res.update(timed("decoder_training", bench_training, cfg, backbone, train_cache, device))
+    train = timed("train_cache_fill", open_split, sets["base"], "train", backbone, "fp32", device)
+    res.update(timed("decoder_training", bench_training, cfg, backbone, train, device))
     print("bench: 4. memory of a Task 2 epoch", flush=True)
     res.update(timed("memory", bench_memory, cfg, backbone, sets, device, work))
     print("bench: 5. Task 1 scaling", flush=True)
@@ -545,12 +532,12 @@ def main(argv=None):
     keys = ["zero_shot_speedup", "zero_shot_dice_max_abs_diff", "encoder_bf16_speedup", "encoder_bf16_mask_agreement",
             "decoder_batched_speedup", "peak_rss_ratio_4x", "task1_seconds_by_scale", "machine"]
     res = {**{k: res[k] for k in keys}, **{k: v for k, v in res.items() if k not in keys}}
-    out = Path(cfg["results_dir"])
+    out = Results(cfg["results_dir"])
     md = report(res)
-    write_json(out / "bench.json", res)
-    write_text(out / "bench.md", md)
+    write_json(out.table("bench", "json"), res)
+    write_text(out.table("bench", "md"), md)
     print(md, end="")
-    print(f"bench: {res['bench_seconds']} s; wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    print(f"bench: {res['bench_seconds']} s; wrote {out.table('bench', 'json')} and {out.table('bench', 'md')}")
 
 
 if __name__ == "__main__":

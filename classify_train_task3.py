@@ -4,7 +4,8 @@
     python classify_train_task3.py --slices data/slices --results-dir results --prompt bound_box --epochs 10
 
 Builds `modified_classifier.ClassifyingDecoder` on the Task 2 decoder finetuned with the same prompt
-type (RESULTS_DIR/finetune/<prompt>/best.pt; the pretrained decoder, with a warning, when absent).
+type (RESULTS_DIR/finetune/<prompt>/best.pt, or --finetuned PATH; --finetuned pretrained starts from
+the backbone's own decoder; a missing checkpoint is an error).
 The prompt encoder and the mask/IoU parts stay frozen; the class token, its two-way transformer and
 `class_prediction_head` are trained with Adam (lr 1e-5, the report's recipe) and cross-entropy on
 the cached image embeddings, prompts drawn afresh each epoch. Class imbalance (adrenal glands are
@@ -21,57 +22,59 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cache import EVAL_EPOCH, PromptDataset
+from cli import (DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_ENCODE_BATCH, DEFAULT_MODEL,
+                 DEFAULT_RESULTS_DIR, DEFAULT_SEED, DEFAULT_SLICES, PipelineError, check_choice, check_precision,
+                 parse_config, run_main)
+from files import Results, results_lock, write_json
+from models import autocast, decode_batch
 from modified_classifier import build_classifier
-from sam_models import EVAL_EPOCH, PromptDataset, decode_batch
-from training import checkpoint_paths, fit, load_checkpoint, run_batches, setup_training
-from utils import (NUM_ORGANS, PipelineError, autocast, parse_config, prompt_types_arg, run_main, write_json)
+from training import check_some_to_resume, fit, precheck_resume, run_batches, setup_training
+from utils import NUM_ORGANS, prompt_types_arg
 
 # ---------------------------------------------------------------------------------------------- config
-SLICES = "data/slices"
-RESULTS_DIR = "results"
-MODEL = "litemedsam"  # litemedsam | vit_b | vit_l | vit_h
+SLICES = DEFAULT_SLICES  # output of preprocess.py
+RESULTS_DIR = DEFAULT_RESULTS_DIR  # classifier/ checkpoints go here; Task 2's are read from here
+MODEL = DEFAULT_MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
 CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
-PROMPT = "one_central_point"  # point prompts, as the report's Table 4; any contract prompt type works
-FINETUNED = None  # Task 2 checkpoint; default RESULTS_DIR/finetune/<PROMPT>/best.pt
-EPOCHS = 50
-BATCH_SIZE = 64
-LR = 1e-5  # Adam
+PROMPT = "one_central_point"  # one prompt type; point prompts, as the report's Table 4
+FINETUNED = ""  # Task 2 checkpoint to start from; empty: RESULTS_DIR/finetune/<PROMPT>/best.pt; pretrained: none
+EPOCHS = 50  # passes over the training samples (>= 1)
+BATCH_SIZE = 64  # samples per optimiser step (>= 1)
+LR = 1e-5  # Adam learning rate
 CLASS_WEIGHTING = "balanced"  # balanced (inverse class frequency) | none
 SELECT_BY = "balanced"  # best epoch by balanced (mean per-organ) | weighted (over samples) validation accuracy
-GRAD_CLIP = 0.0  # > 0: clip the gradient norm before each step (0: off, as the report)
-SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoch
-VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation
-SEED = 0
-DEVICE = ""
-DTYPE = "fp32"  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = "fp32"  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
-RESUME = False
-ENCODE_BATCH = 1
-DECODE_BATCH = 8
+GRAD_CLIP = 0.0  # > 0: clip the gradient norm before each step (0: off, as the report) (>= 0)
+SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoch (>= 0)
+VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation (>= 0)
+SEED = DEFAULT_SEED  # prompts and training order (>= 0)
+DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
+DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+RESUME = False  # continue from RESULTS_DIR/classifier/last.pt
+ENCODE_BATCH = DEFAULT_ENCODE_BATCH  # slices per image-encoder pass (>= 1)
+DECODE_BATCH = DEFAULT_DECODE_BATCH  # prompts per decoder pass in validation (>= 1)
 # -----------------------------------------------------------------------------------------------------
+
+WEIGHTINGS = ("balanced", "none")
+SELECTIONS = ("balanced", "weighted")
+PRETRAINED = "pretrained"  # --finetuned value: start from the backbone's own decoder
 
 
 def class_weights(items, mode: str) -> torch.Tensor:
     """(13,) cross-entropy weights: inverse frequency of each organ among (slice, organ) samples,
     normalised to mean 1 over the organs present ('balanced'), or all ones ('none')."""
-    if mode == "none":
+    if check_choice(mode, WEIGHTINGS, "--class-weighting") == "none":
         return torch.ones(NUM_ORGANS)
-    if mode != "balanced":
-        raise PipelineError(f"unknown --class-weighting {mode!r}; use balanced or none")
     counts = np.bincount([organ - 1 for _, organ in items], minlength=NUM_ORGANS).astype(np.float64)
     weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     weights *= (counts > 0).sum() / weights.sum()
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def check_select_by(select_by: str) -> None:
-    if select_by not in ("balanced", "weighted"):
-        raise PipelineError(f"unknown --select-by {select_by!r}; use balanced or weighted")
-
-
 def accuracy_metric(correct: list, organs: list, select_by: str) -> float:
     """Validation accuracy: over samples ("weighted") or the mean of the per-organ accuracies ("balanced")."""
-    check_select_by(select_by)
+    check_choice(select_by, SELECTIONS, "--select-by")
     correct, organs = np.asarray(correct, dtype=float), np.asarray(organs)
     if select_by == "weighted":
         return float(correct.mean())
@@ -81,37 +84,23 @@ def accuracy_metric(correct: list, organs: list, select_by: str) -> float:
 def class_logits(model, batch, prompt_type, device, dtype) -> torch.Tensor:
     """Class logits (B, 13) of a collated batch, without computing masks."""
     with autocast(device, dtype):
-        return decode_batch(model, batch, prompt_type, device, with_masks=False)[3][0].float()
+        return decode_batch(model, batch, prompt_type, device, with_masks=False).class_logits.float()
 
 
-def main(argv=None):
-    cfg = parse_config(globals(), argv)
-    prompts = prompt_types_arg(cfg["prompt"])
-    if len(prompts) != 1:
-        raise PipelineError("--prompt takes one prompt type for classification")
-    prompt_type = prompts[0]
-    check_select_by(cfg["select_by"])  # before any work
-    out = Path(cfg["results_dir"])
-    last = checkpoint_paths(out / "classifier")[0]
-    if cfg["resume"] and last.is_file():
-        before = load_checkpoint(last)["config"].get("select_by", "weighted")
-        if before != cfg["select_by"]:
-            raise PipelineError(f"{last} chose its best epoch by {before} accuracy; resume with --select-by "
-                                f"{before} or start again without --resume")
-    env, backbone, train_cache, val_cache = setup_training(cfg, "classification")
-    device = env.device
-    finetuned = cfg["finetuned"] or str(out / "finetune" / prompt_type / "best.pt")
-    torch.manual_seed(cfg["seed"])
-    model = build_classifier(backbone, finetuned).to(device)
-    trainable = model.freeze_all_but_class_branch()
-    optimizer = torch.optim.Adam(trainable, lr=cfg["lr"])
-    weights = class_weights(train_cache.slices.items, cfg["class_weighting"]).to(device)
+def start_decoder(cfg: dict, res: Results, prompt_type: str) -> str | None:
+    """The Task 2 checkpoint to start from (None: the pretrained decoder); a missing file is an error."""
+    if cfg["finetuned"] == PRETRAINED:
+        return None
+    path = cfg["finetuned"] or str(Results.best(res.finetune_run(prompt_type)))
+    if not Path(path).is_file():
+        raise PipelineError(f"--finetuned {path} not found; run finetune_task2.py --prompt {prompt_type} first, "
+                            f"or pass --finetuned {PRETRAINED} to start from the pretrained decoder")
+    return path
 
-    def loss_fn(m, batch):
-        logits = class_logits(m, batch, prompt_type, device, cfg["dtype"])
-        return F.cross_entropy(logits, batch["organ"].to(device) - 1, weight=weights, reduction="none")
 
-    val_data = PromptDataset(val_cache, prompt_type, cfg["seed"], EVAL_EPOCH)
+def validation_fn(setup, cfg: dict, prompt_type: str):
+    val_data = PromptDataset(setup.val, prompt_type, cfg["seed"], EVAL_EPOCH)
+    device = setup.env.device
 
     def validate(m):
         m.eval()
@@ -127,20 +116,57 @@ def main(argv=None):
         run_batches(val_data, cfg["decode_batch"], step, cfg["val_samples"])
         return {"val_loss": float(np.mean(losses)), "val_metric": accuracy_metric(correct, organs, cfg["select_by"])}
 
+    return validate
+
+
+def train(cfg: dict, res: Results, prompt_type: str, finetuned: str | None) -> dict:
+    setup = setup_training(cfg, "classification")
+    device = setup.env.device
+    torch.manual_seed(cfg["seed"])
+    model = build_classifier(setup.backbone, finetuned).to(device)
+    optimizer = torch.optim.Adam(model.freeze_all_but_class_branch(), lr=cfg["lr"])
+    weights = class_weights(setup.train.slices.items, cfg["class_weighting"]).to(device)
+
+    def loss_fn(m, batch):
+        logits = class_logits(m, batch, prompt_type, device, cfg["dtype"])
+        return F.cross_entropy(logits, batch["organ"].to(device) - 1, weight=weights, reduction="none")
+
     run = fit(module=model, optimizer=optimizer,
-              train_data=lambda epoch: PromptDataset(train_cache, prompt_type, cfg["seed"], epoch),
-              loss_fn=loss_fn, validate=validate,
-              cfg=dict(cfg, prompt=prompt_type, backbone=backbone.key, finetuned=finetuned,
-                       finetuned_used=Path(finetuned).is_file()),
-              out_dir=out / "classifier", env=env, what=f"classify {prompt_type}", loss_name="CE loss",
-              metric_name=f"{cfg['select_by']} accuracy")
-    if env.main:
-        write_json(out / "classifier" / "train_summary.json",
-                   {"prompt": prompt_type, "best": run["best"], "last": run["last"], "best_val_accuracy": run["best_metric"],
-                    "select_by": cfg["select_by"],
-                    "finetuned_decoder": finetuned if Path(finetuned).is_file() else None,
-                    "class_weights": weights.tolist(), "history": run["history"]})
-        print(f"best validation accuracy {run['best_metric']:.4f}; checkpoint {run['best']}")
+              train_data=lambda epoch: PromptDataset(setup.train, prompt_type, cfg["seed"], epoch),
+              loss_fn=loss_fn, validate=validation_fn(setup, cfg, prompt_type),
+              cfg=dict(cfg, prompt=prompt_type, backbone=setup.backbone.key, finetuned_path=finetuned,
+                       slices_id=setup.train.slices.signature),
+              out_dir=res.classifier_run, env=setup.env, what=f"classify {prompt_type}", kind="classifier",
+              loss_name="CE loss", metric_name=f"{cfg['select_by']} accuracy")
+    run["class_weights"] = weights.tolist()
+    run["main"] = setup.env.main
+    return run
+
+
+def main(argv=None):
+    cfg = parse_config(globals(), argv)
+    prompts = prompt_types_arg(cfg["prompt"])
+    if len(prompts) != 1:
+        raise PipelineError("--prompt takes one prompt type for classification")
+    prompt_type = prompts[0]
+    check_choice(cfg["select_by"], SELECTIONS, "--select-by")  # before any work
+    check_choice(cfg["class_weighting"], WEIGHTINGS, "--class-weighting")
+    check_precision(cfg["dtype"])
+    res = Results(cfg["results_dir"])
+    with results_lock(res.root):
+        finetuned = start_decoder(cfg, res, prompt_type)
+        if cfg["resume"]:
+            check_some_to_resume({"classifier": precheck_resume(res.classifier_run, "classifier",
+                                                                dict(cfg, prompt=prompt_type))},
+                                 {"classifier": res.classifier_run})
+        run = train(cfg, res, prompt_type, finetuned)
+        if run["main"]:
+            write_json(res.classifier_run / "train_summary.json",
+                       {"prompt": prompt_type, "best": run["best"], "last": run["last"],
+                        "best_val_accuracy": run["best_metric"], "select_by": cfg["select_by"],
+                        "finetuned_decoder": finetuned, "class_weights": run["class_weights"],
+                        "history": run["history"]})
+            print(f"best validation accuracy {run['best_metric']:.4f}; checkpoint {run['best']}")
 
 
 if __name__ == "__main__":

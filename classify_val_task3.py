@@ -12,29 +12,30 @@ started from, which the classification training must not have changed.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from modified_classifier import finetuned_decoder, load_classifier
-from sam_models import evaluate, load_backbone, open_cache
-from training import load_checkpoint
-from utils import (ORGANS, DiceTable, PipelineError, markdown_table, organ_name, parse_config, run_main,
-                   save_figure, start_run, write_csv, write_json, write_text)
+from cache import evaluate, open_split
+from cli import (DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_ENCODE_BATCH, DEFAULT_MODEL,
+                 DEFAULT_RESULTS_DIR, DEFAULT_SEED, DEFAULT_SLICES, PipelineError, check_choice, parse_config,
+                 run_main, start_run)
+from files import Results, load_checkpoint, markdown_table, results_lock, save_figure, write_csv, write_json, write_text
+from models import load_backbone, load_decoder
+from modified_classifier import load_classifier
+from utils import ORGANS, SPLITS, DiceTable, organ_name
 
 # ---------------------------------------------------------------------------------------------- config
-SLICES = "data/slices"
-RESULTS_DIR = "results"
-MODEL = "litemedsam"
+SLICES = DEFAULT_SLICES  # output of preprocess.py
+RESULTS_DIR = DEFAULT_RESULTS_DIR  # Table 4 and Figure 3 go here
+MODEL = DEFAULT_MODEL  # the backbone the classifier was trained on
 CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
-CLASSIFIER = None  # default RESULTS_DIR/classifier/best.pt
-SPLIT = "val"
-SEED = 0
-DEVICE = ""
-DTYPE = "fp32"  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = "fp32"  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
-ENCODE_BATCH = 1
-DECODE_BATCH = 8
+CLASSIFIER = None  # classifier checkpoint; default RESULTS_DIR/classifier/best.pt
+SPLIT = "val"  # val | train
+SEED = DEFAULT_SEED  # seeds the random point prompts (>= 0)
+DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
+DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+ENCODE_BATCH = DEFAULT_ENCODE_BATCH  # slices per image-encoder pass (>= 1)
+DECODE_BATCH = DEFAULT_DECODE_BATCH  # prompts per decoder pass (>= 1)
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -87,68 +88,81 @@ def example_figure(image, mask, true_name, pred_name, case, z):
     return fig
 
 
-def main(argv=None):
-    cfg = parse_config(globals(), argv)
-    device = start_run(cfg)
-    out = Path(cfg["results_dir"])
-    ck_path = Path(cfg["classifier"] or out / "classifier" / "best.pt")
-    if not ck_path.is_file():
-        raise PipelineError(f"classifier checkpoint not found: {ck_path}; run classify_train_task3.py first")
-    ck = load_checkpoint(ck_path)
+def classify(cfg: dict, device, ck: dict, ck_path) -> dict:
+    """Decode every (slice, organ) of the split with the classifier; the Table 4 numbers and records."""
     prompt_type = ck["config"]["prompt"]
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
     if ck["config"].get("backbone") != backbone.key:
         raise PipelineError(f"{ck_path} was trained on {ck['config'].get('backbone')}, not {backbone.key}; "
                             f"pass the matching --model/--checkpoint")
-    slices, cache, _, _ = open_cache(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"])
+    data = open_split(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"])
     model = load_classifier(backbone, ck).to(device)
-    records = []  # (item index, true organ, predicted organ)
+    records = []  # ((slice index, organ), predicted organ)
 
-    def collect(_prompt, batch, extra, _preds):
-        pred = extra[0].float().argmax(1).cpu() + 1
-        records.extend(zip(batch["index"].tolist(), batch["organ"].tolist(), pred.tolist()))
+    def collect(_prompt, items, decoded, _preds):
+        records.extend(zip(items, (decoded.class_logits.float().argmax(1).cpu() + 1).tolist()))
 
-    after = evaluate(model, cache, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"],
-                     DiceTable(), on_batch=collect)
+    after = evaluate(model, data, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"], DiceTable(),
+                     on_batch=collect)
     # the decoder the classifier started from (its mask parts were frozen): the same Dice is expected
-    start = finetuned_decoder(backbone, ck["config"]["finetuned"] if ck["config"].get("finetuned_used") else None)
-    before = evaluate(start.to(device), cache, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"])
-    true = np.array([t for _, t, _ in records])
-    pred = np.array([p for _, _, p in records])
+    start = load_decoder(backbone, ck["config"].get("finetuned_path")).to(device)
+    before = evaluate(start, data, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"])
+    true = np.array([organ for (_, organ), _ in records])
+    pred = np.array([p for _, p in records])
+    present = sorted(set(true.tolist()))
     confusion = np.zeros((len(ORGANS), len(ORGANS)), dtype=np.int64)
     np.add.at(confusion, (true - 1, pred - 1), 1)
-    present = sorted(set(true.tolist()))
-    accuracy = {organ_name(o): float(np.mean(pred[true == o] == o)) for o in present}
-    counts = {organ_name(o): int(np.sum(true == o)) for o in present}
-    result = {"accuracy": accuracy, "n": counts, "weighted_average": float(np.mean(pred == true)),
-              "prompt": prompt_type, "split": cfg["split"], "model": backbone.name, "classifier": str(ck_path),
+    result = {"accuracy": {organ_name(o): float(np.mean(pred[true == o] == o)) for o in present},
+              "n": {organ_name(o): int(np.sum(true == o)) for o in present},
+              "weighted_average": float(np.mean(pred == true)), "prompt": prompt_type, "split": cfg["split"],
+              "model": backbone.name, "classifier": str(ck_path),
               "mask_mdice_after_classification_training": after.mdice()[prompt_type],
               "mask_mdice_before_classification_training": before.mdice()[prompt_type],
               "confusion": confusion.tolist(), "seed": cfg["seed"]}
-    write_json(out / "table4_classification.json", result)
+    return {"result": result, "records": records, "slices": data.slices}
+
+
+def write_outputs(res: Results, out: dict) -> list:
+    result, records, slices = out["result"], out["records"], out["slices"]
+    accuracy, counts = result["accuracy"], result["n"]
+    n = sum(counts.values())
     rows = [[o.replace("_", " "), accuracy[o], counts[o]] for o in accuracy]
-    rows.append(["**Weighted Average**", result["weighted_average"], int(len(true))])
-    write_text(out / "table4_classification.md",
-               f"## Table 4: classification accuracy of different organs ({prompt_type.replace('_', ' ')} prompts, "
-               f"{cfg['split']} split)\n\n" + markdown_table(["organ", "accuracy", "n"], rows)
-               + f"\nWeighted average = accuracy over all {len(true)} (slice, organ) samples (weights = counts). "
+    rows.append(["**Weighted Average**", result["weighted_average"], n])
+    write_json(res.table("table4", "json"), result)
+    write_text(res.table("table4", "md"),
+               f"## Table 4: classification accuracy of different organs ({result['prompt'].replace('_', ' ')} "
+               f"prompts, {result['split']} split)\n\n" + markdown_table(["organ", "accuracy", "n"], rows)
+               + f"\nWeighted average = accuracy over all {n} (slice, organ) samples (weights = counts). "
                  f"Mask mDice of the same model: {result['mask_mdice_after_classification_training']:.4f} after "
                  f"classification training, {result['mask_mdice_before_classification_training']:.4f} before "
                  f"(mask parts frozen).\n")
-    write_csv(out / "table4_classification.csv", ["organ", "accuracy", "n"], [[o, accuracy[o], counts[o]] for o in accuracy])
-    save_figure(confusion_figure(confusion, set(present)), out / "figures" / "confusion_matrix.png")
+    write_csv(res.table("table4", "csv"), ["organ", "accuracy", "n"], [[o, accuracy[o], counts[o]] for o in accuracy])
+    present = {i + 1 for i, o in enumerate(ORGANS) if o in counts}
+    save_figure(confusion_figure(np.array(result["confusion"]), present), res.figure("confusion"))
     # Figure 3: the smallest misclassified region, else the smallest region
-    ds_items = cache.slices.items
-    areas = [slices.records[ds_items[k][0]]["organs"][str(ds_items[k][1])]["area"] for k, _, _ in records]
-    wrong = [j for j, (_, t, p) in enumerate(records) if t != p]
+    areas = [slices.records[i]["organs"][str(organ)]["area"] for (i, organ), _ in records]
+    wrong = [j for j, ((_, t), p) in enumerate(records) if t != p]
     j = min(wrong or range(len(records)), key=lambda q: areas[q])
-    k, t, p = records[j]
-    i = ds_items[k][0]
+    (i, t), p = records[j]
     image, label = slices.load(i)
     save_figure(example_figure(image, label == t, organ_name(t), organ_name(p), slices.records[i]["case"],
-                               slices.records[i]["z"]), out / "figures" / "fig3_classification_example.png")
+                               slices.records[i]["z"]), res.figure("fig3"))
+    return rows
+
+
+def main(argv=None):
+    cfg = parse_config(globals(), argv)
+    device = start_run(cfg)
+    check_choice(cfg["split"], SPLITS, "--split")
+    res = Results(cfg["results_dir"])
+    with results_lock(res.root):
+        ck_path = cfg["classifier"] or Results.best(res.classifier_run)
+        if not cfg["classifier"] and not ck_path.is_file():
+            raise PipelineError(f"classifier checkpoint not found: {ck_path}; run classify_train_task3.py first")
+        ck = load_checkpoint(ck_path, "classifier", "--classifier")
+        rows = write_outputs(res, classify(cfg, device, ck, ck_path))
     print(markdown_table(["organ", "accuracy", "n"], rows), end="")
-    print(f"wrote {out / 'table4_classification.md'}")
+    print(f"wrote {res.table('table4', 'md')}")
 
 
 if __name__ == "__main__":

@@ -8,21 +8,19 @@ the IoU, mask and prompt tokens and cross-attends with the image embedding, as t
 The mask and IoU outputs still come from the original transformer and heads, so they equal the
 plain decoder's for the same weights, and training the class branch cannot change the masks.
 
-`ClassifyingDecoder` is the batched prompt-encoder + decoder of `sam_models.PromptedDecoder` with
+`ClassifyingDecoder` is the batched prompt-encoder + decoder of `models.PromptedDecoder` with
 this decoder; it returns (masks, IoU predictions, class logits).
 """
 from __future__ import annotations
 
 import copy
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 
-from sam_models import Backbone, PromptedDecoder
-from utils import NUM_ORGANS, PipelineError
+from models import Backbone, PromptedDecoder, load_decoder
+from utils import NUM_ORGANS
 
 CLASS_HEAD_DEPTH = 3
 
@@ -84,32 +82,16 @@ class ClassifyingDecoder(PromptedDecoder):
         return trainable
 
 
-def finetuned_decoder(backbone: Backbone, finetuned=None) -> PromptedDecoder:
-    """A copy of the backbone's prompt encoder + decoder with Task 2's finetuned weights (a
-    `finetune_task2.py` checkpoint) when `finetuned` exists, else the pretrained ones, with a warning."""
-    base = PromptedDecoder(copy.deepcopy(backbone.sam.prompt_encoder), copy.deepcopy(backbone.sam.mask_decoder))
-    if finetuned and Path(finetuned).is_file():
-        state = torch.load(finetuned, map_location="cpu", weights_only=False)
-        if state.get("config", {}).get("backbone") not in (None, backbone.key):
-            raise PipelineError(f"{finetuned} was finetuned from {state['config']['backbone']}, not {backbone.key}; "
-                                f"pass the matching --model/--checkpoint or another --finetuned")
-        base.load_state_dict(state["model"])
-    else:
-        warnings.warn(f"no finetuned decoder at {finetuned}: the classifier starts from the pretrained "
-                      f"{backbone.name} decoder (run finetune_task2.py first for the report's setting)", stacklevel=2)
-    return base
-
-
 def build_classifier(backbone: Backbone, finetuned=None) -> ClassifyingDecoder:
-    """ClassifyingDecoder on `finetuned_decoder(backbone, finetuned)`; the class branch starts from its
-    transformer, the class token and head from random initialisation."""
-    base = finetuned_decoder(backbone, finetuned)
+    """ClassifyingDecoder on the backbone's decoder, with a Task 2 checkpoint's weights when `finetuned`
+    is given (`models.load_decoder`); the class branch starts from its transformer, the class token and
+    head from random initialisation."""
+    base = load_decoder(backbone, finetuned)
     return ClassifyingDecoder(base.prompt_encoder, ClassifyingMaskDecoder.from_mask_decoder(base.mask_decoder))
 
 
 def load_classifier(backbone: Backbone, checkpoint: dict) -> ClassifyingDecoder:
-    """A trained classifier from a `classify_train_task3.py` checkpoint dict."""
-    base = PromptedDecoder(copy.deepcopy(backbone.sam.prompt_encoder), copy.deepcopy(backbone.sam.mask_decoder))
-    model = ClassifyingDecoder(base.prompt_encoder, ClassifyingMaskDecoder.from_mask_decoder(base.mask_decoder))
+    """A trained classifier from a `classify_train_task3.py` checkpoint (a files.load_checkpoint dict)."""
+    model = build_classifier(backbone)
     model.load_state_dict(checkpoint["model"])
     return model

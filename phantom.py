@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import pathlib
-import tempfile
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
+
+from files import check_replaceable, write_bytes, write_json
 
 # ----------------------------------------------------------------------------------------------
 # Volume and layout
@@ -32,12 +32,8 @@ DEFAULT_SHAPE = (256, 256, 64)
 DEFAULT_SPACING = (1.5, 1.5, 2.5)  # mm, (i, j, k)
 END_EMPTY_SLICES = 3  # slices at each z end that never hold an organ (fewer for tiny volumes)
 NIFTI_GZIP_LEVEL = 6
+MARKER = "phantom.json"  # written beside RawData/: this folder holds a phantom and may be written again
 
-ORGAN_NAMES = {
-    1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder", 5: "esophagus", 6: "liver",
-    7: "stomach", 8: "aorta", 9: "inferior_vena_cava", 10: "portal_and_splenic_veins",
-    11: "pancreas", 12: "right_adrenal_gland", 13: "left_adrenal_gland",
-}
 # Painting order: a later organ overwrites (carves) earlier ones where they meet.
 PAINT_ORDER = (6, 1, 7, 3, 2, 4, 11, 5, 9, 8, 10, 12, 13)
 
@@ -481,28 +477,22 @@ def _nifti_gz_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: pathlib.Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def spacing_for(shape) -> tuple[float, float, float]:
+    """Voxel spacing (mm) that keeps the same body in a volume of `shape` voxels (coarser when smaller)."""
+    return tuple(sp * d / n for sp, d, n in zip(DEFAULT_SPACING, DEFAULT_SHAPE, shape))
 
 
-def write_phantom(raw_dir, n: int, seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING) -> list[pathlib.Path]:
+def write_phantom(raw_dir, n: int, seed: int, shape=DEFAULT_SHAPE, spacing=None) -> list[pathlib.Path]:
     """Write ``n`` phantoms as BTCV's ``RawData/Training/img/img{NNNN}.nii.gz`` and
     ``RawData/Training/label/label{NNNN}.nii.gz`` (NNNN = 0001..n) under ``raw_dir``.
 
     Volume NNNN uses a seed derived from ``(seed, NNNN)``; files are byte-identical for the same
     arguments (gzip mtime 0, no file name in the gzip header) and each is written to a temporary
-    name in its folder, then moved into place. Returns the image paths in order.
+    name in its folder, then moved into place. `spacing` defaults to `spacing_for(shape)`. Returns the
+    image paths in order.
     """
+    spacing = spacing_for(shape) if spacing is None else spacing
+    check_replaceable(raw_dir, MARKER, "--data-dir")  # never overwrite a real dataset's imgNNNN files
     root = pathlib.Path(raw_dir) / "RawData" / "Training"
     img_dir, lab_dir = root / "img", root / "label"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -511,7 +501,9 @@ def write_phantom(raw_dir, n: int, seed: int, shape=DEFAULT_SHAPE, spacing=DEFAU
     for index in range(1, int(n) + 1):
         image, label, affine = make_phantom_volume(_volume_seed(seed, index), shape, spacing)
         img_path = img_dir / f"img{index:04d}.nii.gz"
-        _atomic_write(img_path, _nifti_gz_bytes(image, affine))
-        _atomic_write(lab_dir / f"label{index:04d}.nii.gz", _nifti_gz_bytes(label, affine))
+        write_bytes(img_path, _nifti_gz_bytes(image, affine))
+        write_bytes(lab_dir / f"label{index:04d}.nii.gz", _nifti_gz_bytes(label, affine))
         paths.append(img_path)
+    write_json(pathlib.Path(raw_dir) / MARKER, {"volumes": int(n), "seed": int(seed), "shape": list(map(int, shape)),
+                                                "spacing_mm": list(map(float, spacing))})
     return paths

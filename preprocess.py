@@ -22,23 +22,25 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import (MANIFEST_FILE, NUM_ORGANS, PREPROCESS_FILE, PipelineError, organ_name, parse_config, run_main,
-                   start_run, staged_dir, write_csv, write_json)
+from cli import DEFAULT_SEED, PipelineError, parse_config, run_main, start_run
+from files import check_replaceable, staged_dir, write_csv, write_json
+from utils import MANIFEST_FILE, NUM_ORGANS, PREPROCESS_FILE, SPLITS, organ_name
 
 # ---------------------------------------------------------------------------------------------- config
 DATA_DIR = None  # raw data folder in one of the contract's layouts (required)
-OUT_DIR = "data/slices"  # where the 2D slices go
-SYNTHETIC = 0  # > 0: first write this many phantom volumes into DATA_DIR (BTCV layout)
-SEED = 0  # phantom and augmentation seed
+OUT_DIR = "data/slices"  # where the 2D slices go; replaced whole, only if preprocess.py wrote it
+SYNTHETIC = 0  # > 0: first write this many phantom volumes into DATA_DIR (BTCV layout) (>= 0)
+SEED = DEFAULT_SEED  # phantom and augmentation seed (>= 0)
 PHANTOM_SHAPE = "256,256,64"  # voxels (i, j, k) of each phantom volume; same body, coarser spacing if smaller
-VAL_FRACTION = 0.2  # without dataset_0.json: the last 20% of cases by sorted id are validation
+VAL_FRACTION = 0.2  # without dataset_0.json: the last 20% of cases by sorted id are validation (>= 0)
 WINDOW_HU = "-160,240"  # abdominal window W400/L40, as MedSAM/LiteMedSAM were trained (MONAI's BTCV: -175,250)
 ORIENTATION = "LPS"  # canonical axes; a slice is vol[:, :, k].T: anterior up, patient right on the left
-AUGMENT_COPIES = 0  # MONAI-augmented copies of every training slice (flip, rotate, intensity shift)
+AUGMENT_COPIES = 0  # MONAI-augmented copies of every training slice: flip, rotate, intensity shift (>= 0)
 DEVICE = "cpu"  # accepted for a uniform interface; preprocessing runs on the CPU
 # -----------------------------------------------------------------------------------------------------
 
 LAYOUTS = ("RawData/Training/img + label", "dataset_0.json", "imagesTr + labelsTr")
+MIN_PHANTOM_SIDE = 8
 
 
 def _natural_key(text: str):
@@ -53,24 +55,35 @@ def case_name(path: Path) -> str:
     return path.stem
 
 
+def _json_split(data_dir: Path, js: Path) -> dict:
+    """The cases listed by a MONAI dataset_0.json (which defines the split)."""
+    try:
+        spec = json.loads(js.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"cannot parse {js}: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise PipelineError(f"{js} must hold an object with \"training\" and \"validation\" lists")
+    out = {"source": "dataset_0.json"}
+    for split, key in (("train", "training"), ("val", "validation")):
+        entries = spec.get(key, [])
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("label"), str)
+                for e in entries):
+            raise PipelineError(f"{js}: '{key}' must be a list of {{\"image\": path, \"label\": path}} entries "
+                                f"with paths as strings")
+        out[split] = [(case_name(Path(e["image"])), data_dir / e["image"], data_dir / e["label"]) for e in entries]
+    if not out["train"] and not out["val"]:
+        raise PipelineError(f"{js} lists no training or validation cases")
+    return out
+
+
 def find_cases(data_dir: Path, val_fraction: float = 0.2) -> dict:
     """{'train': [(case, image, label)], 'val': [...], 'source': str} for the layout found in data_dir."""
     if not data_dir.is_dir():
         raise PipelineError(f"data dir {data_dir} does not exist")
     js = data_dir / "dataset_0.json"
     if js.is_file():
-        try:
-            spec = json.loads(js.read_text())
-        except json.JSONDecodeError as exc:
-            raise PipelineError(f"cannot parse {js}: {exc}") from exc
-        out = {"source": "dataset_0.json"}
-        for split, key in (("train", "training"), ("val", "validation")):
-            entries = spec.get(key, [])
-            if not isinstance(entries, list) or any(not {"image", "label"} <= set(e) for e in entries):
-                raise PipelineError(f"{js}: '{key}' must be a list of {{\"image\", \"label\"}} entries")
-            out[split] = [(case_name(Path(e["image"])), data_dir / e["image"], data_dir / e["label"]) for e in entries]
-        if not out["train"] and not out["val"]:
-            raise PipelineError(f"{js} lists no training or validation cases")
+        out = _json_split(data_dir, js)
         _check_pairs(out["train"] + out["val"])
         return out
     if (data_dir / "RawData" / "Training" / "img").is_dir():
@@ -90,47 +103,143 @@ def find_cases(data_dir: Path, val_fraction: float = 0.2) -> dict:
 
 
 def _check_pairs(pairs):
+    """Every file present; case names (which name the slice files) unique; no case in two splits."""
+    seen = {}
     for case, image, label in pairs:
         if not image.is_file():
             raise PipelineError(f"image file missing: {image}")
         if not label.is_file():
             raise PipelineError(f"image {image} has no label file (expected {label})")
+        if case in seen:
+            same = seen[case].resolve() == image.resolve()
+            raise PipelineError(f"case {case} is listed twice ({seen[case]}{' again' if same else ' and ' + str(image)})"
+                                f"{': a case cannot be in both training and validation' if same else ''}; "
+                                f"slice files are named by case, so each case must be listed once under its own name")
+        seen[case] = image
 
 
-def load_volume(image: Path, label: Path, orientation: str, window) -> tuple[np.ndarray, np.ndarray]:
-    """MONAI: load, channel first, reorient, HU window -> (image float32 [0, 1], label uint8), axes (i, j, k)."""
-    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRanged
+def check_out_dir(data_dir: Path, out_dir: Path) -> None:
+    """Refuse an out dir that is, contains or lies inside the data dir, or that this project did not write."""
+    data, out = data_dir.resolve(), out_dir.resolve()
+    if out == data or data.is_relative_to(out) or out.is_relative_to(data):
+        raise PipelineError(f"--out-dir {out_dir} is, contains or lies inside --data-dir {data_dir}; the out dir is "
+                            f"replaced whole, so choose a folder beside the data")
+    check_replaceable(out_dir, PREPROCESS_FILE, "--out-dir")
 
-    pipeline = Compose([
-        LoadImaged(keys=["image", "label"], image_only=True),
-        EnsureChannelFirstd(keys=["image", "label"]),
-        Orientationd(keys=["image", "label"], axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        ScaleIntensityRanged(keys=["image"], a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
-    ])
+
+def _read_header(path: Path):
     import nibabel as nib
 
-    shapes = {}
-    for path in (image, label):
-        try:
-            shapes[path] = tuple(nib.load(str(path)).shape)
-        except Exception as exc:
-            raise PipelineError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
-        if len(shapes[path]) != 3:
-            raise PipelineError(f"{path} is not a 3D volume (shape {shapes[path]})")
-    if shapes[image] != shapes[label]:
-        raise PipelineError(f"label {label} has shape {shapes[label]} but its image {image} has shape {shapes[image]}")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise PipelineError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+    if len(img.shape) != 3:
+        raise PipelineError(f"{path} is not a 3D volume (shape {img.shape})")
+    return img
+
+
+def check_geometry(image: Path, label: Path) -> None:
+    """The label must lie on the image's voxel grid: same shape, orientation, and corners within a voxel."""
+    import nibabel as nib
+
+    im, lab = _read_header(image), _read_header(label)
+    if im.shape != lab.shape:
+        raise PipelineError(f"label {label} has shape {lab.shape} but its image {image} has shape {im.shape}")
+    if nib.aff2axcodes(im.affine) != nib.aff2axcodes(lab.affine):
+        raise PipelineError(f"label {label} is oriented {''.join(nib.aff2axcodes(lab.affine))} but its image is "
+                            f"{''.join(nib.aff2axcodes(im.affine))}; write both with the same affine")
+    corners = np.array([[0, 0, 0, 1], [*(np.array(im.shape) - 1), 1]], dtype=float).T
+    shift = np.linalg.norm((im.affine @ corners - lab.affine @ corners)[:3], axis=0).max()
+    voxel = float(min(im.header.get_zooms()[:3]))
+    if shift > voxel:
+        raise PipelineError(f"label {label} is {shift:.1f} mm away from its image {image} (more than a voxel, "
+                            f"{voxel:.1f} mm); write both with the same affine")
+
+
+def _load(path: Path):
+    """One file through MONAI's LoadImage (channel first), or one line saying which file is unreadable."""
+    from monai.transforms import LoadImage
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data = pipeline({"image": str(image), "label": str(label)})
+            return LoadImage(image_only=True, ensure_channel_first=True)(str(path))
     except Exception as exc:
-        raise PipelineError(f"cannot load {image} / {label}: {type(exc).__name__}: {exc}") from exc
-    img = np.asarray(data["image"])[0].astype(np.float32)
-    lab_f = np.asarray(data["label"])[0]
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise PipelineError(f"cannot read {path} (truncated or corrupt?): {type(root).__name__}: "
+                            f"{str(root).splitlines()[0][:160] if str(root) else ''}") from exc
+
+
+ORIENTATION_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axcodes name the direction each axis increases to
+
+
+def _reorient(data: dict, orientation: str) -> dict:
+    from monai.transforms import Orientationd
+
+    return Orientationd(keys=list(data), axcodes=orientation, labels=ORIENTATION_LABELS)(data)
+
+
+def load_image(image: Path, orientation: str, window) -> np.ndarray:
+    """MONAI: load, channel first, reorient, HU window -> image float32 in [0, 1], axes (i, j, k) of
+    `orientation`. NaN/inf voxels are refused with one line."""
+    from monai.transforms import ScaleIntensityRanged
+
+    data = _reorient({"image": _load(image)}, orientation)
+    bad = int((~np.isfinite(np.asarray(data["image"]))).sum())
+    if bad:
+        raise PipelineError(f"image {image} has {bad} NaN or infinite voxels; fix or crop the volume (no HU value "
+                            f"can be assumed for them)")
+    data = ScaleIntensityRanged(keys=["image"], a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)(data)
+    return np.asarray(data["image"])[0].astype(np.float32)
+
+
+def load_label(label: Path, orientation: str) -> np.ndarray:
+    """MONAI: load, channel first, reorient -> uint8 BTCV ids; values outside 0..13 are refused."""
+    lab_f = np.asarray(_reorient({"label": _load(label)}, orientation)["label"])[0]
     if not np.allclose(lab_f, np.round(lab_f)) or lab_f.min() < 0 or lab_f.max() > NUM_ORGANS:
-        bad = np.unique(lab_f[(lab_f < 0) | (lab_f > NUM_ORGANS) | (lab_f != np.round(lab_f))])[:5]
-        raise PipelineError(f"label {label} has values outside 0..{NUM_ORGANS} (e.g. {bad.tolist()})")
-    return img, np.round(lab_f).astype(np.uint8)
+        bad_values = np.unique(lab_f[(lab_f < 0) | (lab_f > NUM_ORGANS) | (lab_f != np.round(lab_f))])[:5]
+        raise PipelineError(f"label {label} has values outside 0..{NUM_ORGANS} (e.g. {bad_values.tolist()})")
+    return np.round(lab_f).astype(np.uint8)
+
+
+def load_volume(image: Path, label: Path, orientation: str, window) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32 [0, 1], label uint8) of one case, both reoriented to `orientation`, axes (i, j, k);
+    a label off the image's grid is refused with one line."""
+    check_geometry(image, label)
+    return load_image(image, orientation, window), load_label(label, orientation)
+
+
+def orientation_change(image: Path, orientation: str, to_stored: bool):
+    """nibabel's axis flips/permutation between the file's stored axes and `orientation` (the same that
+    MONAI's Orientationd applies on load), or back when `to_stored`."""
+    import nibabel as nib
+
+    stored = nib.orientations.io_orientation(_read_header(image).affine)
+    target = nib.orientations.axcodes2ornt(tuple(orientation), labels=ORIENTATION_LABELS)
+    return nib.orientations.ornt_transform(target, stored) if to_stored else nib.orientations.ornt_transform(stored, target)
+
+
+def to_stored_axes(volume: np.ndarray, image: Path, orientation: str) -> np.ndarray:
+    """A volume in `orientation` (as `load_image` returns it) put back in the axes of `image` as stored,
+    so that it overlays the image with the image's own affine."""
+    import nibabel as nib
+
+    return nib.orientations.apply_orientation(volume, orientation_change(image, orientation, to_stored=True))
+
+
+def from_stored_axes(volume: np.ndarray, image: Path, orientation: str) -> np.ndarray:
+    """The inverse of `to_stored_axes` (for arrays in the file's own axes, such as a voxel box mask)."""
+    import nibabel as nib
+
+    return nib.orientations.apply_orientation(volume, orientation_change(image, orientation, to_stored=False))
+
+
+def axial_slice(volume: np.ndarray, k: int) -> np.ndarray:
+    """Slice k of a reoriented (i, j, k) volume in the frame slices are written in: rows = j, columns = i."""
+    return np.ascontiguousarray(volume[:, :, k].T)
 
 
 def organ_stats(label2d: np.ndarray) -> dict:
@@ -178,9 +287,9 @@ def write_split(out: Path, split: str, cases, orientation, window, augment_copie
         case_info.append({"case": case, "image": str(image), "label": str(label), "shape": list(img.shape),
                           "slices_total": int(lab.shape[2]), "slices_kept": len(kept)})
         for k in kept:
-            views = [(case, img[:, :, k].T, lab[:, :, k].T)]
+            views = [(case, axial_slice(img, k), axial_slice(lab, k))]
             for c in range(augment_copies if aug is not None else 0):
-                d = aug({"image": img[None, :, :, k].T.copy(), "label": lab[None, :, :, k].T.astype(np.float32)})
+                d = aug({"image": axial_slice(img, k)[None], "label": axial_slice(lab, k)[None].astype(np.float32)})
                 views.append((f"{case}#aug{c + 1}", np.asarray(d["image"])[0], np.asarray(d["label"])[0]))
             for name, im2, lab2 in views:
                 lab2 = np.round(np.asarray(lab2)).astype(np.uint8)
@@ -214,21 +323,32 @@ def preprocess(data_dir, out_dir, val_fraction=VAL_FRACTION, window_hu=WINDOW_HU
     """Write the slices of every case in data_dir to out_dir (replaced whole, atomically)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     window = parse_window(window_hu)
+    check_out_dir(data_dir, out_dir)
     cases = find_cases(data_dir, val_fraction)
     params = {"data_dir": str(data_dir.resolve()), "split_source": cases["source"],
-              "split": {s: [c for c, _, _ in cases[s]] for s in ("train", "val")},
+              "split": {s: [c for c, _, _ in cases[s]] for s in SPLITS},
               "hu_window": list(window), "orientation": orientation,
               "slice": "vol[:, :, k].T of the reoriented volume: rows = 2nd axis, columns = 1st axis",
               "intensity": "uint8 = round(255 * clip((HU - lo) / (hi - lo), 0, 1))",
               "augment_copies": augment_copies, "seed": seed, "synthetic": synthetic}
-    with staged_dir(out_dir) as tmp:
-        counts = {s: write_split(tmp, s, cases[s], orientation, window, augment_copies, seed) for s in ("train", "val")}
+    with staged_dir(out_dir, PREPROCESS_FILE) as tmp:
+        counts = {s: write_split(tmp, s, cases[s], orientation, window, augment_copies, seed) for s in SPLITS}
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-        for s in ("train", "val"):
+        for s in SPLITS:
             digest.update((tmp / s / MANIFEST_FILE).read_bytes())
         params.update(counts=counts, created_id=digest.hexdigest()[:16])
         write_json(tmp / PREPROCESS_FILE, params)
     return params
+
+
+def phantom_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < MIN_PHANTOM_SIDE:
+        raise PipelineError(f"--phantom-shape must be three sizes >= {MIN_PHANTOM_SIDE} like 256,256,64, got {text!r}")
+    return shape
 
 
 def main(argv=None):
@@ -236,17 +356,14 @@ def main(argv=None):
     start_run(cfg)
     if not cfg["data_dir"]:
         raise PipelineError("--data-dir is required (the raw BTCV folder, or where --synthetic writes the phantom)")
+    parse_window(cfg["window_hu"])
+    check_out_dir(Path(cfg["data_dir"]), Path(cfg["out_dir"]))  # before writing anything
     synthetic = None
     if cfg["synthetic"] > 0:
-        from phantom import DEFAULT_SHAPE, DEFAULT_SPACING, write_phantom
+        from phantom import write_phantom
 
-        try:
-            shape = tuple(int(v) for v in cfg["phantom_shape"].split(","))
-            assert len(shape) == 3 and min(shape) >= 8
-        except (ValueError, AssertionError):
-            raise PipelineError(f"--phantom-shape must be three sizes >= 8 like 256,256,64, got {cfg['phantom_shape']!r}")
-        spacing = tuple(sp * d / n for sp, d, n in zip(DEFAULT_SPACING, DEFAULT_SHAPE, shape))
-        write_phantom(cfg["data_dir"], cfg["synthetic"], cfg["seed"], shape=shape, spacing=spacing)
+        shape = phantom_shape(cfg["phantom_shape"])
+        write_phantom(cfg["data_dir"], cfg["synthetic"], cfg["seed"], shape=shape)
         synthetic = {"volumes": cfg["synthetic"], "seed": cfg["seed"], "shape": list(shape)}
     params = preprocess(cfg["data_dir"], cfg["out_dir"], cfg["val_fraction"], cfg["window_hu"], cfg["orientation"],
                         cfg["augment_copies"], cfg["seed"], synthetic)

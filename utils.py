@@ -1,32 +1,26 @@
-"""Shared pieces of the sam-btcv scripts: names, configuration, prompts, Dice, slices, safe writes.
+"""What every task computes on 2D slices: the contract's names, prompts, Dice and IoU, DiceTable, SliceSet.
 
-Everything that two task scripts need lives here (models and the embedding cache live beside it in
-`sam_models.py`). Conventions used throughout:
+Conventions used throughout:
 
 * A 2D slice is an ``(H, W)`` ``uint8`` image (the HU window of `preprocess.py` mapped to 0..255)
   with an ``(H, W)`` ``uint8`` label of BTCV ids 0..13, at the slice's own in-plane size.
 * Points are ``(N, 2)`` arrays of ``(x, y)`` = (column, row) pixel coordinates; boxes are XYXY
   ``(x0, y0, x1, y1)`` with inclusive pixel coordinates. Both are in the original slice frame until
-  `sam_models` maps them into a model's input frame.
+  `models.InputFrame` maps them into a model's input frame.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import csv
-import io
 import json
-import os
-import random
-import shutil
-import sys
-import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+
+from cli import PipelineError
+from files import markdown_table, read_json
 
 # ----------------------------------------------------------------------------------------------
 # Names (see CONTRACT.md)
@@ -45,229 +39,9 @@ MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")
 
 
-class PipelineError(Exception):
-    """A user-facing problem: printed as one line by `run_main`, exit status 2."""
-
-
-def run_main(main) -> None:
-    """Run a script's main(); PipelineError becomes one clear line on stderr and exit status 2."""
-    try:
-        main()
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
 def organ_name(organ_id: int) -> str:
     assert 1 <= organ_id <= NUM_ORGANS, f"organ id {organ_id} outside 1..{NUM_ORGANS}"
     return ORGANS[organ_id - 1]
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration: UPPER_CASE constants at the top of each script, overridable from the command line
-def parse_config(module_globals: dict, argv=None) -> dict:
-    """Turn a script's own top-level UPPER_CASE constants into command-line flags; return the config.
-
-    The constants are those assigned at the top level of the script file itself (imported names do
-    not count). ``DATA_DIR = None`` becomes ``--data-dir``; a bool constant becomes a flag that may be
-    given bare (``--resume``) or with a value (``--resume false``). Types follow the default's type;
-    constants whose default is None are read as strings. Returns ``{lower_case_name: value}``.
-    """
-    import re
-
-    source = Path(module_globals["__file__"]).read_text()
-    names = re.findall(r"^([A-Z][A-Z0-9_]*)\s*=", source, flags=re.M)
-    defaults = {n: module_globals[n] for n in dict.fromkeys(names)
-                if isinstance(module_globals[n], (bool, int, float, str, type(None)))}
-    doc = (module_globals.get("__doc__") or "").strip()
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for key, value in defaults.items():
-        flag = "--" + key.lower().replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, dest=key, nargs="?", const=True, default=value, type=_str2bool)
-        elif value is None:
-            parser.add_argument(flag, dest=key, default=None, type=str)
-        else:
-            parser.add_argument(flag, dest=key, default=value, type=type(value))
-    args = parser.parse_args(argv)
-    return {k.lower(): getattr(args, k) for k in defaults}
-
-
-def _str2bool(text: str) -> bool:
-    lowered = str(text).lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def tune_allocator() -> None:
-    """Keep freed tensor memory in the process instead of returning it to the OS after every op.
-
-    On this project's 2-core VMs, glibc's default of mmap/munmap for every large tensor made page
-    faults the main cost: the LiteMedSAM encoder took 1.35 s per slice by default and 0.71 s with this
-    (bench.py measures it). No effect on results.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "mallopt"):
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 33)
-        libc.mallopt(m_top_pad, 1 << 28)
-
-
-PRECISIONS = ("fp32", "bf16")  # values of --dtype (decoder) and --encoder-dtype (encoder pass)
-
-
-def start_run(cfg: dict) -> torch.device:
-    """What every script does first: check the precision flags (before any work), allocator tuning,
-    seeds, device."""
-    for key in ("dtype", "encoder_dtype"):
-        if key in cfg:
-            check_precision(cfg[key], "--" + key.replace("_", "-"))
-    tune_allocator()
-    seed_everything(cfg["seed"])
-    return pick_device(cfg.get("device"))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str | None) -> torch.device:
-    """'cuda' when present unless told otherwise; asking for cuda without a GPU is an error."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise PipelineError(f"unknown --device {name!r}; use cpu or cuda")
-    return torch.device(name)
-
-
-def check_precision(dtype: str, flag: str = "--dtype") -> None:
-    if dtype not in PRECISIONS:
-        raise PipelineError(f"unknown {flag} {dtype!r}; use {' or '.join(PRECISIONS)}")
-
-
-def autocast(device: torch.device, dtype: str):
-    """Context for the model's forward passes: bf16 autocast when dtype == 'bf16', else nothing."""
-    check_precision(dtype)
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing files: always to a temporary name in the same folder, then an atomic rename
-def _atomic_write(path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_text(path, text: str) -> Path:
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_json(path, obj) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def write_csv(path, header, rows) -> Path:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return write_text(path, buf.getvalue())
-
-
-def torch_save(obj, path) -> Path:
-    return _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_figure(fig, path) -> Path:
-    """Save a matplotlib figure atomically (PNG) and close it."""
-    import matplotlib.pyplot as plt
-
-    def write(tmp):
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-
-    try:
-        return _atomic_write(path, write)
-    finally:
-        plt.close(fig)
-
-
-@contextlib.contextmanager
-def staged_dir(final):
-    """Yield a fresh temporary folder beside `final`; on success it replaces `final` whole.
-
-    On any error the temporary folder is removed and `final` is left as it was.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def read_json(path, what: str = "file"):
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"cannot read {what} {path}: {exc}") from exc
-
-
-def markdown_table(header, rows, floatfmt: str = "{:.4f}") -> str:
-    """A GitHub Markdown table; floats formatted with `floatfmt`, None shown as '-'."""
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return "nan" if v != v else floatfmt.format(v)
-        return str(v)
-
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,20 +87,25 @@ def larger_box(mask: np.ndarray, margin: int = BOX_MARGIN) -> np.ndarray:
                      min(y1 + margin, h - 1)], dtype=np.float64)
 
 
-def make_prompt(mask: np.ndarray, prompt_type: str, rng: np.random.Generator) -> dict:
-    """Prompt of `prompt_type` for a non-empty binary (H, W) mask, in the slice frame.
+@dataclass
+class Prompt:
+    """One prompt in the slice frame: ``points`` (n, 2) XY (all foreground) or ``box`` (4,) XYXY."""
 
-    Returns ``{"points": (n, 2) XY or None, "box": (4,) XYXY or None}``; all point labels are
-    foreground.
-    """
+    points: np.ndarray | None = None
+    box: np.ndarray | None = None
+
+
+def make_prompt(mask: np.ndarray, prompt_type: str, rng: np.random.Generator | None) -> Prompt:
+    """Prompt of `prompt_type` for a non-empty binary (H, W) mask, in the slice frame (`rng` draws the
+    random points; unused for the other types)."""
     if prompt_type == "one_central_point":
-        return {"points": central_point(mask), "box": None}
+        return Prompt(points=central_point(mask))
     if prompt_type in POINT_PROMPTS:
-        return {"points": random_points(mask, POINT_PROMPTS[prompt_type], rng), "box": None}
+        return Prompt(points=random_points(mask, POINT_PROMPTS[prompt_type], rng))
     if prompt_type == "bound_box":
-        return {"points": None, "box": bound_box(mask)}
+        return Prompt(box=bound_box(mask))
     if prompt_type == "larger_box":
-        return {"points": None, "box": larger_box(mask)}
+        return Prompt(box=larger_box(mask))
     raise PipelineError(f"unknown prompt type {prompt_type!r}; choose from {', '.join(PROMPT_TYPES)}")
 
 
@@ -342,15 +121,44 @@ def prompt_types_arg(value: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Dice
-def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice = 2|A n B| / (|A| + |B|) of two binary masks; 1.0 when both are empty."""
-    pred = pred.astype(bool)
-    gt = gt.astype(bool)
-    total = int(pred.sum()) + int(gt.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(pred, gt).sum()) / total
+# Dice and IoU: one definition on pixel counts, with numpy and torch views. Two empty masks agree
+# perfectly (1.0); that case never reaches the tables, which score only organs in the ground truth.
+def dice_from_counts(inter, size_a, size_b):
+    """2|A n B| / (|A| + |B|) from counts (python numbers, numpy or torch arrays); 1 where both are empty."""
+    total = size_a + size_b
+    if isinstance(total, torch.Tensor):
+        return torch.where(total > 0, 2.0 * inter / total.clamp(min=1), torch.ones_like(total, dtype=torch.float32))
+    if np.ndim(total):
+        return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
+    return 2.0 * inter / total if total else 1.0
+
+
+def iou_from_counts(inter, size_a, size_b):
+    """|A n B| / |A u B| from counts; 1 where both are empty."""
+    union = size_a + size_b - inter
+    if isinstance(union, torch.Tensor):
+        return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union, dtype=torch.float32))
+    return inter / union if union else 1.0
+
+
+def overlap_counts(pred, gt):
+    """(|A n B|, |A|, |B|) of binary masks: python ints for numpy (H, W) masks, (B,) float tensors
+    for torch (B, ...) masks (counted per sample over the trailing dimensions)."""
+    if isinstance(pred, torch.Tensor):
+        pred, gt = pred.bool().flatten(1), gt.bool().flatten(1)
+        return (pred & gt).sum(1).float(), pred.sum(1).float(), gt.sum(1).float()
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    return int(np.logical_and(pred, gt).sum()), int(pred.sum()), int(gt.sum())
+
+
+def dice_score(pred, gt):
+    """Dice of two binary masks: a float for numpy (H, W), a (B,) tensor for torch (B, ...)."""
+    return dice_from_counts(*overlap_counts(pred, gt))
+
+
+def iou_score(pred, gt):
+    """IoU of two binary masks: a float for numpy (H, W), a (B,) tensor for torch (B, ...)."""
+    return iou_from_counts(*overlap_counts(pred, gt))
 
 
 class DiceTable:
@@ -367,10 +175,8 @@ class DiceTable:
         self.decoder_seconds = 0.0  # time spent in decoder forward passes while filling the table
 
     def add(self, prompt: str, organ: int, case: str, pred: np.ndarray, gt: np.ndarray) -> float:
-        pred = pred.astype(bool)
-        gt = gt.astype(bool)
-        inter, ps, gs = int(np.logical_and(pred, gt).sum()), int(pred.sum()), int(gt.sum())
-        d = 2.0 * inter / (ps + gs) if ps + gs else 1.0
+        inter, ps, gs = overlap_counts(pred, gt)
+        d = dice_from_counts(inter, ps, gs)
         self.slice_dice.setdefault((prompt, organ), []).append(d)
         acc = self.volume.setdefault((prompt, organ, case), [0, 0, 0])
         acc[0] += inter
@@ -393,7 +199,7 @@ class DiceTable:
     def volume_dice(self) -> dict:
         per = {}
         for (prompt, organ, _case), (inter, ps, gs) in self.volume.items():
-            per.setdefault((prompt, organ), []).append(2.0 * inter / (ps + gs) if ps + gs else 1.0)
+            per.setdefault((prompt, organ), []).append(dice_from_counts(inter, ps, gs))
         out = {p: {} for p in self.prompts()}
         for (prompt, organ), values in sorted(per.items(), key=lambda kv: kv[0][1]):
             out[prompt][organ_name(organ)] = float(np.mean(values))
@@ -444,9 +250,10 @@ class SliceSet:
 
     @property
     def signature(self) -> str:
-        """Changes when the slices change (used to key the embedding cache)."""
+        """Identity of this split's slices: changes when they are written again or differ (keys the
+        embedding cache, and tells whether a saved table was computed on these slices)."""
         text = json.dumps([self.params.get("created_id"), [(r["file"], r["height"], r["width"]) for r in self.records]])
-        return f"{zlib.crc32(text.encode()):08x}"
+        return f"{self.params.get('created_id')}-{zlib.crc32(text.encode()):08x}"
 
     def path(self, i: int) -> Path:
         return self.root / self.split / self.records[i]["file"]
@@ -459,9 +266,6 @@ class SliceSet:
     def load_label(self, i: int) -> np.ndarray:
         with np.load(self.path(i)) as npz:
             return npz["label"]
-
-    def organs_present(self) -> list[int]:
-        return sorted({o for _, o in self.items})
 
 
 # ----------------------------------------------------------------------------------------------

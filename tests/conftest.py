@@ -14,18 +14,12 @@ TINY_SHAPE = (80, 80, 10)  # voxels of each test phantom volume: few slices, fas
 TINY_VOLUMES = 3  # two training cases and one validation case
 
 
-def tiny_spacing():
-    from phantom import DEFAULT_SHAPE, DEFAULT_SPACING
-
-    return tuple(sp * d / n for sp, d, n in zip(DEFAULT_SPACING, DEFAULT_SHAPE, TINY_SHAPE))
-
-
 @pytest.fixture(scope="session")
 def raw_phantom(tmp_path_factory):
     from phantom import write_phantom
 
     raw = tmp_path_factory.mktemp("raw")
-    write_phantom(raw, TINY_VOLUMES, seed=3, shape=TINY_SHAPE, spacing=tiny_spacing())
+    write_phantom(raw, TINY_VOLUMES, seed=3, shape=TINY_SHAPE)
     return raw
 
 
@@ -40,11 +34,20 @@ def tiny_slices(raw_phantom, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def litemedsam():
-    from sam_models import load_backbone
-    from utils import tune_allocator
+    from cli import tune_allocator
+    from models import load_backbone
 
     tune_allocator()
     return load_backbone("litemedsam")
+
+
+@pytest.fixture(scope="session")
+def mobilesam():
+    from cli import tune_allocator
+    from models import load_backbone
+
+    tune_allocator()
+    return load_backbone("mobilesam")
 
 
 def real_data(sub: str) -> Path:

@@ -5,25 +5,27 @@ import numpy as np
 import pytest
 import torch
 
+from cache import EmbeddingCache, PromptDataset, open_split
+from cli import PipelineError
+from models import InputFrame, PromptedDecoder, encode_images, load_backbone
 from modified_classifier import ClassifyingDecoder, ClassifyingMaskDecoder, build_classifier
-from sam_models import (EmbeddingCache, PromptDataset, PromptedDecoder, coords_from_input, coords_to_input,
-                        encode_images, image_to_input, input_size, load_backbone, lowres_target, masks_to_slice, open_cache)
-from utils import PipelineError, SliceSet, dice_score
+from utils import SliceSet, dice_score
 
 
 def test_coordinate_round_trip_and_mask_frames():
     for hw in [(512, 512), (300, 512), (512, 260), (97, 61)]:
         xy = np.array([[0.0, 0.0], [hw[1] - 1, hw[0] - 1], [hw[1] / 3, hw[0] / 2]])
         for size in (256, 1024):
-            back = coords_from_input(coords_to_input(xy, hw, size), hw, size)
+            frame = InputFrame(size)
+            back = frame.coords_from_input(frame.coords_to_input(xy, hw), hw)
             assert np.allclose(back, xy)
-            new_h, new_w = input_size(hw, size)
+            new_h, new_w = frame.size(hw)
             assert max(new_h, new_w) == size
         mask = np.zeros(hw, bool)
         mask[hw[0] // 4: hw[0] // 2, hw[1] // 5: hw[1] // 2] = True
-        low = torch.from_numpy(lowres_target(mask, 256) * 20 - 10)[None]  # logits of the mask in the low-res frame
+        low = torch.from_numpy(InputFrame.lowres_target(mask) * 20 - 10)[None]  # logits of the mask in the low-res frame
         for size in (256, 1024):
-            back = (masks_to_slice(low, hw, size)[0] > 0).numpy()
+            back = (InputFrame(size).to_slice(low, hw)[0] > 0).numpy()
             assert back.shape == hw
             assert dice_score(back, mask) > 0.9
 
@@ -72,7 +74,7 @@ def test_channels_last_encoder_matches_contiguous(litemedsam):
     fast = encode_images(litemedsam, images, "cpu")
     assert fast.shape == (2, 256, 64, 64) and fast.is_contiguous()
     sam = litemedsam.sam
-    batch = torch.cat([sam.preprocess(image_to_input(im, litemedsam.img_size)[None]) for im in images])
+    batch = torch.cat([sam.preprocess(litemedsam.frame.image(im)[None]) for im in images])
     encoder = copy.deepcopy(sam.image_encoder).to(memory_format=torch.contiguous_format)
     with torch.no_grad():
         plain = encoder(batch.contiguous())
@@ -125,8 +127,7 @@ def test_batched_decoder_gradients_match_official(litemedsam):
 
 def test_classifier_masks_equal_plain_decoder_and_only_class_branch_trains(litemedsam):
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="pretrained"):
-        clf = build_classifier(litemedsam, None)
+    clf = build_classifier(litemedsam, None)
     assert isinstance(clf, ClassifyingDecoder) and isinstance(clf.mask_decoder, ClassifyingMaskDecoder)
     plain = PromptedDecoder.from_backbone(litemedsam)
     emb = torch.randn(2, 256, 64, 64)
@@ -151,16 +152,15 @@ def test_classifier_masks_equal_plain_decoder_and_only_class_branch_trains(litem
 
 
 def test_embedding_cache_cold_warm_and_reads(tiny_slices, litemedsam):
-    slices, cache, passes, _ = open_cache(tiny_slices, "val", litemedsam, "fp32", "cpu")
-    assert passes == len(slices) > 0
-    _, cache2, passes2, _ = open_cache(tiny_slices, "val", litemedsam, "fp32", "cpu")
-    assert passes2 == 0
-    from sam_models import encode_images
-
+    data = open_split(tiny_slices, "val", litemedsam, "fp32", "cpu")
+    slices = data.slices
+    assert data.encoder_passes == len(slices) > 0
+    data2 = open_split(tiny_slices, "val", litemedsam, "fp32", "cpu")
+    assert data2.encoder_passes == 0
     direct = encode_images(litemedsam, [slices.load(1)[0]], "cpu")[0].numpy()
-    assert np.allclose(cache2.read(1), direct, atol=2e-2, rtol=1e-2)  # float16 storage
-    item = PromptDataset(cache2, "bound_box", 0)[0]
+    assert np.allclose(data2.cache.read(1), direct, atol=2e-2, rtol=1e-2)  # float16 storage
+    item = PromptDataset(data2, "bound_box", 0)[0]
     assert item["embedding"].shape == (256, 64, 64) and item["target"].shape == (1, 256, 256)
     assert item["points"].shape == (0, 2) and item["box"][2] > item["box"][0]
     # another dtype is another cache
-    assert EmbeddingCache(SliceSet(tiny_slices, "val"), litemedsam, "bf16").missing() == list(range(len(slices)))
+    assert EmbeddingCache.for_split(SliceSet(tiny_slices, "val"), litemedsam, "bf16").missing() == list(range(len(slices)))

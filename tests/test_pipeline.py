@@ -10,8 +10,10 @@ import classify_train_task3
 import classify_val_task3
 import finetune_task2
 import segmentation_task1
-from training import load_checkpoint
-from utils import ORGANS, PROMPT_TYPES, PipelineError, SliceSet
+from cli import PipelineError
+from files import load_checkpoint
+from training import mask_losses
+from utils import ORGANS, PROMPT_TYPES, SliceSet
 
 TINY_TRAIN = ["--epochs", "2", "--samples-per-epoch", "16", "--batch-size", "8", "--val-samples", "8"]
 
@@ -34,7 +36,7 @@ def task1(cold_slices, tmp_path_factory):
 def test_task1_contract_outputs_and_cache(task1, cold_slices):
     res = json.loads((task1 / "table1_zero_shot.json").read_text())
     n_val = len(SliceSet(cold_slices, "val"))
-    assert res["model"] == "litemedsam" and res["split"] == "val" and res["n_slices"] == n_val
+    assert res["model"] == "mobilesam" and res["split"] == "val" and res["n_slices"] == n_val
     assert res["encoder_passes"] == n_val  # cold cache: one pass per slice
     assert list(res["mdice"]) == PROMPT_TYPES
     for prompt in PROMPT_TYPES:
@@ -86,7 +88,7 @@ def test_task2_outputs_and_checkpoints(task2):
     assert res["mdice_original"]["bound_box"] == pytest.approx(t1["mdice"]["bound_box"])
     for prompt in ("one_central_point", "bound_box"):
         run = task2 / "finetune" / prompt
-        last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+        last, best = load_checkpoint(run / "last.pt", "finetune"), load_checkpoint(run / "best.pt", "finetune")
         assert last["epoch"] == 2 and set(last) >= {"model", "optimizer", "epoch", "best_metric", "config"}
         assert last["config"]["lr"] == 0.1 and last["config"]["prompt"] == prompt
         assert best["best_metric"] == max(r["val_metric"] for r in last["history"])
@@ -94,12 +96,15 @@ def test_task2_outputs_and_checkpoints(task2):
         assert len((run / "epochs.csv").read_text().strip().splitlines()) == 4  # header, epochs 0 (start), 1, 2
     for fig in ("fig1_curve_one_central_point.png", "fig2_curve_bound_box.png"):
         assert (task2 / "figures" / fig).stat().st_size > 1000
-    t3 = (task2 / "table3_comparison.md").read_text()
-    assert "92.1" in t3 and "measured here" in t3 and t3.count("quoted from the report") == 5
+    t3 = json.loads((task2 / "table3_comparison.json").read_text())["rows"]
+    assert [r["source"].startswith("quoted from") for r in t3].count(True) == 5
+    sam_row = [r for r in t3 if r["source"].startswith("measured here")]
+    assert len(sam_row) == 1 and sam_row[0]["mdice"] == res["mdice_finetuned"]["bound_box"]
+    assert sam_row[0]["needs_prompt"] and sam_row[0]["params"] > 0
 
 
-def _weights(path):
-    return load_checkpoint(path)["model"]
+def _weights(path, kind="finetune"):
+    return load_checkpoint(path, kind)["model"]
 
 
 def test_resume_equals_uninterrupted_and_needs_a_checkpoint(cold_slices, tmp_path):
@@ -123,7 +128,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cold_slices, tmp_path, mo
     monkeypatch.setattr(finetune_task2, "mask_losses", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(PipelineError, match="loss became nan"):
         finetune_task2.main([*args, "--epochs", "2", "--resume"])
-    ck = load_checkpoint(tmp_path / "finetune/bound_box/last.pt")
+    ck = load_checkpoint(tmp_path / "finetune/bound_box/last.pt", "finetune")
     assert ck["epoch"] == 1 and all(torch.equal(ck["model"][k], v) for k, v in good.items())
 
 
@@ -132,7 +137,7 @@ def test_degenerate_organ_gives_finite_loss():
     target[0, 0, 3, 3] = 1  # a one-pixel organ; the other sample is empty
     logits = torch.randn(2, 3, 16, 16) * 5
     for loss in ("dice", "dice_ce"):
-        values = finetune_task2.mask_losses(logits, torch.rand(2, 3), target, 1.0, loss)
+        values = mask_losses(logits, torch.rand(2, 3), target, 1.0, loss)
         assert torch.isfinite(values).all()
 
 
@@ -160,8 +165,8 @@ def test_balanced_accuracy_selects_for_rare_organs():
 def test_task3_classification(task2, cold_slices):
     args = ["--slices", str(cold_slices), "--results-dir", str(task2)]
     classify_train_task3.main([*args, *TINY_TRAIN, "--lr", "1e-3"])
-    ck = load_checkpoint(task2 / "classifier" / "best.pt")
-    assert ck["config"]["finetuned_used"] and ck["config"]["lr"] == 1e-3
+    ck = load_checkpoint(task2 / "classifier" / "best.pt", "classifier")
+    assert ck["config"]["finetuned_path"].endswith("best.pt") and ck["config"]["lr"] == 1e-3
     classify_val_task3.main(args)
     res = json.loads((task2 / "table4_classification.json").read_text())
     assert set(res) >= {"accuracy", "n", "weighted_average", "prompt"} and res["prompt"] == "one_central_point"
@@ -177,7 +182,7 @@ def test_task3_classification(task2, cold_slices):
         assert (task2 / "figures" / fig).stat().st_size > 1000
     # a resume must keep the metric the best epoch was chosen by
     assert ck["config"]["select_by"] == "balanced"
-    with pytest.raises(PipelineError, match="chose its best epoch by balanced accuracy"):
+    with pytest.raises(PipelineError, match=r"select_by: 'balanced' -> 'weighted'"):
         classify_train_task3.main([*args, *TINY_TRAIN, "--resume", "--select-by", "weighted"])
 
 

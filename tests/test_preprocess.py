@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import TINY_SHAPE, real_data, run_script
 
+from cli import PipelineError
 from preprocess import augmentation, find_cases, preprocess
-from utils import PipelineError, SliceSet
+from utils import SliceSet
 
 
 def label_counts(label_path):

@@ -6,7 +6,8 @@ from conftest import real_data
 
 import segmentation_task1
 from preprocess import organ_stats
-from utils import MANIFEST_FILE, PREPROCESS_FILE, write_json
+from files import write_json
+from utils import MANIFEST_FILE, PREPROCESS_FILE
 
 
 def test_litemedsam_boxes_on_real_amos_slices(tmp_path):
@@ -26,7 +27,8 @@ def test_litemedsam_boxes_on_real_amos_slices(tmp_path):
     write_json(slices / "train" / MANIFEST_FILE, {"split": "train", "cases": [], "slices": []})
     write_json(slices / PREPROCESS_FILE, {"created_id": "amos", "data_dir": str(src), "hu_window": None})
     out = tmp_path / "results"
-    segmentation_task1.main(["--slices", str(slices), "--results-dir", str(out), "--prompt", "bound_box,larger_box"])
+    segmentation_task1.main(["--slices", str(slices), "--results-dir", str(out), "--prompt", "bound_box,larger_box",
+                             "--model", "litemedsam"])
     res = json.loads((out / "table1_zero_shot.json").read_text())
     # labelled organs only: liver, aorta, IVC (both slices) and spleen (one)
     assert set(res["per_organ"]["bound_box"]) == {"spleen", "liver", "aorta", "inferior_vena_cava"}

@@ -14,12 +14,14 @@ def test_report_on_real_ct_with_vit_b_then_restart(tmp_path):
     data = tmp_path / "btcv"
     (data / "imagesTr").mkdir(parents=True)
     (data / "labelsTr").mkdir()
-    k = lab.shape[2] // 2  # one axial slice through the aorta keeps the 1024-pixel vit_b affordable on a CPU
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, k:k + 1], img.affine), str(data / "imagesTr/ct.nii.gz"))
-    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj)[:, :, k:k + 1].astype(np.uint8), lab.affine),
-             str(data / "labelsTr/ct.nii.gz"))
-    entry = [{"image": "imagesTr/ct.nii.gz", "label": "labelsTr/ct.nii.gz"}]
-    (data / "dataset_0.json").write_text(json.dumps({"training": entry, "validation": entry}))
+    k = lab.shape[2] // 2  # one axial slice per case keeps the 1024-pixel vit_b affordable on a CPU
+    entries = []
+    for name, z in (("ct_a", k), ("ct_b", k + 1)):
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, z:z + 1], img.affine), str(data / f"imagesTr/{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.asarray(lab.dataobj)[:, :, z:z + 1].astype(np.uint8), lab.affine),
+                 str(data / f"labelsTr/{name}.nii.gz"))
+        entries.append({"image": f"imagesTr/{name}.nii.gz", "label": f"labelsTr/{name}.nii.gz"})
+    (data / "dataset_0.json").write_text(json.dumps({"training": entries[:1], "validation": entries[1:]}))
     from segment_anything import sam_model_registry
 
     torch.manual_seed(0)
@@ -27,7 +29,7 @@ def test_report_on_real_ct_with_vit_b_then_restart(tmp_path):
     torch.save(sam_model_registry["vit_b"](checkpoint=None).state_dict(), ckpt)
     results = tmp_path / "results"
     args = ["run_report.py", "--profile", "smoke", "--data-dir", data, "--model", "vit_b", "--checkpoint", ckpt,
-            "--results-dir", results, "--work-dir", tmp_path / "work", "--device", "cpu"]
+            "--compare-models", "", "--results-dir", results, "--work-dir", tmp_path / "work", "--device", "cpu"]
     res = run_script(args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = (results / "REPORT.md").read_text()

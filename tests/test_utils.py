@@ -3,8 +3,10 @@ import cv2
 import numpy as np
 import pytest
 
-from utils import (BOX_MARGIN, DiceTable, PipelineError, bound_box, central_point, dice_score, larger_box,
-                   make_prompt, parse_config, prompt_rng, prompt_types_arg, random_points, staged_dir)
+from cli import PipelineError, parse_config
+from files import staged_dir
+from utils import (BOX_MARGIN, DiceTable, bound_box, central_point, dice_score, larger_box, make_prompt, prompt_rng,
+                   prompt_types_arg, random_points)
 
 
 def l_shape(h=60, w=80):
@@ -58,8 +60,8 @@ def test_boxes_tight_margin_and_clipped():
 def test_make_prompt_kinds_and_unknown():
     m = l_shape()
     rng = prompt_rng(0, "c", 0, 1, "one_random_point")
-    assert make_prompt(m, "one_random_point", rng)["points"].shape == (1, 2)
-    assert make_prompt(m, "bound_box", rng)["points"] is None
+    assert make_prompt(m, "one_random_point", rng).points.shape == (1, 2)
+    assert make_prompt(m, "bound_box", rng).points is None
     with pytest.raises(PipelineError):
         make_prompt(m, "two_points", rng)
     assert prompt_types_arg("all")[0] == "one_central_point"
@@ -97,22 +99,53 @@ def test_dice_table_slice_and_volume_means():
     assert t.volume_dice()["bound_box"]["liver"] == pytest.approx(24 / 28)
 
 
-def test_parse_config_flags(tmp_path):
+SCRIPT = """
+OUTSIDE = 1  # not a flag: outside the block
+# ------------------------------------------------------------ config
+A_NUMBER = 3  # how many (>= 1)
+RESUME = False  # continue
+NAME = None  # a name with a '#' in "quotes"
+LR = 0.1  # learning rate
+# ------------------------------------------------------------
+LATER = 2
+"""
+
+
+def _script(tmp_path):
     script = tmp_path / "s.py"
-    script.write_text("A_NUMBER = 3\nRESUME = False\nNAME = None\nLR = 0.1\n")
-    g = {"__file__": str(script), "A_NUMBER": 3, "RESUME": False, "NAME": None, "LR": 0.1, "IMPORTED": 1}
+    script.write_text(SCRIPT)
+    return {"__file__": str(script), "OUTSIDE": 1, "A_NUMBER": 3, "RESUME": False, "NAME": None, "LR": 0.1, "LATER": 2}
+
+
+def test_parse_config_flags_come_from_the_block_only(tmp_path):
+    g = _script(tmp_path)
     cfg = parse_config(g, ["--a-number", "5", "--resume", "--lr", "1e-3"])
     assert cfg == {"a_number": 5, "resume": True, "name": None, "lr": 1e-3}
     assert parse_config(g, ["--resume", "false"])["resume"] is False
+    assert parse_config(g, [], defaults={"a_number": 7})["a_number"] == 7  # a new default ...
+    assert parse_config(g, ["--a-number", "3"], defaults={"a_number": 7})["a_number"] == 3  # ... a given flag wins
+    for argv in (["--outside", "2"], ["--later", "1"], ["--a-num", "5"]):  # not in the block; no abbreviations
+        with pytest.raises(SystemExit):
+            parse_config(g, argv)
+
+
+def test_parse_config_help_shows_comments_and_bounds_are_checked(tmp_path, capsys):
+    g = _script(tmp_path)
+    with pytest.raises(SystemExit):
+        parse_config(g, ["--help"])
+    out = capsys.readouterr().out
+    assert "how many (>= 1)" in out and "learning rate" in out and "a '#' in \"quotes\"" in out
+    with pytest.raises(PipelineError, match="--a-number must be >= 1, got 0"):
+        parse_config(g, ["--a-number", "0"])
 
 
 def test_staged_dir_is_all_or_nothing(tmp_path):
     final = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with staged_dir(final) as tmp:
+        with staged_dir(final, "marker") as tmp:
             (tmp / "a").write_text("x")
             raise RuntimeError("boom")
     assert not final.exists() and list(tmp_path.iterdir()) == []
-    with staged_dir(final) as tmp:
+    with staged_dir(final, "marker") as tmp:
         (tmp / "a").write_text("x")
     assert (final / "a").read_text() == "x"
