@@ -7,9 +7,10 @@
 
 Runs, in order, each as the shell command a user would type: preprocessing (writing the synthetic
 phantom first when DATA_DIR is empty), segmentation_task1.py (for MODEL, and for each of
-COMPARE_MODELS on the same slices), finetune_task2.py --prompt all, classify_train_task3.py and
-classify_val_task3.py; then writes RESULTS_DIR/REPORT.md with Tables 1 to 4, Figures 1 to 3, the
-models, the data, seeds, package versions and the time of each stage. Stages are restartable: a stage
+COMPARE_MODELS on the same slices), finetune_task2.py --prompt all, classify_train_task3.py,
+classify_val_task3.py and segment_volume.py on the validation volumes; then writes
+RESULTS_DIR/REPORT.md with Tables 1 to 4, Figures 1 to 3, the 3D section, the models, the data,
+seeds, package versions and the time of each stage. Stages are restartable: a stage
 whose recorded inputs (command and slices) are unchanged and whose outputs exist is skipped
 (RESULTS_DIR/stages.json); pass --force to redo all.
 """
@@ -156,6 +157,15 @@ def side_by_side(res: Results, others: list[str]) -> str:
             + markdown_table(header, rows) + f"\nTime of each Task 1 run, encoder passes included: {seconds}.\n\n")
 
 
+def volume_section(res: Results) -> str:
+    """'3D: one box per organ': the table and each validation case's three orthogonal views."""
+    path = res.table("volume_3d", "json")
+    if not path.is_file():
+        return "_volume_3d.json is missing._\n"
+    figures = "\n\n".join(f"![{case}](figures/{res.figure(f'volume_3d_{case}').name})" for case in read_json(path)["cases"])
+    return section(res.table("volume_3d", "md")) + figures + "\n"
+
+
 def data_line(params: dict) -> str:
     if params.get("synthetic"):
         s = params["synthetic"]
@@ -214,6 +224,7 @@ Confusion matrix:
 
 ![confusion]({fig['confusion']})
 
+{volume_section(res)}
 ## Time per stage
 
 | stage | seconds | |
@@ -224,8 +235,8 @@ Confusion matrix:
     return write_text(res.report, md)
 
 
-def prepare_slices(cfg: dict, prof: dict, stages: Stages, common: list) -> Path:
-    """The preprocessing stage (the phantom first when no data is given); returns the slices folder."""
+def prepare_slices(cfg: dict, prof: dict, stages: Stages, common: list) -> tuple[Path, Path]:
+    """The preprocessing stage (the phantom first when no data is given); returns (raw data, slices)."""
     work = Path(cfg["work_dir"])
     if cfg["data_dir"]:
         raw, slices = Path(cfg["data_dir"]), work / "slices_user"
@@ -237,14 +248,14 @@ def prepare_slices(cfg: dict, prof: dict, stages: Stages, common: list) -> Path:
                    ["preprocess.py", "--synthetic", str(prof["phantom_volumes"]), "--phantom-shape",
                     prof["phantom_shape"], "--data-dir", str(raw), "--out-dir", str(slices), *common],
                    [slices / PREPROCESS_FILE], None)
-    return slices
+    return raw, slices
 
 
 def run_stages(cfg: dict, prof: dict, res: Results, device, others: list[str]) -> Path:
     stages = Stages(res, cfg["force"])
     common = ["--seed", str(cfg["seed"]), "--device", str(device)]
     model = ["--model", cfg["model"]] + (["--checkpoint", cfg["checkpoint"]] if cfg["checkpoint"] else [])
-    slices = prepare_slices(cfg, prof, stages, common)
+    raw, slices = prepare_slices(cfg, prof, stages, common)
     base = ["--slices", str(slices), *common, "--dtype", prof["dtype"], "--encoder-dtype", prof["encoder_dtype"]]
     main = [*base, "--results-dir", str(res.root), *model]
     t1 = [res.table("table1", "json"), res.table("table1", "md")]
@@ -259,6 +270,10 @@ def run_stages(cfg: dict, prof: dict, res: Results, device, others: list[str]) -
                [Results.best(res.classifier_run)], slices)
     stages.run("task 3: classify (validate)", ["classify_val_task3.py", *main],
                [res.table("table4", "json"), res.figure("fig3")], slices)
+    stages.run("3D: one box per organ", ["segment_volume.py", "--data-dir", str(raw), "--split", "val", "--results-dir",
+                                         str(res.root), *model, *common, "--dtype", prof["dtype"], "--encoder-dtype",
+                                         prof["encoder_dtype"], "--cache-dir", str(Path(cfg["work_dir"]) / "embeddings_3d")],
+               [res.table("volume_3d", "json"), res.table("volume_3d", "md")], slices)
     return write_report(cfg, prof, res, slices, stages, str(device), others)
 
 

@@ -66,6 +66,23 @@ def test_official_vit_b_loading_path(vit_b_checkpoint, litemedsam):
     assert litemedsam.img_size == 256 and float(litemedsam.sam.pixel_std[0]) == 255.0
 
 
+def test_mobilesam_loads_strictly_from_its_package(mobilesam, tmp_path):
+    """The shipped MobileSAM weights fill segment_anything's own Sam (TinyViT encoder, SAM's prompt encoder and
+    mask decoder) with every key, at 1024 input with ImageNet normalisation; another model's file is refused."""
+    assert mobilesam.checkpoint.endswith("mobile_sam.pt") and mobilesam.img_size == 1024
+    assert mobilesam.sam.prompt_encoder.image_embedding_size == (64, 64)
+    assert [round(float(v), 3) for v in mobilesam.sam.pixel_mean.flatten()] == [123.675, 116.28, 103.53]
+    state = torch.load(mobilesam.checkpoint, weights_only=True)
+    assert set(state) == set(mobilesam.sam.state_dict())
+    assert torch.equal(mobilesam.sam.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"])
+    from models import BACKBONES
+
+    lite_file = BACKBONES["litemedsam"].weights()
+    with pytest.raises(PipelineError, match=rf"checkpoint {lite_file} does not fit model mobilesam"):
+        load_backbone("mobilesam", lite_file)
+    assert load_backbone("litemedsam").key != mobilesam.key  # cache keys differ
+
+
 def test_channels_last_encoder_matches_contiguous(litemedsam):
     """LiteMedSAM's encoder runs channels_last (faster); its embeddings equal the contiguous ones."""
     assert litemedsam.channels_last

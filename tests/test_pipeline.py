@@ -103,6 +103,26 @@ def test_task2_outputs_and_checkpoints(task2):
     assert sam_row[0]["needs_prompt"] and sam_row[0]["params"] > 0
 
 
+def test_task1_scores_a_finetuned_decoder_on_any_slices(task2, cold_slices, tmp_path):
+    """--finetuned: Task 1 scores a Task 2 decoder (Table 2's number on the same slices); another backbone's
+    decoder is refused with one line."""
+    best = task2 / "finetune" / "bound_box" / "best.pt"
+    segmentation_task1.main(["--slices", str(cold_slices), "--results-dir", str(tmp_path), "--prompt", "bound_box",
+                             "--finetuned", str(best)])
+    res = json.loads((tmp_path / "table1_zero_shot.json").read_text())
+    t2 = json.loads((task2 / "table2_finetune.json").read_text())
+    assert res["finetuned"] == str(best) and res["mdice"]["bound_box"] == t2["mdice_finetuned"]["bound_box"]
+    last = task2 / "finetune" / "bound_box" / "last.pt"  # two SGD epochs at lr 0.1 away from the pretrained decoder
+    segmentation_task1.main(["--slices", str(cold_slices), "--results-dir", str(tmp_path / "last"), "--prompt",
+                             "bound_box", "--finetuned", str(last)])
+    moved = json.loads((tmp_path / "last" / "table1_zero_shot.json").read_text())["per_organ"]["bound_box"]
+    assert moved != json.loads((task2 / "table1_zero_shot.json").read_text())["per_organ"]["bound_box"]
+    out = run_script(["segmentation_task1.py", "--slices", cold_slices, "--results-dir", tmp_path / "other",
+                      "--model", "litemedsam", "--finetuned", best])
+    assert out.returncode == 2 and "was finetuned from mobilesam" in out.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "other").exists()
+
+
 def _weights(path, kind="finetune"):
     return load_checkpoint(path, kind)["model"]
 

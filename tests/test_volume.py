@@ -1,0 +1,185 @@
+"""segment_volume.py: NIfTI round trips in any orientation, propagation, the 3D cache, bad input."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import run_script
+
+import segment_volume
+from cli import PipelineError
+from preprocess import ORIENTATION, find_cases, load_label
+from propagation import OrganMasks, SliceMask, merge, next_box
+from utils import ORGAN_ID, dice_score
+
+
+def _case_files(raw_phantom):
+    cases = find_cases(raw_phantom)
+    return cases["val"][0]
+
+
+def _reoriented_copy(image, label, codes, dst):
+    """The same body stored with another axis order/direction: data permuted/flipped, affine to match."""
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in (image, label):
+        im = nib.load(str(src))
+        ornt = nib.orientations.io_orientation(im.affine)
+        new = im.as_reoriented(nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(codes)))
+        assert nib.aff2axcodes(new.affine) == codes
+        path = dst / src.name
+        nib.save(new, str(path))
+        out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("codes", [("L", "P", "S"), ("R", "A", "S"), ("P", "I", "L")])
+def test_label_map_round_trip_in_any_orientation(raw_phantom, tmp_path, codes):
+    """A label read, reoriented to the slice frame and written back equals the file voxel for voxel,
+    with the image's shape and affine."""
+    _, image, label = _case_files(raw_phantom)
+    image, label = _reoriented_copy(image, label, codes, tmp_path / "in")
+    case = segment_volume.load_case("c", image, label, (-160, 240))
+    out = segment_volume.write_label_map(case.label, case, tmp_path / "back.nii.gz")
+    back, src = nib.load(str(out)), nib.load(str(label))
+    assert back.shape == src.shape and np.allclose(back.affine, nib.load(str(image)).affine)
+    assert np.array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj).astype(np.uint8))
+    # and the slice frame is the one preprocess.py writes: the same reoriented label
+    lab = load_label(label, ORIENTATION)
+    assert np.array_equal(case.label[3], lab[:, :, 3].T)
+
+
+def test_merge_gives_overlaps_to_the_highest_logit():
+    a, b = np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4), bool)
+    a[0, :, :3], b[0, :, 1:] = True, True
+    la, lb = np.where(a[0], 2.0, -1.0), np.where(b[0], 1.0, -1.0)
+    lb[:, 2] = 5.0  # organ 6 more certain in column 2
+    labels = merge([OrganMasks(1, {0: SliceMask(a[0], la, 0.9)}), OrganMasks(6, {0: SliceMask(b[0], lb, 0.9)})], (1, 4, 4))
+    assert labels[0, 0].tolist() == [1, 1, 6, 6]
+
+
+def test_3d_scores_agree_with_monai():
+    """The 3D Dice is the project's one Dice, equal to MONAI's DiceMetric; HD95 is MONAI's, in mm."""
+    import torch
+    from monai.metrics import compute_dice
+
+    rng = np.random.default_rng(0)
+    gt = np.zeros((6, 20, 20), bool)
+    gt[1:5, 4:15, 5:12] = True
+    pred = gt & (rng.random(gt.shape) > 0.2)
+    pred[2, 15:18, 5:8] = True
+    ours = dice_score(pred, gt)
+    theirs = float(compute_dice(torch.from_numpy(pred[None, None]).float(), torch.from_numpy(gt[None, None]).float()))
+    assert ours == pytest.approx(theirs)
+    case = segment_volume.Case("c", None, None, gt, (2.0, 1.0, 5.0))
+    assert segment_volume.hd95(gt, gt, case.spacing) == 0.0
+    shifted = np.roll(gt, 1, axis=2)  # one column = 1 mm
+    assert segment_volume.hd95(shifted, gt, case.spacing) == pytest.approx(1.0)
+    assert segment_volume.hd95(np.zeros_like(gt), gt, case.spacing) is None
+
+
+def test_next_box_uses_the_main_part_with_a_margin():
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 5:10] = True
+    mask[18, 18] = True  # a speck: not part of the organ's box
+    assert next_box(mask, 2).tolist() == [3, 3, 11, 11]
+    assert next_box(mask, 10).tolist() == [0, 0, 19, 19]
+
+
+@pytest.fixture(scope="module")
+def evaluated(raw_phantom, tmp_path_factory):
+    """Evaluation on the tiny phantom's validation case, LiteMedSAM (fast), cache in its own folder."""
+    root = tmp_path_factory.mktemp("vol")
+    args = ["--data-dir", str(raw_phantom), "--model", "litemedsam", "--cache-dir", str(root / "cache")]
+    segment_volume.main([*args, "--results-dir", str(root / "r1")])
+    segment_volume.main([*args, "--results-dir", str(root / "r2")])
+    return root
+
+
+def test_evaluation_outputs_and_cache(evaluated, raw_phantom):
+    res = json.loads((evaluated / "r1" / "volume_3d.json").read_text())
+    case, image, label = _case_files(raw_phantom)
+    scores = res["cases"][case]
+    assert set(res) >= {"model", "encoder_passes", "seconds", "cases", "mean"}
+    assert set(res["mean"]) == {"dice_one_box", "dice_every_slice_box", "hd95_one_box"}
+    present = {o for o in np.unique(np.asarray(nib.load(str(label)).dataobj)) if o}
+    assert {ORGAN_ID[o] for o in scores} == present
+    assert res["encoder_passes"] == res["visited_slices"] > 0  # each visited slice encoded once
+    assert scores["liver"]["dice_one_box"] > 0.8 and scores["liver"]["dice_every_slice_box"] > 0.8
+    # the written label map reloads on the image's grid and scores what the JSON says
+    pred = nib.load(str(evaluated / "r1" / "volumes" / f"{case}.nii.gz"))
+    assert pred.shape == nib.load(str(image)).shape and np.allclose(pred.affine, nib.load(str(image)).affine)
+    gt = np.asarray(nib.load(str(label)).dataobj)
+    p = np.asarray(pred.dataobj)
+    dice = 2 * ((p == 6) & (gt == 6)).sum() / ((p == 6).sum() + (gt == 6).sum())
+    assert dice == pytest.approx(scores["liver"]["dice_one_box"])
+    assert (evaluated / "r1" / "figures" / f"volume_3d_{case}.png").stat().st_size > 1000
+    # the second run, into another results dir, encoded nothing and agrees
+    again = json.loads((evaluated / "r2" / "volume_3d.json").read_text())
+    assert again["encoder_passes"] == 0 and again["cases"] == res["cases"]
+
+
+def _largest_slice_box(case, organ):
+    k = int(np.argmax((case.label == organ).sum(axis=(1, 2))))
+    rows, cols = np.nonzero(case.label[k] == organ)
+    return k, [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())], [int(np.median(cols)), int(np.median(rows))]
+
+
+def test_user_prompts_box_points_and_box3d(raw_phantom, tmp_path):
+    """A box (liver), a point (left kidney) and a 3D box in the file's voxel indices (spleen), MobileSAM."""
+    _, image, label = _case_files(raw_phantom)
+    case = segment_volume.load_case("c", image, label, (-160, 240))
+    k_liver, liver_box, _ = _largest_slice_box(case, 6)
+    k_kidney, _, kidney_point = _largest_slice_box(case, 3)
+    gt = np.asarray(nib.load(str(label)).dataobj)
+    spleen = np.argwhere(gt == 1)  # voxel indices of the file as stored
+    box3d = [*spleen.min(0).tolist(), *spleen.max(0).tolist()]
+    prompts = {"liver": {"slice": k_liver, "box": liver_box},
+               "left_kidney": {"slice": k_kidney, "points": [kidney_point], "labels": [1]},
+               "spleen": {"box3d": box3d}}
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    out = tmp_path / "pred.nii.gz"
+    segment_volume.main(["--image", str(image), "--prompts", str(path), "--out", str(out), "--model", "mobilesam",
+                         "--cache-dir", str(tmp_path / "cache")])
+    pred = np.asarray(nib.load(str(out)).dataobj)
+    for organ in (6, 3, 1):
+        assert 2 * ((pred == organ) & (gt == organ)).sum() / ((pred == organ).sum() + (gt == organ).sum()) > 0.7, organ
+    inside = np.argwhere(pred == 1)
+    assert (inside >= spleen.min(0)).all() and (inside <= spleen.max(0)).all()  # bounded by its 3D box
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"liver": {"slice": 2, "box": [5, 5, 500, 20]}}, "outside"),
+    ({"liver": {"slice": 2, "box": [5, 5, 5, 20]}}, "zero size"),
+    ({"liver": {"slice": 999, "box": [5, 5, 10, 20]}}, "slice index"),
+    ({"livr": {"slice": 2, "box": [5, 5, 10, 20]}}, "unknown organ 'livr'"),
+    ({"liver": {"slice": 2}}, "needs a 'box'"),
+    ("not json", "cannot read the prompts file"),
+])
+def test_bad_prompts_fail_with_one_line_and_write_nothing(raw_phantom, tmp_path, spec, needle):
+    _, image, _ = _case_files(raw_phantom)
+    path = tmp_path / "prompts.json"
+    path.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+    out = tmp_path / "pred.nii.gz"
+    res = run_script(["segment_volume.py", "--image", image, "--prompts", path, "--out", out,
+                      "--cache-dir", tmp_path / "cache"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], res.stderr
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_bad_volumes_fail_cleanly(raw_phantom, tmp_path):
+    _, image, label = _case_files(raw_phantom)
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), str(flat))
+    with pytest.raises(PipelineError, match="not a 3D volume"):
+        segment_volume.main(["--image", str(flat), "--label", str(label), "--out", str(tmp_path / "o.nii.gz")])
+    shifted = tmp_path / "shifted.nii.gz"
+    lab = nib.load(str(label))
+    affine = lab.affine.copy()
+    affine[:3, 3] += 10 * np.abs(np.diag(affine)[:3])  # ten voxels away
+    nib.save(nib.Nifti1Image(np.asarray(lab.dataobj), affine), str(shifted))
+    with pytest.raises(PipelineError, match="away from its image"):
+        segment_volume.main(["--image", str(image), "--label", str(shifted), "--out", str(tmp_path / "o.nii.gz")])
+    assert not (tmp_path / "o.nii.gz").exists()
