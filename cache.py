@@ -83,9 +83,11 @@ class EmbeddingCache:
         rows = range(self.shape[0]) if rows is None else rows
         return [int(i) for i in rows if self.crc[i] == NOT_DONE]
 
-    def verify(self) -> int:
-        """Mark every stored row whose bytes no longer match its checksum as not done; returns how many."""
-        bad = [i for i in np.flatnonzero(self.done) if zlib.crc32(self._read_bytes(int(i))) != self.crc[i]]
+    def verify(self, rows=None) -> int:
+        """Mark the stored rows (default: all) whose bytes no longer match their checksum as not done;
+        returns how many."""
+        rows = np.flatnonzero(self.done) if rows is None else [i for i in rows if self.crc[i] != NOT_DONE]
+        bad = [int(i) for i in rows if zlib.crc32(self._read_bytes(int(i))) != self.crc[i]]
         self.crc[bad] = NOT_DONE
         return len(bad)
 
@@ -93,11 +95,11 @@ class EmbeddingCache:
         """Encode the rows (default: all) that have no valid embedding yet; returns the encoder passes.
         `encode(row indices)` -> (n, 256, E, E) embeddings replaces the image encoder (bench.py copies
         rows it has already computed)."""
-        if not self.missing(rows):
+        if not self.missing(rows) and not self.verify(rows):  # all there: still check their bytes
             return 0
         with exclusive(self.dir, self.what, "--slices or --cache-dir"):
             self.crc = self._load_checksums()  # another run may have filled it meanwhile
-            bad = self.verify()
+            bad = self.verify(rows)
             if bad:
                 print(f"{self.what}: {bad} rows of {self.path} failed their checksum; encoding them again", flush=True)
             todo = self.missing(rows)
@@ -135,6 +137,7 @@ class EmbeddingCache:
             os.posix_fallocate(fd, 0, size)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.path.unlink(missing_ok=True)  # leave no half-reserved file behind
                 raise PipelineError(f"no space left for the {self.what} in {self.dir} ({size / 2**20:.0f} MiB "
                                     f"needed); free disk space or move it") from exc
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):

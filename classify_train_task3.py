@@ -26,7 +26,7 @@ from cache import EVAL_EPOCH, PromptDataset
 from cli import (DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_ENCODE_BATCH, DEFAULT_MODEL,
                  DEFAULT_RESULTS_DIR, DEFAULT_SEED, DEFAULT_SLICES, PipelineError, check_choice, check_precision,
                  parse_config, run_main)
-from files import Results, results_lock, write_json
+from files import Results, load_checkpoint, results_lock, write_json
 from models import autocast, decode_batch
 from modified_classifier import build_classifier
 from training import check_some_to_resume, fit, precheck_resume, run_batches, setup_training
@@ -41,7 +41,7 @@ PROMPT = "one_central_point"  # one prompt type; point prompts, as the report's 
 FINETUNED = ""  # Task 2 checkpoint to start from; empty: RESULTS_DIR/finetune/<PROMPT>/best.pt; pretrained: none
 EPOCHS = 50  # passes over the training samples (>= 1)
 BATCH_SIZE = 64  # samples per optimiser step (>= 1)
-LR = 1e-5  # Adam learning rate
+LR = 1e-5  # Adam learning rate (>= 0)
 CLASS_WEIGHTING = "balanced"  # balanced (inverse class frequency) | none
 SELECT_BY = "balanced"  # best epoch by balanced (mean per-organ) | weighted (over samples) validation accuracy
 GRAD_CLIP = 0.0  # > 0: clip the gradient norm before each step (0: off, as the report) (>= 0)
@@ -95,6 +95,7 @@ def start_decoder(cfg: dict, res: Results, prompt_type: str) -> str | None:
     if not Path(path).is_file():
         raise PipelineError(f"--finetuned {path} not found; run finetune_task2.py --prompt {prompt_type} first, "
                             f"or pass --finetuned {PRETRAINED} to start from the pretrained decoder")
+    load_checkpoint(path, "finetune", "--finetuned")  # a file that is no Task 2 checkpoint: before any work
     return path
 
 

@@ -39,9 +39,9 @@ CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
 PROMPT = "all"  # all, or prompt types as a comma list (one model each)
 EPOCHS = 50  # passes over the training samples (>= 1)
 BATCH_SIZE = 64  # samples (slice, organ, prompt) per optimiser step, over all processes (>= 1)
-LR = 0.1  # SGD learning rate
-MOMENTUM = 0.9  # SGD momentum
-WEIGHT_DECAY = 1e-4  # SGD weight decay
+LR = 0.1  # SGD learning rate (>= 0)
+MOMENTUM = 0.9  # SGD momentum (>= 0)
+WEIGHT_DECAY = 1e-4  # SGD weight decay (>= 0)
 LOSS = "dice"  # dice (MONAI's DiceLoss, the report's) | dice_ce (+ binary cross-entropy, MedSAM's recipe)
 IOU_LOSS_WEIGHT = 0.0  # > 0: MSE of the IoU head against the true IoU, point prompts (>= 0)
 GRAD_CLIP = 1.0  # > 0: clip the gradient norm before each step; 0: the report's exact recipe (>= 0)

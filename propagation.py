@@ -90,8 +90,10 @@ class VolumeDecoder:
         return self.stack.shape[1], self.stack.shape[2]
 
     def embedding(self, k: int) -> torch.Tensor:
-        self.visited.add(k)
-        self.encoder_passes += self.cache.fill(self.device, rows=[k], progress=False)
+        """Slice k's embedding (1, 256, E, E): encoded (or checked in the cache) on the first visit."""
+        if k not in self.visited:
+            self.encoder_passes += self.cache.fill(self.device, rows=[k], progress=False)
+            self.visited.add(k)
         return torch.from_numpy(self.cache.read(k))[None].to(self.device)
 
     @torch.no_grad()

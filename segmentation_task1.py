@@ -20,9 +20,11 @@ import numpy as np
 from cache import evaluate, open_split
 from cli import (DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_ENCODE_BATCH, DEFAULT_MODEL,
                  DEFAULT_RESULTS_DIR, DEFAULT_SEED, DEFAULT_SLICES, check_choice, parse_config, run_main, start_run)
-from files import Results, markdown_table, results_lock, save_figure, write_csv, write_json, write_text
+from files import (Results, load_checkpoint, markdown_table, results_lock, save_figure, write_csv, write_json,
+                   write_text)
 from models import load_backbone, load_decoder
-from utils import (ORGANS, REPORT_ZERO_SHOT, SPLITS, DiceTable, SliceSet, per_organ_markdown, prompt_types_arg)
+from tables import REPORT_ZERO_SHOT
+from utils import ORGANS, SPLITS, DiceTable, SliceSet, per_organ_markdown, prompt_types_arg
 
 # ---------------------------------------------------------------------------------------------- config
 SLICES = DEFAULT_SLICES  # output of preprocess.py
@@ -139,6 +141,8 @@ def main(argv=None):
     device = start_run(cfg)
     prompt_types_arg(cfg["prompt"])  # checked before any work
     check_choice(cfg["split"], SPLITS, "--split")
+    if cfg["finetuned"]:  # a mistyped path or a file that is no Task 2 checkpoint fails before any work
+        load_checkpoint(cfg["finetuned"], "finetune", "--finetuned")
     res = Results(cfg["results_dir"])
     with results_lock(res.root):
         result = run(cfg, device, res)

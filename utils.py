@@ -266,11 +266,3 @@ class SliceSet:
     def load_label(self, i: int) -> np.ndarray:
         with np.load(self.path(i)) as npz:
             return npz["label"]
-
-
-# ----------------------------------------------------------------------------------------------
-# The report's own numbers (SAM ViT-H on BTCV), quoted beside ours
-REPORT_ZERO_SHOT = {"one_central_point": 0.6124, "one_random_point": 0.5929, "three_random_points": 0.6437,
-                    "bound_box": 0.8649, "larger_box": 0.8267}
-REPORT_FINETUNED = {"one_central_point": 0.8556, "one_random_point": 0.8535, "three_random_points": 0.8532,
-                    "bound_box": 0.9158, "larger_box": 0.9161}
