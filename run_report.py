@@ -7,7 +7,8 @@
 
 Runs, in order, each as the shell command a user would type: preprocessing (writing the synthetic
 phantom first when DATA_DIR is empty), segmentation_task1.py (for MODEL, and for each of
-COMPARE_MODELS on the same slices), finetune_task2.py --prompt all, classify_train_task3.py,
+COMPARE_MODELS on the same slices), finetune_task2.py --prompt all, baselines.py (U-Net, ResU-Net,
+DeepLabV3, SwinUNETR trained on the same slices for Table 3), classify_train_task3.py,
 classify_val_task3.py and segment_volume.py on the validation volumes; then writes
 RESULTS_DIR/REPORT.md with Tables 1 to 4, Figures 1 to 3, the 3D section, the models, the data,
 seeds, package versions and the time of each stage. Stages are restartable: a stage
@@ -43,20 +44,22 @@ WORK_DIR = "data"  # phantom volumes and slices go below this folder
 SEED = DEFAULT_SEED  # phantom, prompts and training order (>= 0)
 DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
 FORCE = False  # redo every stage
+SKIP = ""  # stages to leave out, comma list of: baselines, 3d (their report sections then say so)
 # -----------------------------------------------------------------------------------------------------
 
 # The profiles, in one place. quick: sized to finish in under 20 minutes on a 2-core CPU while still
-# showing the report's findings (fewer, smaller steps; Adam lr 1e-3 for the classifier, since 1e-5
-# learns next to nothing in a few hundred steps); full: the report's recipe (50 epochs, batch 64, lr 0.1 / 1e-5).
+# showing the report's findings (fewer, smaller steps; SGD lr 0.01, since 0.1 collapsed MobileSAM's
+# decoder within the first 8 steps; Adam lr 1e-3 for the classifier, since 1e-5 learns next to nothing in
+# a few hundred steps); full: the report's recipe (50 epochs, batch 64, lr 0.1 / 1e-5).
 # dtype: the decoder's autocast; encoder_dtype: the one encoder pass per slice (the README's measurements).
 PROFILES = {
     "quick": {
         "phantom_volumes": 4, "phantom_shape": "160,160,32", "dtype": "bf16", "encoder_dtype": "fp32",
-        "finetune": {"epochs": 4, "batch_size": 16, "samples_per_epoch": 128, "val_samples": 64, "lr": 0.1},
+        "finetune": {"epochs": 4, "batch_size": 16, "samples_per_epoch": 128, "val_samples": 64, "lr": 0.01},
         "classify": {"epochs": 14, "batch_size": 16, "samples_per_epoch": 0, "val_samples": 0, "lr": 1e-3},
     },
     "smoke": {  # seconds-long run of every stage, for the tests; its numbers mean nothing
-        "phantom_volumes": 3, "phantom_shape": "64,64,10", "dtype": "bf16", "encoder_dtype": "bf16",
+        "phantom_volumes": 3, "phantom_shape": "64,64,8", "dtype": "bf16", "encoder_dtype": "bf16",
         "finetune": {"epochs": 1, "batch_size": 4, "samples_per_epoch": 4, "val_samples": 4, "lr": 0.1},
         "classify": {"epochs": 1, "batch_size": 4, "samples_per_epoch": 4, "val_samples": 4, "lr": 1e-3},
     },
@@ -136,6 +139,18 @@ def versions() -> dict:
 
 def section(path: Path) -> str:
     return path.read_text().strip() + "\n\n" if path.is_file() else f"_{path.name} is missing._\n\n"
+
+
+OPTIONAL_STAGES = ("baselines", "3d")
+
+
+def optional_stages(cfg: dict) -> set:
+    """The stages --skip leaves out (checked before any work)."""
+    skip = {v.strip() for v in cfg["skip"].split(",") if v.strip()}
+    for name in skip:
+        if name not in OPTIONAL_STAGES:
+            raise PipelineError(f"unknown stage {name!r} in --skip; use a comma list of {', '.join(OPTIONAL_STAGES)}")
+    return skip
 
 
 def compare_models(cfg: dict) -> list[str]:
@@ -266,14 +281,21 @@ def run_stages(cfg: dict, prof: dict, res: Results, device, others: list[str]) -
                                                    "--model", other], [out.table("table1", "json")], slices)
     stages.run("task 2: finetune", ["finetune_task2.py", *main, "--prompt", "all", *flags(prof["finetune"])],
                [res.table("table2", "json"), res.table("table3", "md"), res.figure("fig1"), res.figure("fig2")], slices)
+    skip = optional_stages(cfg)
+    if "baselines" not in skip:
+        stages.run("baselines (Table 3)", ["baselines.py", "--slices", str(slices), "--results-dir", str(res.root), *common,
+                                           "--profile", cfg["profile"]],
+                   [res.table("baselines", "json"), res.table("table3", "json")], slices)
     stages.run("task 3: classify (train)", ["classify_train_task3.py", *main, *flags(prof["classify"])],
                [Results.best(res.classifier_run)], slices)
     stages.run("task 3: classify (validate)", ["classify_val_task3.py", *main],
                [res.table("table4", "json"), res.figure("fig3")], slices)
-    stages.run("3D: one box per organ", ["segment_volume.py", "--data-dir", str(raw), "--split", "val", "--results-dir",
-                                         str(res.root), *model, *common, "--dtype", prof["dtype"], "--encoder-dtype",
-                                         prof["encoder_dtype"], "--cache-dir", str(Path(cfg["work_dir"]) / "embeddings_3d")],
-               [res.table("volume_3d", "json"), res.table("volume_3d", "md")], slices)
+    if "3d" not in skip:
+        stages.run("3D: one box per organ", ["segment_volume.py", "--data-dir", str(raw), "--split", "val",
+                                             "--results-dir", str(res.root), *model, *common, "--dtype", prof["dtype"],
+                                             "--encoder-dtype", prof["encoder_dtype"], "--cache-dir",
+                                             str(Path(cfg["work_dir"]) / "embeddings_3d")],
+                   [res.table("volume_3d", "json"), res.table("volume_3d", "md")], slices)
     return write_report(cfg, prof, res, slices, stages, str(device), others)
 
 
@@ -284,6 +306,7 @@ def main(argv=None):
         raise PipelineError(f"unknown --profile {cfg['profile']!r}; use {' or '.join(PROFILES)}")
     check_model_name(cfg["model"])
     others = compare_models(cfg)
+    optional_stages(cfg)
     res = Results(cfg["results_dir"])
     t0 = time.perf_counter()
     with results_lock(res.root):

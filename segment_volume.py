@@ -51,7 +51,7 @@ CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
 FINETUNED = None  # a Task 2 checkpoint whose decoder is used instead of the pretrained one
 CACHE_DIR = "data/embeddings_3d"  # image embeddings by (volume content, model, encoder dtype)
 STOP = "intensity"  # when the walk ends: intensity | vanish | iou | overlap (propagation.STOP_RULES)
-MARGIN_MM = 4.0  # mm added on each side of the previous mask's box to prompt the next slice (>= 0)
+MARGIN_MM = 6.0  # mm added on each side of the previous mask's box to prompt the next slice (>= 0)
 WINDOW_HU = WINDOW_HU  # HU window, as preprocess.py
 SEED = DEFAULT_SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present

@@ -304,7 +304,7 @@ def train_epoch(model, optimizer, data, loss_fn, cfg: dict, env: DistEnv, epoch:
     model.train()
     batches = list(epoch_batches(len(data), cfg["batch_size"], cfg["seed"], epoch, env, cfg.get("samples_per_epoch", 0)))
     total, count = 0.0, 0
-    bar = tqdm(batches, desc=f"{what} epoch {epoch}/{cfg['epochs']}", leave=False, disable=not env.main)
+    bar = tqdm(batches, desc=f"{what} epoch {epoch}/{cfg['epochs']}", leave=False, disable=None if env.main else True)
     for step, (indices, global_size) in enumerate(bar):
         losses = loss_fn(model, collate(data, indices))
         loss = losses.sum() * env.world / global_size  # DDP averages over ranks -> mean over the global batch

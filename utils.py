@@ -162,7 +162,8 @@ def iou_score(pred, gt):
 
 
 class DiceTable:
-    """Accumulates slice Dice and volume overlaps per (prompt, organ) and turns them into tables.
+    """Accumulates slice Dice and volume overlaps per (row, organ) and turns them into tables; a row is a
+    prompt type (Tasks 1-3) or a model name (the baselines).
 
     Slice Dice per organ = mean over the slices where the organ is in the ground truth; mDice = mean
     of per-organ Dice over organs present. Volume Dice: per organ and case on the stacked slices,
@@ -185,7 +186,9 @@ class DiceTable:
         return d
 
     def prompts(self):
-        return [p for p in PROMPT_TYPES if any(k[0] == p for k in self.slice_dice)]
+        """The table's rows: prompt types in the report's order, then other keys (model names) as added."""
+        keys = list(dict.fromkeys(k[0] for k in self.slice_dice))
+        return [p for p in PROMPT_TYPES if p in keys] + [k for k in keys if k not in PROMPT_TYPES]
 
     def per_organ(self) -> dict:
         out = {}

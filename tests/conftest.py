@@ -64,3 +64,13 @@ def run_script(args, cwd=ROOT, env=None, timeout=600):
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", TQDM_DISABLE="1", **(env or {}))
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def assert_figure(path, min_side: int = 200):
+    """A PNG that reads back as an image of some size with real content (not one flat colour)."""
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    image = mpimg.imread(str(path))
+    assert image.ndim == 3 and min(image.shape[:2]) >= min_side, (path, image.shape)
+    assert len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 16, f"{path} is nearly blank"

@@ -1,4 +1,5 @@
-"""run_report.py end to end: real CT + the official-checkpoint path (random vit_b), then a restart."""
+"""run_report.py end to end: the embedded default on the phantom (then a restart), and real CT with the
+official-checkpoint path (a random vit_b)."""
 import json
 
 import nibabel as nib
@@ -7,7 +8,7 @@ import torch
 from conftest import real_data, run_script
 
 
-def test_report_on_real_ct_with_vit_b_then_restart(tmp_path):
+def test_report_on_real_ct_with_vit_b(tmp_path):
     root = real_data("real_ct_aorta")
     img = nib.load(str(root / "RawData/Training/img/img0101.nii.gz"))
     lab = nib.load(str(root / "RawData/Training/label/label0101.nii.gz"))
@@ -29,7 +30,8 @@ def test_report_on_real_ct_with_vit_b_then_restart(tmp_path):
     torch.save(sam_model_registry["vit_b"](checkpoint=None).state_dict(), ckpt)
     results = tmp_path / "results"
     args = ["run_report.py", "--profile", "smoke", "--data-dir", data, "--model", "vit_b", "--checkpoint", ckpt,
-            "--compare-models", "", "--results-dir", results, "--work-dir", tmp_path / "work", "--device", "cpu"]
+            "--compare-models", "", "--skip", "baselines,3d", "--results-dir", results, "--work-dir", tmp_path / "work",
+            "--device", "cpu"]
     res = run_script(args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = (results / "REPORT.md").read_text()
@@ -42,8 +44,32 @@ def test_report_on_real_ct_with_vit_b_then_restart(tmp_path):
     assert list(t1["per_organ"]["bound_box"]) == ["aorta"]  # only the labelled organ is scored
     for fig in ("fig1_curve_one_central_point.png", "fig2_curve_bound_box.png", "fig3_classification_example.png"):
         assert (results / "figures" / fig).is_file()
+    assert "_volume_3d.json is missing._" in report  # a skipped stage is said so
+
+
+def test_smoke_report_on_the_embedded_default(tmp_path):
+    """`run_report.py` on the phantom and the default models, as a clean clone runs it (no ../shared)."""
+    results = tmp_path / "results"
+    args = ["run_report.py", "--profile", "smoke", "--results-dir", results, "--work-dir", tmp_path / "work",
+            "--device", "cpu"]
+    res = run_script(args)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = (results / "REPORT.md").read_text()
+    side_by_side = report.split("## Table 1: zero-shot mDice of the models side by side")[1].split("##")[0]
+    assert "mobilesam (here)" in side_by_side and "litemedsam (here)" in side_by_side and "SAM ViT-H" in side_by_side
+    t1 = json.loads((results / "table1_zero_shot.json").read_text())
+    other = json.loads((results / "zero_shot_litemedsam" / "table1_zero_shot.json").read_text())
+    assert t1["model"] == "mobilesam" and other["model"] == "litemedsam"
+    assert t1["slices_id"] == other["slices_id"] and t1["n_slices"] == other["n_slices"]  # the same slices
+    for needle in ("Table 2", "Table 3", "Table 4", "3D: one box per organ", "A synthetic abdominal CT phantom"):
+        assert needle in report
+    vol = json.loads((results / "volume_3d.json").read_text())
+    assert vol["model"] == "mobilesam" and vol["cases"]
+    for case in vol["cases"]:
+        assert (results / "volumes" / f"{case}.nii.gz").is_file() and f"volume_3d_{case}.png" in report
     # a second run reuses every completed stage
     again = run_script(args)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("up to date, skipped") == 5
+    stages = json.loads((results / "stages.json").read_text())
+    assert len(stages) == 8 and again.stdout.count("up to date, skipped") == len(stages)
     assert "report:" in again.stdout

@@ -1,10 +1,11 @@
 """segment_volume.py: NIfTI round trips in any orientation, propagation, the 3D cache, bad input."""
 import json
+import re
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import assert_figure, run_script
 
 import segment_volume
 from cli import PipelineError
@@ -113,7 +114,7 @@ def test_evaluation_outputs_and_cache(evaluated, raw_phantom):
     p = np.asarray(pred.dataobj)
     dice = 2 * ((p == 6) & (gt == 6)).sum() / ((p == 6).sum() + (gt == 6).sum())
     assert dice == pytest.approx(scores["liver"]["dice_one_box"])
-    assert (evaluated / "r1" / "figures" / f"volume_3d_{case}.png").stat().st_size > 1000
+    assert_figure(evaluated / "r1" / "figures" / f"volume_3d_{case}.png")
     # the second run, into another results dir, encoded nothing and agrees
     again = json.loads((evaluated / "r2" / "volume_3d.json").read_text())
     assert again["encoder_passes"] == 0 and again["cases"] == res["cases"]
@@ -162,11 +163,20 @@ def test_bad_prompts_fail_with_one_line_and_write_nothing(raw_phantom, tmp_path,
     path = tmp_path / "prompts.json"
     path.write_text(spec if isinstance(spec, str) else json.dumps(spec))
     out = tmp_path / "pred.nii.gz"
-    res = run_script(["segment_volume.py", "--image", image, "--prompts", path, "--out", out,
-                      "--cache-dir", tmp_path / "cache"])
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and needle in lines[0], res.stderr
+    with pytest.raises(PipelineError, match=re.escape(needle)):
+        segment_volume.main(["--image", str(image), "--prompts", str(path), "--out", str(out),
+                             "--cache-dir", str(tmp_path / "cache")])
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_bad_prompts_exit_2_with_one_line(raw_phantom, tmp_path):
+    _, image, _ = _case_files(raw_phantom)
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps({"liver": {"slice": 2, "box": [5, 5, 500, 20]}}))
+    res = run_script(["segment_volume.py", "--image", image, "--prompts", path, "--out", tmp_path / "pred.nii.gz"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: prompts['liver']['box']"), res.stderr
+    assert not (tmp_path / "pred.nii.gz").exists()
 
 
 def test_bad_volumes_fail_cleanly(raw_phantom, tmp_path):
