@@ -32,10 +32,9 @@ INPUT_SIZE and DTYPE replace one of its values for every model when given):
   every validation slice after each epoch. Not timed here (no GPU was available to measure it).
 * ``quick``: what run_report.py's quick profile runs on its phantom (78 training and 26 validation
   slices of 160 x 160) on a 2-core CPU: bf16 autocast, input 160, batch 4; U-Net and ResU-Net 20 epochs
-  over every slice (lr 1e-2 and 3e-3), DeepLabV3 2 x 24 samples and SwinUNETR 4 x 48 samples (lr 1e-3).
-  About 3 minutes for all four on a quiet machine (epochs measured at 1.4 s for ResU-Net, 15-20 s for
-  DeepLabV3 and SwinUNETR); U-Net reaches 0.63 mDice on the phantom, ResU-Net 0.58, while DeepLabV3 and
-  SwinUNETR see too few samples to learn (their rows rank cost, not accuracy). Not for quoting.
+  over every slice (lr 1e-2 and 3e-3), DeepLabV3 6 and SwinUNETR 14 epochs (lr 1e-3), sized so that all
+  four fit in the quick report's time budget (measured times: docs/MEASUREMENTS.md). Enough to rank the
+  models on the phantom, not to quote them.
 * ``smoke``: seconds per model, for the tests; its numbers mean nothing.
 
 ``--eval-slices S2`` also scores each trained model's best checkpoint on the validation split of
@@ -55,7 +54,7 @@ from torch import nn
 
 from cli import (DEFAULT_DEVICE, DEFAULT_RESULTS_DIR, DEFAULT_SEED, DEFAULT_SLICES, PRECISIONS, PipelineError,
                  check_choice, parse_config, run_main, start_run)
-from files import Results, load_checkpoint, markdown_table, read_json, results_lock, write_json, write_text
+from files import Results, fixed, load_checkpoint, markdown_table, read_json, results_lock, write_json, write_text
 from models import autocast
 from tables import data_description, write_table3
 from training import DistEnv, check_some_to_resume, collate, fit, precheck_resume, run_batches
@@ -95,8 +94,8 @@ PROFILES = {
     "quick": {"input_size": 160, "dtype": "bf16", "models": {
         "unet": {"epochs": 20, "batch_size": 4, "lr": 1e-2, "samples_per_epoch": 0, "val_slices": 0},
         "resunet": {"epochs": 20, "batch_size": 4, "lr": 3e-3, "samples_per_epoch": 0, "val_slices": 0},
-        "deeplabv3": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "samples_per_epoch": 24, "val_slices": 8},
-        "swinunetr": {"epochs": 4, "batch_size": 4, "lr": 1e-3, "samples_per_epoch": 48, "val_slices": 8}}},
+        "deeplabv3": {"epochs": 6, "batch_size": 4, "lr": 1e-3, "samples_per_epoch": 0, "val_slices": 8},
+        "swinunetr": {"epochs": 14, "batch_size": 4, "lr": 1e-3, "samples_per_epoch": 0, "val_slices": 8}}},
     "smoke": {"input_size": 64, "dtype": "fp32", "models": {
         key: {"epochs": 1, "batch_size": 2, "lr": 1e-3, "samples_per_epoch": 4, "val_slices": 2}
         for key in ("unet", "resunet", "deeplabv3", "swinunetr")}},
@@ -424,8 +423,8 @@ def write_outputs(res: Results, result: dict) -> None:
 
 def markdown(result: dict) -> str:
     models = result["models"]
-    rows = [[n, m["mdice"], f"{m['params'] / 1e6:.2f} M", _num(m["train_seconds"], 0), _num(m["infer_seconds"], 1),
-             _num(m["train_samples_per_second"], 1), _num(m["infer_slices_per_second"], 1), m["best_epoch"],
+    rows = [[n, m["mdice"], f"{m['params'] / 1e6:.2f} M", fixed(m["train_seconds"], 0), fixed(m["infer_seconds"], 1),
+             fixed(m["train_samples_per_second"], 1), fixed(m["infer_slices_per_second"], 1), m["best_epoch"],
              _settings_text(m["settings"])] for n, m in models.items()]
     text = (f"## Baselines trained here (validation split, {result['n_val_slices']} slices)\n\n"
             + markdown_table(["model", "mDice", "parameters", "train s", "inference s", "train samples/s",
@@ -445,10 +444,6 @@ def markdown(result: dict) -> str:
 def _settings_text(s: dict) -> str:
     return (f"{s['profile']}: {s['epochs']} x {s['samples_per_epoch'] or 'all'}, batch {s['batch_size']}, "
             f"lr {s['lr']:g}, {s['dtype']}")
-
-
-def _num(value, digits: int):
-    return None if value is None else f"{value:.{digits}f}"
 
 
 def per_organ_table(title: str, models: dict) -> str:
@@ -573,7 +568,7 @@ def main(argv=None):
         device = start_run(dict(cfg, dtype=inp.settings[inp.keys[0]].dtype))
         result = run_models(cfg, inp, res, device, resume)
         write_outputs(res, result)
-    rows = [[n, m["mdice"], _num(m["train_seconds"], 0), _num(m["infer_seconds"], 1)]
+    rows = [[n, m["mdice"], fixed(m["train_seconds"], 0), fixed(m["infer_seconds"], 1)]
             for n, m in result["models"].items()]
     print(markdown_table(["model", "mDice", "train s", "inference s"], rows), end="")
     print(f"wrote {res.table(RESULTS_KEY, 'md')} and {res.table('table3', 'md')}")

@@ -21,7 +21,8 @@ Measured in one run, on slices generated here (`preprocess.py`'s phantom, PHANTO
    validation slices.
 6. 3D: `segment_volume.py`'s one-box propagation on the validation volumes (cold cache): seconds per
    organ-volume and encoder passes per visited slice.
-7. The stage times of the last `./run.sh report` (REPORT_RESULTS/stages.json), if one ran.
+7. Baselines: training samples/s and inference slices/s of each Table 3 model (`baselines.measure_speed`).
+8. The stage times of the last `./run.sh report` (REPORT_RESULTS/stages.json), if one ran.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ from finetune_task2 import LR, MOMENTUM, WEIGHT_DECAY
 from models import PromptedDecoder, autocast, decode_batch, encode_images, load_backbone
 from training import epoch_order, mask_losses
 from preprocess import parse_window
-from utils import POINT_PROMPTS, SliceSet, dice_score, make_prompt, organ_name, prompt_rng, prompt_types_arg
+from utils import (POINT_PROMPTS, SliceSet, dice_score, make_prompt, organ_name, present_organs, prompt_rng,
+                   prompt_types_arg)
 
 # ---------------------------------------------------------------------------------------------- config
 RESULTS_DIR = "results"  # bench.json and bench.md go here
@@ -70,6 +72,8 @@ RSS_SAMPLES_PER_EPOCH = 0  # cap on the Task 2 epoch of the memory test; 0: ever
 RSS_VAL_SAMPLES = 0  # cap on its per-epoch validation; 0: every validation sample (>= 0)
 SCALES = "1,2,4"  # Task 1 scaling: multiples of the validation volumes
 TASK1_PROMPT = "all"  # --prompt of the Task 1 runs
+BASELINE_SAMPLES = 16  # training slices timed per baseline model (>= 1)
+BASELINE_BATCH = 4  # batch of those timed training steps and forward passes (>= 1)
 REPORT_RESULTS = "results"  # results folder of the last ./run.sh report, whose stage times are recorded
 # -----------------------------------------------------------------------------------------------------
 
@@ -339,7 +343,7 @@ def mask_agreement(backbone, slices: SliceSet, picks, emb_a, emb_b, device) -> t
     with torch.no_grad():
         for n, i in enumerate(picks):
             label = slices.load_label(i)
-            organs = sorted({int(o) for o in np.unique(label)} - {0})
+            organs = present_organs(label)
             boxes = torch.tensor(np.stack([backbone.frame.prompt(make_prompt(label == o, "bound_box", None),
                                                                  label.shape).box for o in organs]),
                                  dtype=torch.float32, device=device)
@@ -506,7 +510,7 @@ def bench_volume(cfg, backbone, sets: dict, work: Path, device) -> dict:
     for n, (image, label) in enumerate(sets["val_volumes"]):
         case = sv.load_case(f"case{n}", image, label, parse_window(sv.WINDOW_HU))
         dec = VolumeDecoder(case.stack, backbone, decoder, work / "embeddings_3d", device)
-        prompts = sv.label_prompts(case, [o for o in range(1, 14) if (case.label == o).any()])
+        prompts = sv.label_prompts(case, present_organs(case.label))
         sv.segment(dec, prompts, vcfg, case.spacing)
         passes, visited, organs = passes + dec.encoder_passes, visited + len(dec.visited), organs + len(prompts)
     sync(device)
@@ -515,9 +519,22 @@ def bench_volume(cfg, backbone, sets: dict, work: Path, device) -> dict:
     return {"volume_3d": {"organ_volumes": organs, "seconds": round(seconds, 2),
                           "seconds_per_organ_volume": seconds / max(organs, 1), "encoder_passes": passes,
                           "visited_slices": visited, "passes_per_visited_slice": passes / max(visited, 1),
-                          "stop": sv.STOP, "margin_mm": sv.MARGIN_MM,
+                          "stop": sv.STOP, "margin_mm": sv.margin_for(vcfg, backbone.name),
                           "note": "one box per organ on its largest slice, propagated (segment_volume.segment); "
                                   "cold cache; includes loading each volume"}}
+
+
+def bench_baselines(cfg, sets: dict, device) -> dict:
+    """Table 3's trained baselines: training samples/s and inference slices/s at the quick profile's input."""
+    from baselines import BASELINES, PROFILES, measure_speed
+
+    quick = PROFILES["quick"]
+    speeds = measure_speed(list(BASELINES), sets["base"], device, cfg["baseline_samples"], cfg["baseline_batch"],
+                           quick["input_size"], quick["dtype"], cfg["seed"])
+    return {"baselines": {"input_size": quick["input_size"], "dtype": quick["dtype"], "batch": cfg["baseline_batch"],
+                          "samples": cfg["baseline_samples"], "models": speeds,
+                          "note": "baselines.measure_speed: AdamW + DiceCE steps after one warm-up step; inference = "
+                                  "forward passes alone"}}
 
 
 def report_stages(cfg) -> dict:
@@ -578,6 +595,10 @@ def scale_rows(res: dict) -> list:
          f"{vol['seconds_per_organ_volume']:.1f} s per organ-volume", f"= {t['volume_passes_per_visited_slice']:g}",
          _met(vol["passes_per_visited_slice"] == t["volume_passes_per_visited_slice"])],
     ]
+    for model in res["baselines"]["models"].values():
+        rows.append([f"baseline {model['name']}: training / inference speed",
+                     f"{model['train_samples_per_second']:.1f} samples/s / {model['infer_slices_per_second']:.1f} slices/s",
+                     "measured", "-"])
     if res.get("report_stages"):
         rs = res["report_stages"]
         rows.append([f"`./run.sh report` ({rs['model']}, {rs['profile']} profile), stages that ran",
@@ -627,6 +648,8 @@ def main(argv=None):
     res.update(timed("task1_scaling", bench_task1_scaling, cfg, sets, work))
     print("bench: 6. 3D propagation", flush=True)
     res.update(timed("volume_3d", bench_volume, cfg, backbone, sets, work, device))
+    print("bench: 7. baselines", flush=True)
+    res.update(timed("baselines", bench_baselines, cfg, sets, device))
     res.update(report_stages(cfg))
     res["section_seconds"] = sections
     res["bench_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import random
 import re
 import sys
@@ -109,6 +110,9 @@ def parse_config(module_globals: dict, argv=None, defaults: dict | None = None) 
         if bound:
             bounds[name.lower()] = float(bound.group(1))
     cfg = vars(parser.parse_args(argv))
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PipelineError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
     for key, low in bounds.items():
         if cfg[key] is not None and cfg[key] < low:
             raise PipelineError(f"--{key.replace('_', '-')} must be >= {low:g}, got {cfg[key]}")

@@ -244,6 +244,11 @@ def load_checkpoint(path, kind: str, flag: str = "checkpoint") -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+def fixed(value, digits: int) -> str | None:
+    """`value` with `digits` decimals for a table cell; None (an empty cell) stays None."""
+    return None if value is None else f"{value:.{digits}f}"
+
+
 def markdown_table(header, rows, floatfmt: str = "{:.4f}") -> str:
     """A GitHub Markdown table; floats formatted with `floatfmt`, None shown as '-'."""
     def fmt(v):

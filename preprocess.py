@@ -41,6 +41,7 @@ DEVICE = "cpu"  # accepted for a uniform interface; preprocessing runs on the CP
 
 LAYOUTS = ("RawData/Training/img + label", "dataset_0.json", "imagesTr + labelsTr")
 MIN_PHANTOM_SIDE = 8
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def _natural_key(text: str):
@@ -49,7 +50,7 @@ def _natural_key(text: str):
 
 def case_name(path: Path) -> str:
     name = path.name
-    for ext in (".nii.gz", ".nii"):
+    for ext in NIFTI_SUFFIXES:
         if name.endswith(ext):
             return name[: -len(ext)]
     return path.stem
@@ -127,7 +128,8 @@ def check_out_dir(data_dir: Path, out_dir: Path) -> None:
     check_replaceable(out_dir, PREPROCESS_FILE, "--out-dir")
 
 
-def _read_header(path: Path):
+def read_header(path: Path):
+    """The NIfTI header of a 3D volume, or one line saying why it cannot be one."""
     import nibabel as nib
 
     try:
@@ -143,7 +145,7 @@ def check_geometry(image: Path, label: Path) -> None:
     """The label must lie on the image's voxel grid: same shape, orientation, and corners within a voxel."""
     import nibabel as nib
 
-    im, lab = _read_header(image), _read_header(label)
+    im, lab = read_header(image), read_header(label)
     if im.shape != lab.shape:
         raise PipelineError(f"label {label} has shape {lab.shape} but its image {image} has shape {im.shape}")
     if nib.aff2axcodes(im.affine) != nib.aff2axcodes(lab.affine):
@@ -217,7 +219,7 @@ def orientation_change(image: Path, orientation: str, to_stored: bool):
     MONAI's Orientationd applies on load), or back when `to_stored`."""
     import nibabel as nib
 
-    stored = nib.orientations.io_orientation(_read_header(image).affine)
+    stored = nib.orientations.io_orientation(read_header(image).affine)
     target = nib.orientations.axcodes2ornt(tuple(orientation), labels=ORIENTATION_LABELS)
     return nib.orientations.ornt_transform(target, stored) if to_stored else nib.orientations.ornt_transform(stored, target)
 

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from cache import EmbeddingCache
 from models import Backbone, PromptedDecoder, autocast, best_mask
-from utils import Prompt, bound_box, iou_score
+from utils import Prompt, bound_box, grow_box, iou_score
 
 MIN_AREA = 3  # pixels: a smaller mask counts as vanished
 STOP_RULES = {
@@ -127,10 +127,7 @@ def next_box(mask: np.ndarray, margin: float, limit=None) -> np.ndarray:
     """XYXY box of the mask's main part, enlarged by `margin` px on each side, clipped to the image (or to
     the XYXY `limit` inside it)."""
     h, w = mask.shape
-    x0, y0, x1, y1 = bound_box(main_part(mask))
-    box = np.array([x0 - margin, y0 - margin, x1 + margin, y1 + margin])
-    bounds = np.array([0, 0, w - 1, h - 1], float) if limit is None else np.asarray(limit, float)
-    return np.concatenate([np.maximum(box[:2], bounds[:2]), np.minimum(box[2:], bounds[2:])])
+    return grow_box(bound_box(main_part(mask)), margin, (0, 0, w - 1, h - 1) if limit is None else limit)
 
 
 def should_stop(rule: str, prev: SliceMask, new: SliceMask, image: np.ndarray, organ_range) -> bool:
@@ -154,6 +151,8 @@ def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule
     `k_range` (inclusive). With `box_limit` (XYXY) boxes and masks stay inside it."""
     lo, hi = k_range if k_range is not None else (0, len(dec.stack) - 1)
     out = OrganMasks(organ, {}, 1)
+    if box_limit is not None:
+        first.mask &= box_mask(dec.hw, box_limit)
     if first.area < MIN_AREA:
         return out
     organ_range = np.percentile(dec.stack[start][first.mask], INTENSITY_PERCENTILES)

@@ -49,13 +49,14 @@ SKIP = ""  # stages to leave out, comma list of: baselines, 3d (their report sec
 
 # The profiles, in one place. quick: sized to finish in under 20 minutes on a 2-core CPU while still
 # showing the report's findings (fewer, smaller steps; SGD lr 0.01, since 0.1 collapsed MobileSAM's
-# decoder within the first 8 steps; Adam lr 1e-3 for the classifier, since 1e-5 learns next to nothing in
-# a few hundred steps); full: the report's recipe (50 epochs, batch 64, lr 0.1 / 1e-5).
-# dtype: the decoder's autocast; encoder_dtype: the one encoder pass per slice (the README's measurements).
+# decoder in the first epoch; Adam lr 1e-3 for the classifier, since 1e-5 learns next to nothing in a few
+# hundred steps); full: the report's recipe (50 epochs, batch 64, lr 0.1 / 1e-5). Why each choice, measured:
+# docs/MEASUREMENTS.md. dtype: the decoder's autocast; encoder_dtype: the one encoder pass per slice (bf16
+# on a CPU: MobileSAM's encoder is faster with the same masks; fp32 in the full profile).
 PROFILES = {
     "quick": {
-        "phantom_volumes": 4, "phantom_shape": "160,160,32", "dtype": "bf16", "encoder_dtype": "fp32",
-        "finetune": {"epochs": 4, "batch_size": 16, "samples_per_epoch": 128, "val_samples": 64, "lr": 0.01},
+        "phantom_volumes": 4, "phantom_shape": "160,160,32", "dtype": "bf16", "encoder_dtype": "bf16",
+        "finetune": {"epochs": 6, "batch_size": 16, "samples_per_epoch": 128, "val_samples": 64, "lr": 0.01},
         "classify": {"epochs": 14, "batch_size": 16, "samples_per_epoch": 0, "val_samples": 0, "lr": 1e-3},
     },
     "smoke": {  # seconds-long run of every stage, for the tests; its numbers mean nothing
@@ -82,14 +83,25 @@ def slices_id(slices: Path) -> str | None:
     return read_json(path, "preprocessing record").get("created_id") if path.is_file() else None
 
 
+def code_id(root: Path = Path(__file__).resolve().parent) -> str:
+    """Content key of the project's Python files that stages run (all but this one and bench.py): a
+    profile or default changed in code makes the stages stale even when their commands are the same."""
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        if path.name not in ("run_report.py", "bench.py"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class Stages:
-    """Runs stage commands, skipping those whose key (command, slices id, previous stage) and outputs
-    are unchanged."""
+    """Runs stage commands, skipping those whose key (command, slices id, project code, previous stage)
+    and outputs are unchanged."""
 
     def __init__(self, results: Results, force: bool):
         self.path = results.stages
         self.done = {} if force else self._load()
         self.times = {}
+        self.code = code_id()
         self.chain = ""  # key of the previous stage: a redone stage makes every later one stale
 
     def _load(self) -> dict:
@@ -105,7 +117,8 @@ class Stages:
         return {}
 
     def run(self, name: str, cmd: list[str], outputs: list[Path], slices: Path | None) -> None:
-        key = hashlib.sha256(json.dumps([cmd, slices_id(slices) if slices else None, self.chain]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([cmd, slices_id(slices) if slices else None, self.code, self.chain]).encode())
+        key = key.hexdigest()[:16]
         self.chain = key
         prev = self.done.get(name)
         if prev and prev["key"] == key and all(p.exists() for p in outputs):
@@ -172,8 +185,14 @@ def side_by_side(res: Results, others: list[str]) -> str:
             + markdown_table(header, rows) + f"\nTime of each Task 1 run, encoder passes included: {seconds}.\n\n")
 
 
-def volume_section(res: Results) -> str:
+def skipped_note(stage: str) -> str:
+    return f"_The {stage} stage was left out of this run (`--skip {stage}`)._\n\n"
+
+
+def volume_section(res: Results, skip: set) -> str:
     """'3D: one box per organ': the table and each validation case's three orthogonal views."""
+    if "3d" in skip:  # never an earlier run's table
+        return "## 3D: one box per organ\n\n" + skipped_note("3d")
     path = res.table("volume_3d", "json")
     if not path.is_file():
         return "_volume_3d.json is missing._\n"
@@ -190,8 +209,18 @@ def data_line(params: dict) -> str:
     return f"CT volumes from `{params['data_dir']}` ({params['split_source']} split)."
 
 
+def table3_note(res: Results, skip: set) -> str:
+    if "baselines" not in skip:
+        return ""
+    earlier = res.table("baselines", "json")
+    return skipped_note("baselines") + (f"_Its measured rows come from an earlier baselines run "
+                                        f"(`{earlier}`, {read_json(earlier).get('data', 'data unknown')})._\n\n"
+                                        if earlier.is_file() else "")
+
+
 def write_report(cfg: dict, prof: dict, res: Results, slices: Path, stages: Stages, device: str, others) -> Path:
     params = read_json(slices / PREPROCESS_FILE)
+    skip = optional_stages(cfg)
     t1 = read_json(res.table("table1", "json"))
     counts = params["counts"]
     total = sum(v["seconds"] for v in stages.times.values())
@@ -221,7 +250,7 @@ Overlays (ground truth against prediction), bound box prompt:
 ![overlay](figures/{res.overlay('bound_box').name})
 
 {section(res.table('table2', 'md'))}
-{section(res.table('table3', 'md'))}
+{section(res.table('table3', 'md'))}{table3_note(res, skip)}
 ### Figure 1: training curve, one central point
 
 ![fig1]({fig['fig1']})
@@ -239,7 +268,7 @@ Confusion matrix:
 
 ![confusion]({fig['confusion']})
 
-{volume_section(res)}
+{volume_section(res, skip)}
 ## Time per stage
 
 | stage | seconds | |

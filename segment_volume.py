@@ -7,7 +7,7 @@
 The volume goes through preprocess.py's own path (MONAI load, reorientation to ORIENTATION, HU window)
 and is cut into the same axial slices. Each organ is prompted on one slice (a box, points, or a 3D
 box), and the mask is propagated slice by slice in both directions: the previous mask's box, enlarged
-by MARGIN pixels, prompts the next slice, until the STOP rule ends the walk (`propagation.py`).
+by MARGIN_MM millimetres, prompts the next slice, until the STOP rule ends the walk (`propagation.py`).
 Overlapping organs: the highest mask logit wins. The label map (BTCV ids) is written with the input
 image's exact shape and affine (the reorientation undone), so it opens over the CT in ITK-SNAP or 3D
 Slicer. Embeddings are cached under CACHE_DIR by (volume content, model, encoder dtype): a second run
@@ -21,6 +21,7 @@ and figures/volume_3d_<case>.png (three orthogonal views).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,11 @@ import numpy as np
 import utils
 from cli import (DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, DEFAULT_RESULTS_DIR, DEFAULT_SEED, PipelineError,
                  check_choice, parse_config, run_main, start_run)
-from files import Results, markdown_table, results_lock, save_figure, write_bytes, write_json, write_text
+from files import (Results, ensure_writable_dir, markdown_table, results_lock, save_figure, write_bytes, write_json,
+                   write_text)
 from models import load_backbone, load_decoder
-from preprocess import (ORIENTATION, SPLITS, WINDOW_HU, axial_slice, check_geometry, find_cases, from_stored_axes,
-                        load_image, load_label, parse_window, to_stored_axes, to_uint8)
+from preprocess import (NIFTI_SUFFIXES, ORIENTATION, SPLITS, WINDOW_HU, axial_slice, check_geometry, find_cases,
+                        from_stored_axes, load_image, load_label, parse_window, read_header, to_stored_axes, to_uint8)
 from propagation import STOP_RULES, OrganMasks, VolumeDecoder, merge, propagate
 from utils import Prompt, bound_box, dice_score
 
@@ -51,13 +53,32 @@ CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
 FINETUNED = None  # a Task 2 checkpoint whose decoder is used instead of the pretrained one
 CACHE_DIR = "data/embeddings_3d"  # image embeddings by (volume content, model, encoder dtype)
 STOP = "intensity"  # when the walk ends: intensity | vanish | iou | overlap (propagation.STOP_RULES)
-MARGIN_MM = 6.0  # mm added on each side of the previous mask's box to prompt the next slice (>= 0)
+MARGIN_MM = "auto"  # mm added on each side of the previous box to prompt the next slice, >= 0; auto: per model
 WINDOW_HU = WINDOW_HU  # HU window, as preprocess.py
 SEED = DEFAULT_SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the decoder
 ENCODER_DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the image encoder
 # -----------------------------------------------------------------------------------------------------
+
+# The margin each model propagated best with (docs/MEASUREMENTS.md, section 6): box-trained LiteMedSAM
+# gains from a looser box, SAM's decoder (MobileSAM) from a tighter one.
+MARGIN_MM_BY_MODEL = {"litemedsam": 6.0, "mobilesam": 4.0}
+DEFAULT_MARGIN_MM = 4.0
+
+
+def margin_for(cfg: dict, model: str) -> float:
+    """--margin-mm in mm (a finite number >= 0, 0 included), or the model's own margin for "auto"."""
+    text = str(cfg["margin_mm"]).strip().lower()
+    if text == "auto":
+        return MARGIN_MM_BY_MODEL.get(model, DEFAULT_MARGIN_MM)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise PipelineError(f"--margin-mm must be auto or a number of mm >= 0, got {cfg['margin_mm']!r}")
+    return value
 
 
 @dataclass
@@ -75,6 +96,7 @@ class Case:
 def load_case(name: str, image: Path, label: Path | None, window) -> Case:
     import nibabel as nib
 
+    header = read_header(image)  # a 3D volume, or one line
     if label is not None:
         check_geometry(image, label)
     vol = to_uint8(load_image(image, ORIENTATION, window))
@@ -83,8 +105,8 @@ def load_case(name: str, image: Path, label: Path | None, window) -> Case:
     if label is not None:
         lv = load_label(label, ORIENTATION)
         lab = np.stack([axial_slice(lv, k) for k in range(lv.shape[2])])
-    zooms = np.asarray(nib.load(str(image)).header.get_zooms()[:3], float)
-    ornt = nib.orientations.io_orientation(nib.load(str(image)).affine)
+    zooms = np.asarray(header.header.get_zooms()[:3], float)
+    ornt = nib.orientations.io_orientation(header.affine)
     canon = np.empty(3)
     canon[ornt[:, 0].astype(int)] = zooms  # spacing along the reoriented axes (i, j, k)
     return Case(name, image, stack, lab, (float(canon[1]), float(canon[0]), float(canon[2])))
@@ -215,11 +237,12 @@ def segment(dec: VolumeDecoder, prompts: list[OrganPrompt], cfg: dict, spacing) 
     """Each organ's prompt decoded on its slice and propagated; MARGIN_MM is converted with the in-plane
     pixel size (`spacing` = row, column, slice mm)."""
     pixel_mm = (spacing[0] + spacing[1]) / 2
+    margin_mm = margin_for(cfg, dec.backbone.name)
     out = []
     for p in prompts:
         first = dec.decode(p.k, p.prompt, p.point_labels)
         limit = p.prompt.box if p.k_range is not None else None
-        out.append(propagate(dec, p.organ, p.k, first, cfg["stop"], cfg["margin_mm"] / pixel_mm, p.k_range, limit))
+        out.append(propagate(dec, p.organ, p.k, first, cfg["stop"], margin_mm / pixel_mm, p.k_range, limit))
     return out
 
 
@@ -237,7 +260,8 @@ def every_slice_boxes(dec: VolumeDecoder, case: Case, organs: list[int]) -> list
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> float | None:
-    """95th-percentile Hausdorff distance in mm (MONAI), None when the prediction is empty."""
+    """95th-percentile Hausdorff distance in mm (MONAI), None when the prediction or the ground truth is
+    empty."""
     import torch
     from monai.metrics import compute_hausdorff_distance
 
@@ -299,7 +323,7 @@ def views_figure(case: Case, pred: np.ndarray):
 
 
 def evaluate_case(case: Case, dec: VolumeDecoder, cfg: dict, res: Results) -> dict:
-    organs = [o for o in range(1, utils.NUM_ORGANS + 1) if (case.label == o).any()]
+    organs = utils.present_organs(case.label)
     one_box = merge(segment(dec, label_prompts(case, organs), cfg, case.spacing), case.stack.shape)
     every = merge(every_slice_boxes(dec, case, organs), case.stack.shape)
     write_label_map(one_box, case, res.volumes / f"{case.name}.nii.gz")
@@ -328,6 +352,9 @@ def evaluate_split(cfg: dict, device, res: Results) -> dict:
     if not cases:
         raise PipelineError(f"the {cfg['split']} split of {cfg['data_dir']} has no cases")
     window = parse_window(cfg["window_hu"])
+    for _, image, label in cases:  # every case readable and on its label's grid before any work
+        read_header(image)
+        check_geometry(image, label)
     t0 = time.perf_counter()
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
     decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
@@ -338,7 +365,8 @@ def evaluate_split(cfg: dict, device, res: Results) -> dict:
         scores[name] = evaluate_case(case, dec, cfg, res)
         passes, visited = passes + dec.encoder_passes, visited + len(dec.visited)
         print(f"{name}: " + ", ".join(f"{o} {s['dice_one_box']:.3f}" for o, s in scores[name].items()), flush=True)
-    result = {"model": backbone.name, "finetuned": cfg["finetuned"], "stop": cfg["stop"], "margin_mm": cfg["margin_mm"],
+    result = {"model": backbone.name, "finetuned": cfg["finetuned"], "stop": cfg["stop"],
+              "margin_mm": margin_for(cfg, backbone.name),
               "encoder_passes": passes, "visited_slices": visited, "seconds": round(time.perf_counter() - t0, 2),
               "cases": scores, "mean": mean_scores(scores)}
     write_json(res.table("volume_3d", "json"), result)
@@ -347,23 +375,38 @@ def evaluate_split(cfg: dict, device, res: Results) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def check_out(out, inputs: list[Path]) -> Path:
+    """--out: a new or replaceable .nii/.nii.gz file in a writable folder, never one of the inputs."""
+    if not out:
+        raise PipelineError("--image needs --out PRED.nii.gz (where the label map goes)")
+    out = Path(out)
+    if out.is_dir():
+        raise PipelineError(f"--out {out} is a folder; give a file name such as {out / 'pred.nii.gz'}")
+    if not out.name.endswith(NIFTI_SUFFIXES):
+        raise PipelineError(f"--out {out} must end with .nii.gz or .nii (a NIfTI label map)")
+    for given in inputs:
+        if out.exists() and given.exists() and out.samefile(given):
+            raise PipelineError(f"--out {out} is an input of this run; write the label map to another file")
+    ensure_writable_dir(out.parent, "--out's folder")
+    return out
+
+
 def segment_image(cfg: dict, device) -> None:
     """--image with --prompts or --label: write --out."""
-    if not cfg["out"]:
-        raise PipelineError("--image needs --out PRED.nii.gz (where the label map goes)")
     if bool(cfg["prompts"]) == bool(cfg["label"]):
         raise PipelineError("--image needs either --prompts PROMPTS.json or --label LABEL.nii.gz")
     image = Path(cfg["image"])
     if not image.is_file():
         raise PipelineError(f"--image {image} not found")
+    check_out(cfg["out"], [image] + ([Path(cfg["label"])] if cfg["label"] else []))
     organs = organ_ids(cfg["organs"])
+    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)  # a bad model or --finetuned fails before the CT
+    decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
     case = load_case(image.name, image, Path(cfg["label"]) if cfg["label"] else None, parse_window(cfg["window_hu"]))
     prompts = read_prompts(cfg["prompts"], case) if cfg["prompts"] else label_prompts(case, organs)
     if not prompts:
         raise PipelineError(f"none of the organs {cfg['organs']} is in --label {cfg['label']}")
-    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
-    dec = VolumeDecoder(case.stack, backbone, load_decoder(backbone, cfg["finetuned"]).to(device), cfg["cache_dir"],
-                        device, cfg["dtype"], cfg["encoder_dtype"])
+    dec = VolumeDecoder(case.stack, backbone, decoder, cfg["cache_dir"], device, cfg["dtype"], cfg["encoder_dtype"])
     labels = merge(segment(dec, prompts, cfg, case.spacing), case.stack.shape)
     write_label_map(labels, case, Path(cfg["out"]))
     for p in prompts:
@@ -379,6 +422,7 @@ def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
     check_choice(cfg["stop"], STOP_RULES, "--stop")
+    margin_for(cfg, cfg["model"])
     organ_ids(cfg["organs"])
     if cfg["image"]:
         segment_image(cfg, device)

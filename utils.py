@@ -79,12 +79,23 @@ def bound_box(mask: np.ndarray) -> np.ndarray:
     return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float64)
 
 
+def grow_box(box, margin: float, bounds) -> np.ndarray:
+    """An XYXY box moved out by `margin` pixels on each side, clipped to the XYXY `bounds`."""
+    x0, y0, x1, y1 = box
+    bx0, by0, bx1, by1 = bounds
+    return np.array([max(x0 - margin, bx0), max(y0 - margin, by0), min(x1 + margin, bx1), min(y1 + margin, by1)],
+                    dtype=np.float64)
+
+
 def larger_box(mask: np.ndarray, margin: int = BOX_MARGIN) -> np.ndarray:
     """The bound box moved out by `margin` pixels on each side, clipped to the image."""
     h, w = mask.shape
-    x0, y0, x1, y1 = bound_box(mask)
-    return np.array([max(x0 - margin, 0), max(y0 - margin, 0), min(x1 + margin, w - 1),
-                     min(y1 + margin, h - 1)], dtype=np.float64)
+    return grow_box(bound_box(mask), margin, (0, 0, w - 1, h - 1))
+
+
+def present_organs(label: np.ndarray) -> list[int]:
+    """The BTCV organ ids (1..NUM_ORGANS) that a label slice or volume holds, ascending."""
+    return [int(o) for o in np.unique(label) if 1 <= o <= NUM_ORGANS]
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
-TINY_SHAPE = (80, 80, 10)  # voxels of each test phantom volume: few slices, fast to encode
+TINY_SHAPE = (80, 80, 8)  # voxels of each test phantom volume: few slices, fast to encode
 TINY_VOLUMES = 3  # two training cases and one validation case
 
 
@@ -74,3 +75,25 @@ def assert_figure(path, min_side: int = 200):
     image = mpimg.imread(str(path))
     assert image.ndim == 3 and min(image.shape[:2]) >= min_side, (path, image.shape)
     assert len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 16, f"{path} is nearly blank"
+
+
+PROGRESS = re.compile(r"\d+%\|")  # a tqdm progress bar (transient on a terminal)
+
+
+def error_line(stderr: str) -> str:
+    """The one line a failed run printed (progress bars aside); fails unless it is exactly one `error:` line."""
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip() and not PROGRESS.search(ln)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    return lines[0]
+
+
+def fails(capsys, main, argv) -> str:
+    """Run a script's main in-process as its `__main__` does: exit status 2 and one line, returned."""
+    import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.run_main(lambda: main([str(a) for a in argv]))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    return error_line(err)

@@ -13,7 +13,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import stat
@@ -24,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import error_line, fails, run_script
 
 import classify_train_task3
 import classify_val_task3
@@ -35,33 +34,15 @@ import preprocess
 import segmentation_task1
 import training
 from cache import NOT_DONE, EmbeddingCache
-from cli import PipelineError, run_main
+from cli import PipelineError
 from files import Results
 from utils import SliceSet
 
-PROGRESS = re.compile(r"\d+%\|")  # a tqdm progress bar (transient on a terminal)
 SCRIPTS = ("preprocess", "segmentation_task1", "finetune_task2", "classify_train_task3", "classify_val_task3")
 FORK = multiprocessing.get_context("fork")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def error_line(stderr: str) -> str:
-    """The one line a failed run printed (progress bars aside); fails unless it is exactly one `error:` line."""
-    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip() and not PROGRESS.search(ln)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
-    return lines[0]
-
-
-def fails(capsys, main, argv) -> str:
-    """Run a script's main in-process as its `__main__` does: exit status 2 and one line, returned."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        run_main(lambda: main([str(a) for a in argv]))
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    return error_line(err)
-
-
 def snapshot(folder: Path) -> dict:
     """{relative path: bytes} of every file under folder."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -44,7 +44,7 @@ def test_report_on_real_ct_with_vit_b(tmp_path):
     assert list(t1["per_organ"]["bound_box"]) == ["aorta"]  # only the labelled organ is scored
     for fig in ("fig1_curve_one_central_point.png", "fig2_curve_bound_box.png", "fig3_classification_example.png"):
         assert (results / "figures" / fig).is_file()
-    assert "_volume_3d.json is missing._" in report  # a skipped stage is said so
+    assert "left out of this run (`--skip 3d`)" in report and "left out of this run (`--skip baselines`)" in report
 
 
 def test_smoke_report_on_the_embedded_default(tmp_path):
@@ -67,9 +67,25 @@ def test_smoke_report_on_the_embedded_default(tmp_path):
     assert vol["model"] == "mobilesam" and vol["cases"]
     for case in vol["cases"]:
         assert (results / "volumes" / f"{case}.nii.gz").is_file() and f"volume_3d_{case}.png" in report
-    # a second run reuses every completed stage
-    again = run_script(args)
+    # a second run reuses every completed stage; with --skip 3d the report says so instead of showing the
+    # first run's 3D table
+    again = run_script([*args, "--skip", "3d"])
     assert again.returncode == 0, again.stderr[-2000:]
     stages = json.loads((results / "stages.json").read_text())
-    assert len(stages) == 8 and again.stdout.count("up to date, skipped") == len(stages)
-    assert "report:" in again.stdout
+    assert len(stages) == 8 and again.stdout.count("up to date, skipped") == len(stages) - 1
+    assert "[3D: one box per organ]" not in again.stdout and "report:" in again.stdout
+    report = (results / "REPORT.md").read_text()
+    assert "left out of this run (`--skip 3d`)" in report and "volume_3d_" not in report
+
+
+def test_stage_keys_follow_the_code(tmp_path):
+    """A profile changed in a stage's code (same command) makes the stages stale; run_report.py does not."""
+    import run_report
+
+    for name in ("baselines.py", "run_report.py"):
+        (tmp_path / name).write_text("PROFILES = {'quick': 1}\n")
+    before = run_report.code_id(tmp_path)
+    (tmp_path / "run_report.py").write_text("# edited\n")
+    assert run_report.code_id(tmp_path) == before
+    (tmp_path / "baselines.py").write_text("PROFILES = {'quick': 2}\n")
+    assert run_report.code_id(tmp_path) != before

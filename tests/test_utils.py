@@ -137,6 +137,9 @@ def test_parse_config_help_shows_comments_and_bounds_are_checked(tmp_path, capsy
     assert "how many (>= 1)" in out and "learning rate" in out and "a '#' in \"quotes\"" in out
     with pytest.raises(PipelineError, match="--a-number must be >= 1, got 0"):
         parse_config(g, ["--a-number", "0"])
+    for value in ("nan", "inf", "-inf"):  # a NaN passes every `<` bound; no float flag means it
+        with pytest.raises(PipelineError, match="--lr must be a finite number"):
+            parse_config(g, [f"--lr={value}"])
 
 
 def test_staged_dir_is_all_or_nothing(tmp_path):

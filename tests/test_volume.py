@@ -1,4 +1,6 @@
 """segment_volume.py: NIfTI round trips in any orientation, propagation, the 3D cache, bad input."""
+import contextlib
+import io
 import json
 import re
 
@@ -10,7 +12,7 @@ from conftest import assert_figure, run_script
 import segment_volume
 from cli import PipelineError
 from preprocess import ORIENTATION, find_cases, load_label
-from propagation import OrganMasks, SliceMask, merge, next_box
+from propagation import MIN_AREA, OrganMasks, SliceMask, box_mask, merge, next_box, propagate
 from utils import ORGAN_ID, dice_score
 
 
@@ -91,9 +93,13 @@ def test_next_box_uses_the_main_part_with_a_margin():
 def evaluated(raw_phantom, tmp_path_factory):
     """Evaluation on the tiny phantom's validation case, LiteMedSAM (fast), cache in its own folder."""
     root = tmp_path_factory.mktemp("vol")
-    args = ["--data-dir", str(raw_phantom), "--model", "litemedsam", "--cache-dir", str(root / "cache")]
-    segment_volume.main([*args, "--results-dir", str(root / "r1")])
-    segment_volume.main([*args, "--results-dir", str(root / "r2")])
+    args = ["--model", "litemedsam", "--cache-dir", str(root / "cache")]
+    segment_volume.main(["--data-dir", str(raw_phantom), *args, "--results-dir", str(root / "r1")])
+    _, image, label = _case_files(raw_phantom)  # the same CT again, one organ: from the cache alone
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        segment_volume.main(["--image", str(image), "--label", str(label), "--organs", "liver", *args,
+                             "--out", str(root / "r2" / "liver.nii.gz")])
+    (root / "r2" / "stdout.txt").write_text(out.getvalue())
     return root
 
 
@@ -115,9 +121,10 @@ def test_evaluation_outputs_and_cache(evaluated, raw_phantom):
     dice = 2 * ((p == 6) & (gt == 6)).sum() / ((p == 6).sum() + (gt == 6).sum())
     assert dice == pytest.approx(scores["liver"]["dice_one_box"])
     assert_figure(evaluated / "r1" / "figures" / f"volume_3d_{case}.png")
-    # the second run, into another results dir, encoded nothing and agrees
-    again = json.loads((evaluated / "r2" / "volume_3d.json").read_text())
-    assert again["encoder_passes"] == 0 and again["cases"] == res["cases"]
+    # the second run on the same CT, into another folder, encoded nothing (its liver is alone: no overlaps)
+    printed = (evaluated / "r2" / "stdout.txt").read_text()
+    assert "0 encoder passes; wrote" in printed, printed
+    assert float(re.search(r"liver: .* 3D Dice ([0-9.]+)", printed).group(1)) > 0.8
 
 
 def _largest_slice_box(case, organ):
@@ -183,8 +190,11 @@ def test_bad_volumes_fail_cleanly(raw_phantom, tmp_path):
     _, image, label = _case_files(raw_phantom)
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), str(flat))
-    with pytest.raises(PipelineError, match="not a 3D volume"):
-        segment_volume.main(["--image", str(flat), "--label", str(label), "--out", str(tmp_path / "o.nii.gz")])
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"liver": {"slice": 0, "box": [1, 1, 5, 5]}}))
+    for given in (["--label", str(label)], ["--prompts", str(prompts)]):
+        with pytest.raises(PipelineError, match="not a 3D volume"):
+            segment_volume.main(["--image", str(flat), *given, "--out", str(tmp_path / "o.nii.gz")])
     shifted = tmp_path / "shifted.nii.gz"
     lab = nib.load(str(label))
     affine = lab.affine.copy()
@@ -193,3 +203,77 @@ def test_bad_volumes_fail_cleanly(raw_phantom, tmp_path):
     with pytest.raises(PipelineError, match="away from its image"):
         segment_volume.main(["--image", str(image), "--label", str(shifted), "--out", str(tmp_path / "o.nii.gz")])
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_out_is_checked_before_any_work(raw_phantom, tmp_path):
+    """--out never overwrites an input, is a NIfTI file name, not a folder; all checked before the CT loads."""
+    _, image, label = _case_files(raw_phantom)
+    before = image.read_bytes()
+    for out, needle in ((image, "is an input of this run"), (label, "is an input of this run"),
+                        (tmp_path, "is a folder"), (tmp_path / "pred.png", "must end with .nii.gz or .nii")):
+        with pytest.raises(PipelineError, match=re.escape(needle)):
+            segment_volume.main(["--image", str(image), "--label", str(label), "--out", str(out),
+                                 "--cache-dir", str(tmp_path / "cache")])
+    assert image.read_bytes() == before and not (tmp_path / "cache").exists()
+
+
+def test_model_and_finetuned_fail_before_the_ct_is_read(raw_phantom, tmp_path):
+    flat = tmp_path / "flat.nii.gz"  # an unreadable CT: had it been read first, its error would show
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), str(flat))
+    _, _, label = _case_files(raw_phantom)
+    with pytest.raises(PipelineError, match="--finetuned"):
+        segment_volume.main(["--image", str(flat), "--label", str(label), "--out", str(tmp_path / "o.nii.gz"),
+                             "--finetuned", str(tmp_path / "missing.pt")])
+
+
+def test_evaluation_checks_every_case_before_any_work(raw_phantom, tmp_path, monkeypatch):
+    """A bad second case fails the evaluation at once: no encoder pass, no table, no cache."""
+    _, image, label = _case_files(raw_phantom)
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), str(flat))
+    monkeypatch.setattr(segment_volume, "find_cases",
+                        lambda _: {"val": [("good", image, label), ("bad", flat, label)], "train": []})
+    with pytest.raises(PipelineError, match="not a 3D volume"):
+        segment_volume.main(["--data-dir", str(raw_phantom), "--results-dir", str(tmp_path / "r"),
+                             "--cache-dir", str(tmp_path / "cache")])
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "r" / "volume_3d.json").exists()
+
+
+@pytest.mark.parametrize("given,expected", [("auto", {"litemedsam": 6.0, "mobilesam": 4.0}), ("0", 0.0), ("2.5", 2.5)])
+def test_margin_auto_or_millimetres(given, expected):
+    for model in ("litemedsam", "mobilesam"):
+        want = expected[model] if isinstance(expected, dict) else expected
+        assert segment_volume.margin_for({"margin_mm": given}, model) == want
+
+
+@pytest.mark.parametrize("given", ["nan", "inf", "-1", "wide"])
+def test_bad_margins_fail_with_one_line(given):
+    with pytest.raises(PipelineError, match="--margin-mm must be auto or a number"):
+        segment_volume.main(["--margin-mm", given, "--data-dir", "nowhere"])
+
+
+class _FixedDecoder:
+    """The same mask on every slice (a stand-in for the model)."""
+
+    def __init__(self, mask):
+        self.mask, self.stack, self.hw = mask, np.full((3, *mask.shape), 100, np.uint8), mask.shape
+
+    def decode(self, k, prompt, point_labels=None):
+        return SliceMask(self.mask.copy(), np.where(self.mask, 1.0, -1.0), 0.9)
+
+
+def test_a_3d_box_bounds_the_first_mask_too():
+    """The prompted slice's mask is clipped to the 3D box before the size check, like every later one."""
+    limit = [8, 8, 15, 15]
+    mask = np.zeros((20, 20), bool)
+    mask[2:12, 2:12] = True  # spills out of the box on two sides
+    dec = _FixedDecoder(mask)
+    out = propagate(dec, 1, 1, dec.decode(1, None), "vanish", 0, (0, 2), limit)
+    assert set(out.slices) == {0, 1, 2}
+    assert all((sm.mask & ~box_mask(mask.shape, limit)).sum() == 0 and sm.area == 16 for sm in out.slices.values())
+    mostly_out = np.zeros((20, 20), bool)
+    mostly_out[2:7, 2:7] = True  # outside the box
+    mostly_out[8, 8:10] = True  # 2 pixels inside it
+    assert (mostly_out & box_mask(mask.shape, limit)).sum() < MIN_AREA <= mostly_out.sum()
+    dec = _FixedDecoder(mostly_out)
+    assert propagate(dec, 1, 1, dec.decode(1, None), "vanish", 0, (0, 2), limit).slices == {}
