@@ -12,7 +12,8 @@ reoriented volume). The rule, from an organ's prompted slice outward in both dir
 * overlaps between organs go to the organ whose mask logit is highest at that pixel.
 
 Each slice is encoded at most once per run, lazily (only slices the walk reaches), through an
-`cache.EmbeddingCache` keyed by the volume's content, the model and the encoder dtype.
+`cache.EmbeddingCache` keyed by the volume's content, the model and the encoder dtype, in a folder of its
+own (``CACHE_DIR/<model>-<dtype>/<volume>/``), so a run only locks the volume it is encoding.
 """
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ class VolumeDecoder:
         self.stack, self.backbone, self.decoder = stack, backbone, decoder.eval()
         self.device, self.dtype = device, dtype
         self.frame = backbone.frame
-        key = volume_identity(stack)
-        self.cache = EmbeddingCache(Path(cache_dir) / f"{backbone.key}-{encoder_dtype}", key, len(stack),
+        key = volume_identity(stack)  # one folder (and lock) per volume: runs on other CTs never wait for it
+        self.cache = EmbeddingCache(Path(cache_dir) / f"{backbone.key}-{encoder_dtype}" / key, "slices", len(stack),
                                     lambda k: self.stack[k], backbone, encoder_dtype, key, "volume embedding cache")
         self.encoder_passes = 0
         self.visited = set()

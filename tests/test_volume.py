@@ -277,3 +277,42 @@ def test_a_3d_box_bounds_the_first_mask_too():
     assert (mostly_out & box_mask(mask.shape, limit)).sum() < MIN_AREA <= mostly_out.sum()
     dec = _FixedDecoder(mostly_out)
     assert propagate(dec, 1, 1, dec.decode(1, None), "vanish", 0, (0, 2), limit).slices == {}
+
+
+def test_3d_cache_locks_one_volume_not_the_whole_folder(litemedsam, tmp_path):
+    """Another run encoding one CT holds that CT's cache only: a run on another CT in the same --cache-dir
+    proceeds, one on the same CT fails with one line."""
+    import multiprocessing
+    import os
+
+    import files
+    from models import load_decoder
+    from propagation import VolumeDecoder
+
+    rng = np.random.default_rng(0)
+    decoder = load_decoder(litemedsam)
+    a, b = (VolumeDecoder(rng.integers(0, 255, (2, 32, 32), dtype=np.uint8), litemedsam, decoder, tmp_path, "cpu")
+            for _ in range(2))
+    fork = multiprocessing.get_context("fork")
+    ours, theirs = fork.Pipe()
+
+    def hold():
+        os.environ.pop(files.LOCKS_ENV, None)
+        with files.exclusive(a.cache.dir, "volume embedding cache", "--cache-dir"):
+            theirs.send("held")
+            theirs.recv()
+        os._exit(0)
+
+    holder = fork.Process(target=hold)
+    holder.start()
+    try:
+        assert ours.poll(30) and ours.recv() == "held"
+        b.embedding(0)
+        assert b.encoder_passes == 1
+        with pytest.raises(PipelineError, match="in use by another run"):
+            a.embedding(0)
+    finally:
+        ours.send("done")
+        holder.join(30)
+    a.embedding(0)
+    assert a.encoder_passes == 1
