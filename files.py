@@ -163,6 +163,22 @@ def ensure_writable_dir(folder, flag: str) -> Path:
     return folder
 
 
+def check_can_create(path, flag: str) -> None:
+    """Prove now, creating nothing, that the file `path` can be written later: its nearest existing folder
+    is a folder and writable (missing folders below it are made when the file is written)."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise PipelineError(f"{flag} {path} lies below {folder}, which is a file; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise PipelineError(f"{flag} {path} cannot be written ({folder}: {exc.strerror}); choose a folder you "
+                            f"can write") from exc
+
+
 @contextlib.contextmanager
 def exclusive(folder, what: str, flag: str):
     """Hold an exclusive lock on `folder` (a ``.lock`` file in it) for the block.

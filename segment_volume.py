@@ -31,7 +31,7 @@ import numpy as np
 import utils
 from cli import (DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_MODEL, DEFAULT_RESULTS_DIR, DEFAULT_SEED, PipelineError,
                  check_choice, parse_config, run_main, start_run)
-from files import (Results, ensure_writable_dir, markdown_table, results_lock, save_figure, write_bytes, write_json,
+from files import (Results, check_can_create, markdown_table, results_lock, save_figure, write_bytes, write_json,
                    write_text)
 from models import load_backbone, load_decoder
 from preprocess import (NIFTI_SUFFIXES, ORIENTATION, SPLITS, WINDOW_HU, axial_slice, check_geometry, find_cases,
@@ -353,7 +353,6 @@ def evaluate_split(cfg: dict, device, res: Results) -> dict:
         raise PipelineError(f"the {cfg['split']} split of {cfg['data_dir']} has no cases")
     window = parse_window(cfg["window_hu"])
     for _, image, label in cases:  # every case readable and on its label's grid before any work
-        read_header(image)
         check_geometry(image, label)
     t0 = time.perf_counter()
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
@@ -387,7 +386,7 @@ def check_out(out, inputs: list[Path]) -> Path:
     for given in inputs:
         if out.exists() and given.exists() and out.samefile(given):
             raise PipelineError(f"--out {out} is an input of this run; write the label map to another file")
-    ensure_writable_dir(out.parent, "--out's folder")
+    check_can_create(out, "--out")  # creates nothing: a run that fails later leaves no folder behind
     return out
 
 

@@ -215,6 +215,8 @@ def test_out_is_checked_before_any_work(raw_phantom, tmp_path):
             segment_volume.main(["--image", str(image), "--label", str(label), "--out", str(out),
                                  "--cache-dir", str(tmp_path / "cache")])
     assert image.read_bytes() == before and not (tmp_path / "cache").exists()
+    with pytest.raises(PipelineError, match=re.escape(f"lies below {image}, which is a file")):
+        segment_volume.main(["--image", str(image), "--label", str(label), "--out", str(image / "pred.nii.gz")])
 
 
 def test_model_and_finetuned_fail_before_the_ct_is_read(raw_phantom, tmp_path):
@@ -222,8 +224,9 @@ def test_model_and_finetuned_fail_before_the_ct_is_read(raw_phantom, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), str(flat))
     _, _, label = _case_files(raw_phantom)
     with pytest.raises(PipelineError, match="--finetuned"):
-        segment_volume.main(["--image", str(flat), "--label", str(label), "--out", str(tmp_path / "o.nii.gz"),
+        segment_volume.main(["--image", str(flat), "--label", str(label), "--out", str(tmp_path / "new" / "o.nii.gz"),
                              "--finetuned", str(tmp_path / "missing.pt")])
+    assert not (tmp_path / "new").exists()  # --out's folder is made only when the label map is written
 
 
 def test_evaluation_checks_every_case_before_any_work(raw_phantom, tmp_path, monkeypatch):
@@ -236,7 +239,7 @@ def test_evaluation_checks_every_case_before_any_work(raw_phantom, tmp_path, mon
     with pytest.raises(PipelineError, match="not a 3D volume"):
         segment_volume.main(["--data-dir", str(raw_phantom), "--results-dir", str(tmp_path / "r"),
                              "--cache-dir", str(tmp_path / "cache")])
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "r" / "volume_3d.json").exists()
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("given,expected", [("auto", {"litemedsam": 6.0, "mobilesam": 4.0}), ("0", 0.0), ("2.5", 2.5)])
