@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny phantom written and preprocessed once per test session."""
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import re
 import sys
@@ -97,3 +99,28 @@ def fails(capsys, main, argv) -> str:
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
     return error_line(err)
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder, what: str, flag: str):
+    """`files.exclusive(folder)` held by a forked process (an unrelated run) for the block; yields its pid."""
+    import files
+
+    fork = multiprocessing.get_context("fork")
+    ours, theirs = fork.Pipe()
+
+    def hold():
+        os.environ.pop(files.LOCKS_ENV, None)
+        with files.exclusive(folder, what, flag):
+            theirs.send("held")
+            theirs.recv()
+        os._exit(0)
+
+    holder = fork.Process(target=hold)
+    holder.start()
+    try:
+        assert ours.poll(30) and ours.recv() == "held"
+        yield holder.pid
+    finally:
+        ours.send("done")
+        holder.join(30)

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import error_line, fails, run_script
+from conftest import error_line, fails, held_by_another_process, run_script
 
 import classify_train_task3
 import classify_val_task3
@@ -290,16 +290,15 @@ def test_resume_repairs_best_and_log_written_after_last(tmp_path):
 # ---------------------------------------------------------------------------------------------- 4. concurrent runs
 def test_second_run_into_a_locked_results_dir_fails_naming_the_holder(cold, tmp_path, capsys):
     results = tmp_path / "results"
-    argv = ["classify_val_task3.py", "--slices", cold, "--results-dir", results, "--model", "litemedsam"]
+    argv = ["--slices", cold, "--results-dir", results, "--model", "litemedsam"]
+    with held_by_another_process(results, "results folder", "--results-dir") as pid:  # an unrelated run
+        line = fails(capsys, classify_val_task3.main, argv)
+        assert "in use by another run" in line and f"pid {pid} " in line
+    # a stage of a run that holds the lock (run_report.py's stages; their processes inherit it) gets in
     with files.exclusive(results, "results folder", "--results-dir"):
-        other = run_script(argv, env={files.LOCKS_ENV: ""})  # an unrelated run
-        child = run_script(argv)  # a child stage: inherits this process's locks, as run_report.py's stages do
-    assert other.returncode == 2
-    line = error_line(other.stderr)
-    assert "in use by another run" in line and f"pid {os.getpid()} " in line
-    assert child.returncode == 2 and "classifier checkpoint not found" in error_line(child.stderr)  # got past the lock
+        assert "classifier checkpoint not found" in fails(capsys, classify_val_task3.main, argv)
     # released: the next run gets in
-    assert "classifier checkpoint not found" in fails(capsys, classify_val_task3.main, argv[1:])
+    assert "classifier checkpoint not found" in fails(capsys, classify_val_task3.main, argv)
 
 
 def fake_backbone(side: int = 4):
@@ -319,25 +318,10 @@ def fake_cache(folder: Path, n: int = 6) -> EmbeddingCache:
 
 def test_embedding_cache_being_filled_is_locked(tmp_path):
     folder = tmp_path / "embeddings"
-    ours, theirs = FORK.Pipe()
-
-    def hold():
-        os.environ.pop(files.LOCKS_ENV, None)
-        with files.exclusive(folder, "embedding cache", "--slices"):
-            theirs.send("held")
-            theirs.recv()
-        os._exit(0)
-
-    holder = FORK.Process(target=hold)
-    holder.start()
-    try:
-        assert ours.poll(30) and ours.recv() == "held"
+    with held_by_another_process(folder, "embedding cache", "--slices") as pid:
         with pytest.raises(PipelineError, match="in use by another run") as exc:
             fake_cache(folder).fill("cpu", progress=False, encode=fake_rows)
-        assert f"pid {holder.pid} " in str(exc.value) and "\n" not in str(exc.value)
-    finally:
-        ours.send("done")
-        holder.join(30)
+        assert f"pid {pid} " in str(exc.value) and "\n" not in str(exc.value)
     assert fake_cache(folder).fill("cpu", progress=False, encode=fake_rows) == 6
 
 

@@ -216,11 +216,10 @@ def test_task3_classification(task2, cold_slices):
         classify_train_task3.main([*args, *TINY_TRAIN, "--resume", "--select-by", "weighted"])
 
 
-def test_scripts_fail_cleanly_on_bad_input(tmp_path):
-    res = run_script(["segmentation_task1.py", "--slices", tmp_path / "none", "--results-dir", tmp_path / "r"])
-    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: slices folder")
-    res = run_script(["segmentation_task1.py", "--slices", tmp_path, "--model", "vit_q"])
-    assert res.returncode == 2 and "unknown model 'vit_q'" in res.stderr
+def test_scripts_fail_cleanly_on_bad_input(tmp_path, capsys):
+    line = fails(capsys, segmentation_task1.main, ["--slices", tmp_path / "none", "--results-dir", tmp_path / "r"])
+    assert line.startswith("error: slices folder")
+    assert "unknown model 'vit_q'" in fails(capsys, segmentation_task1.main, ["--slices", tmp_path, "--model", "vit_q"])
     assert not (tmp_path / "r").exists()
 
 

@@ -7,7 +7,7 @@ import re
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import assert_figure, run_script
+from conftest import assert_figure, fails, held_by_another_process
 
 import segment_volume
 from cli import PipelineError
@@ -176,13 +176,12 @@ def test_bad_prompts_fail_with_one_line_and_write_nothing(raw_phantom, tmp_path,
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-def test_bad_prompts_exit_2_with_one_line(raw_phantom, tmp_path):
+def test_bad_prompts_exit_2_with_one_line(raw_phantom, tmp_path, capsys):
     _, image, _ = _case_files(raw_phantom)
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"liver": {"slice": 2, "box": [5, 5, 500, 20]}}))
-    res = run_script(["segment_volume.py", "--image", image, "--prompts", path, "--out", tmp_path / "pred.nii.gz"])
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: prompts['liver']['box']"), res.stderr
+    line = fails(capsys, segment_volume.main, ["--image", image, "--prompts", path, "--out", tmp_path / "pred.nii.gz"])
+    assert line.startswith("error: prompts['liver']['box']")
     assert not (tmp_path / "pred.nii.gz").exists()
 
 
@@ -285,10 +284,6 @@ def test_a_3d_box_bounds_the_first_mask_too():
 def test_3d_cache_locks_one_volume_not_the_whole_folder(litemedsam, tmp_path):
     """Another run encoding one CT holds that CT's cache only: a run on another CT in the same --cache-dir
     proceeds, one on the same CT fails with one line."""
-    import multiprocessing
-    import os
-
-    import files
     from models import load_decoder
     from propagation import VolumeDecoder
 
@@ -296,26 +291,10 @@ def test_3d_cache_locks_one_volume_not_the_whole_folder(litemedsam, tmp_path):
     decoder = load_decoder(litemedsam)
     a, b = (VolumeDecoder(rng.integers(0, 255, (2, 32, 32), dtype=np.uint8), litemedsam, decoder, tmp_path, "cpu")
             for _ in range(2))
-    fork = multiprocessing.get_context("fork")
-    ours, theirs = fork.Pipe()
-
-    def hold():
-        os.environ.pop(files.LOCKS_ENV, None)
-        with files.exclusive(a.cache.dir, "volume embedding cache", "--cache-dir"):
-            theirs.send("held")
-            theirs.recv()
-        os._exit(0)
-
-    holder = fork.Process(target=hold)
-    holder.start()
-    try:
-        assert ours.poll(30) and ours.recv() == "held"
+    with held_by_another_process(a.cache.dir, "volume embedding cache", "--cache-dir"):
         b.embedding(0)
         assert b.encoder_passes == 1
         with pytest.raises(PipelineError, match="in use by another run"):
             a.embedding(0)
-    finally:
-        ours.send("done")
-        holder.join(30)
     a.embedding(0)
     assert a.encoder_passes == 1
