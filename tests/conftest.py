@@ -35,6 +35,20 @@ def tiny_slices(raw_phantom, tmp_path_factory):
     return out
 
 
+def slices_copy(slices: Path, dst: Path) -> Path:
+    """A copy of a slices folder without its embedding cache (so the next run encodes from cold)."""
+    import shutil
+
+    shutil.copytree(slices, dst, ignore=shutil.ignore_patterns("embeddings"))
+    return dst
+
+
+@pytest.fixture
+def cold(tiny_slices, tmp_path) -> Path:
+    """A private copy of the tiny slices without any embedding cache."""
+    return slices_copy(tiny_slices, tmp_path / "slices")
+
+
 @pytest.fixture(scope="session")
 def litemedsam():
     from cli import tune_allocator

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import fails
 from torch import nn
 
 import baselines
@@ -84,30 +84,23 @@ def test_resume_equals_uninterrupted(tiny_slices, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def _fails(args, results):
-    res = run_script(["baselines.py", "--results-dir", results, *SMOKE, *args])
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
+def _no_training_cases(cold):
+    write_json(cold / "train" / MANIFEST_FILE, {"split": "train", "cases": [], "slices": []})
+    return cold
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--model", "unet,vgg16"], ["unknown --model 'vgg16'", "swinunetr"]),
+    (["--model", "unet,resunet", "--resume"], ["no checkpoint to resume"]),
+    ("no training cases", ["train split", "no slices"]),
+])
+def test_bad_input_is_one_line_and_writes_nothing(cold, tmp_path, capsys, args, needles):
+    slices = _no_training_cases(cold) if args == "no training cases" else cold
+    results = tmp_path / "r"
+    line = fails(capsys, baselines.main, ["--slices", slices, "--results-dir", results, *SMOKE,
+                                          *([] if isinstance(args, str) else args)])
+    assert all(n in line for n in needles), line
     assert not results.exists()  # nothing written, not even the folder
-    return lines[0]
-
-
-def test_unknown_model_is_one_line(tiny_slices, tmp_path):
-    line = _fails(["--slices", tiny_slices, "--model", "unet,vgg16"], tmp_path / "r")
-    assert "unknown --model 'vgg16'" in line and "swinunetr" in line
-
-
-def test_resume_without_any_checkpoint_is_one_line(tiny_slices, tmp_path):
-    line = _fails(["--slices", tiny_slices, "--model", "unet,resunet", "--resume"], tmp_path / "r")
-    assert "no checkpoint to resume" in line
-
-
-def test_slices_without_training_cases_is_one_line(tiny_slices, tmp_path):
-    slices = tmp_path / "slices"
-    shutil.copytree(tiny_slices, slices, ignore=shutil.ignore_patterns("embeddings"))
-    write_json(slices / "train" / MANIFEST_FILE, {"split": "train", "cases": [], "slices": []})
-    line = _fails(["--slices", slices], tmp_path / "r")
-    assert "train split" in line and "no slices" in line
 
 
 # ---------------------------------------------------------------------------------------------- scoring

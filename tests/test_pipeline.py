@@ -1,11 +1,10 @@
 """End to end on a tiny phantom: Task 1, Task 2 (checkpoints, resume, NaN, torchrun), Task 3."""
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_figure, fails, run_script
+from conftest import assert_figure, fails, run_script, slices_copy
 
 import classify_train_task3
 import classify_val_task3
@@ -22,9 +21,7 @@ TINY_TRAIN = ["--epochs", "2", "--samples-per-epoch", "16", "--batch-size", "8",
 @pytest.fixture(scope="module")
 def cold_slices(tiny_slices, tmp_path_factory):
     """A copy of the tiny slices without any cached embeddings."""
-    dst = tmp_path_factory.mktemp("cold") / "slices"
-    shutil.copytree(tiny_slices, dst, ignore=shutil.ignore_patterns("embeddings"))
-    return dst
+    return slices_copy(tiny_slices, tmp_path_factory.mktemp("cold") / "slices")
 
 
 @pytest.fixture(scope="module")
