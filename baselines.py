@@ -58,7 +58,7 @@ from files import Results, fixed, load_checkpoint, markdown_table, read_json, re
 from models import autocast
 from tables import data_description, write_table3
 from training import DistEnv, check_some_to_resume, collate, fit, precheck_resume, run_batches
-from utils import NUM_ORGANS, ORGANS, DiceTable, SliceSet
+from utils import NUM_ORGANS, DiceTable, SliceSet, per_organ_markdown
 
 # ---------------------------------------------------------------------------------------------- config
 SLICES = DEFAULT_SLICES  # output of preprocess.py: models train on its train split and are scored on its val split
@@ -431,25 +431,20 @@ def markdown(result: dict) -> str:
                               "inference slices/s", "best epoch", "settings (epochs x samples)"], rows, "{:.4f}")
             + f"\nData: {result['data']}. Input {result['input_size']} x {result['input_size']} px, predictions "
               "resized back to each slice's own size; per-organ Dice over the slices where the organ is present.\n\n"
-            + per_organ_table("### Per-organ Dice", models))
+            + per_organ_markdown({n: m["per_organ"] for n, m in models.items()}, "### Per-organ Dice"))
     if "eval_slices" in result:
         other = result["eval_slices"]
         text += (f"\n### Best checkpoints on other slices: {other['data']} (val split, only labelled organs)\n\n"
                  + markdown_table(["model", "mDice", "slices"], [[n, m["mdice"], m["n_slices"]]
                                                                for n, m in other["models"].items()])
-                 + "\n" + per_organ_table("#### Per-organ Dice on those slices", other["models"]))
+                 + "\n" + per_organ_markdown({n: m["per_organ"] for n, m in other["models"].items()},
+                                              "#### Per-organ Dice on those slices"))
     return text
 
 
 def _settings_text(s: dict) -> str:
     return (f"{s['profile']}: {s['epochs']} x {s['samples_per_epoch'] or 'all'}, batch {s['batch_size']}, "
             f"lr {s['lr']:g}, {s['dtype']}")
-
-
-def per_organ_table(title: str, models: dict) -> str:
-    organs = [o for o in ORGANS if any(o in m["per_organ"] for m in models.values())]
-    rows = [[o] + [m["per_organ"].get(o) for m in models.values()] for o in organs]
-    return f"{title}\n\n" + markdown_table(["organ", *models], rows)
 
 
 # ---------------------------------------------------------------------------------------------- speed (bench.py)

@@ -218,9 +218,9 @@ def table3_note(res: Results, skip: set) -> str:
                                         if earlier.is_file() else "")
 
 
-def write_report(cfg: dict, prof: dict, res: Results, slices: Path, stages: Stages, device: str, others) -> Path:
+def write_report(cfg: dict, prof: dict, res: Results, slices: Path, stages: Stages, device: str, others,
+                 skip: set) -> Path:
     params = read_json(slices / PREPROCESS_FILE)
-    skip = optional_stages(cfg)
     t1 = read_json(res.table("table1", "json"))
     counts = params["counts"]
     total = sum(v["seconds"] for v in stages.times.values())
@@ -295,7 +295,7 @@ def prepare_slices(cfg: dict, prof: dict, stages: Stages, common: list) -> tuple
     return raw, slices
 
 
-def run_stages(cfg: dict, prof: dict, res: Results, device, others: list[str]) -> Path:
+def run_stages(cfg: dict, prof: dict, res: Results, device, others: list[str], skip: set) -> Path:
     stages = Stages(res, cfg["force"])
     common = ["--seed", str(cfg["seed"]), "--device", str(device)]
     model = ["--model", cfg["model"]] + (["--checkpoint", cfg["checkpoint"]] if cfg["checkpoint"] else [])
@@ -310,7 +310,6 @@ def run_stages(cfg: dict, prof: dict, res: Results, device, others: list[str]) -
                                                    "--model", other], [out.table("table1", "json")], slices)
     stages.run("task 2: finetune", ["finetune_task2.py", *main, "--prompt", "all", *flags(prof["finetune"])],
                [res.table("table2", "json"), res.table("table3", "md"), res.figure("fig1"), res.figure("fig2")], slices)
-    skip = optional_stages(cfg)
     if "baselines" not in skip:
         stages.run("baselines (Table 3)", ["baselines.py", "--slices", str(slices), "--results-dir", str(res.root), *common,
                                            "--profile", cfg["profile"]],
@@ -325,7 +324,7 @@ def run_stages(cfg: dict, prof: dict, res: Results, device, others: list[str]) -
                                              "--encoder-dtype", prof["encoder_dtype"], "--cache-dir",
                                              str(Path(cfg["work_dir"]) / "embeddings_3d")],
                    [res.table("volume_3d", "json"), res.table("volume_3d", "md")], slices)
-    return write_report(cfg, prof, res, slices, stages, str(device), others)
+    return write_report(cfg, prof, res, slices, stages, str(device), others, skip)
 
 
 def main(argv=None):
@@ -335,11 +334,11 @@ def main(argv=None):
         raise PipelineError(f"unknown --profile {cfg['profile']!r}; use {' or '.join(PROFILES)}")
     check_model_name(cfg["model"])
     others = compare_models(cfg)
-    optional_stages(cfg)
+    skip = optional_stages(cfg)
     res = Results(cfg["results_dir"])
     t0 = time.perf_counter()
     with results_lock(res.root):
-        report = run_stages(cfg, PROFILES[cfg["profile"]], res, device, others)
+        report = run_stages(cfg, PROFILES[cfg["profile"]], res, device, others, skip)
     print(f"all stages finished in {time.perf_counter() - t0:.0f} s")
     print(f"report: {report.resolve()}")
 

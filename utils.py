@@ -198,8 +198,7 @@ class DiceTable:
 
     def prompts(self):
         """The table's rows: prompt types in the report's order, then other keys (model names) as added."""
-        keys = list(dict.fromkeys(k[0] for k in self.slice_dice))
-        return [p for p in PROMPT_TYPES if p in keys] + [k for k in keys if k not in PROMPT_TYPES]
+        return report_order(dict.fromkeys(k[0] for k in self.slice_dice))
 
     def per_organ(self) -> dict:
         out = {}
@@ -224,12 +223,19 @@ class DiceTable:
                 if p == self.prompts()[0]}
 
 
+def report_order(keys) -> list:
+    """Table keys: prompt types in the report's order, then any other keys (model names) in their order."""
+    keys = list(keys)
+    return [p for p in PROMPT_TYPES if p in keys] + [k for k in keys if k not in PROMPT_TYPES]
+
+
 def per_organ_markdown(per_organ: dict, title: str) -> str:
-    """Markdown table: one row per organ, one column per prompt type."""
-    prompts = [p for p in PROMPT_TYPES if p in per_organ]
-    organs = [o for o in ORGANS if any(o in per_organ[p] for p in prompts)]
-    rows = [[o] + [per_organ[p].get(o) for p in prompts] for o in organs]
-    return f"{title}\n\n" + markdown_table(["organ"] + prompts, rows)
+    """Markdown table: one row per organ, one column per key of `per_organ` ({column: {organ: Dice}}):
+    prompt types in the report's order, then other keys (model names) as given."""
+    columns = report_order(per_organ)
+    organs = [o for o in ORGANS if any(o in per_organ[c] for c in columns)]
+    rows = [[o] + [per_organ[c].get(o) for c in columns] for o in organs]
+    return f"{title}\n\n" + markdown_table(["organ"] + columns, rows)
 
 
 # ----------------------------------------------------------------------------------------------
