@@ -1,6 +1,6 @@
-"""python bench.py --quick: benchmarks of the pipeline on phantom slices -> RESULTS_DIR/bench.json, bench.md.
+"""python bench.py --profile quick: benchmarks of the pipeline on phantom slices -> RESULTS_DIR/bench.json, bench.md.
 
-    python bench.py --quick               # under 10 minutes on a quiet 2-core CPU
+    python bench.py --profile quick       # under 10 minutes on a quiet 2-core CPU (sizes: profiles/quick.toml [bench])
     python bench.py                       # larger sizes (tens of minutes on a 2-core CPU)
 
 Measured in one run, on slices generated here (`preprocess.py`'s phantom, PHANTOM_SHAPE voxels):
@@ -40,31 +40,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache import EVAL_EPOCH, EmbeddingCache, PromptDataset, evaluate, open_split
-from cli import DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_MODEL, DEFAULT_SEED, PipelineError, parse_config, run_main, start_run
-from files import Results, check_replaceable, markdown_table, write_json, write_text
-from finetune_task2 import LR, MOMENTUM, WEIGHT_DECAY
-from models import PromptedDecoder, autocast, decode_batch, encode_images, load_backbone
-from training import epoch_order, mask_losses
-from preprocess import parse_window
-from utils import (POINT_PROMPTS, SliceSet, dice_score, make_prompt, organ_name, present_organs, prompt_rng,
-                   prompt_types_arg)
+from sambtcv import config, records
+from sambtcv.backbones import encode_images, load_backbone
+from sambtcv.cli import flag, parse_config, run_main, start_run
+from sambtcv.data import parse_window
+from sambtcv.decoder import PromptedDecoder, decode_batch, load_decoder
+from sambtcv.device import autocast, sync
+from sambtcv.embeddings import EmbeddingCache, open_split
+from sambtcv.errors import PipelineError
+from sambtcv.evaluation import EVAL_EPOCH, PromptDataset, evaluate
+from sambtcv.files import Results, check_replaceable, markdown_table, write_json, write_text
+from sambtcv.metrics import dice_score
+from sambtcv.names import POINT_PROMPTS, organ_name, prompt_types_arg
+from sambtcv.prompts import make_prompt, present_organs, prompt_rng
+from sambtcv.propagation import VolumeDecoder
+from sambtcv.slices import SliceSet
+from sambtcv.training import epoch_order, mask_losses
+from sambtcv.volume import WalkSettings, label_prompts, load_case, margin_mm, segment
 
 # ---------------------------------------------------------------------------------------------- config
 RESULTS_DIR = "results"  # bench.json and bench.md go here
 WORK_DIR = "data/bench"  # phantom volumes, slice sets and subprocess outputs (rebuilt on every run)
-MODEL = DEFAULT_MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
+MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
 CHECKPOINT = None  # backbone weights; default: the packaged ones, or checkpoints/<official name>
-QUICK = False  # smaller sizes (QUICK_SIZES) for every constant not given on the command line
-SEED = DEFAULT_SEED  # phantom and prompt seed (>= 0)
-DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
+SEED = config.SEED  # phantom and prompt seed (>= 0)
+DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 PHANTOM_SHAPE = "128,128,24"  # voxels of each phantom volume
 TRAIN_VOLUMES = 6  # phantom volumes of the 1x training split: decoder training, memory test (>= 1)
 VAL_VOLUMES = 2  # phantom volumes of the 1x validation split: zero-shot, encoder, Task 1 at 1x (>= 1)
 ZERO_SHOT_PROMPT = "all"  # prompt types of the zero-shot comparison
 NAIVE_ITEMS = 60  # (slice, organ) items per prompt type run through the naive SamPredictor loop (>= 1)
-DECODE_BATCH = DEFAULT_DECODE_BATCH  # prompts per decoder pass in the pipeline (>= 1)
+DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass in the pipeline (>= 1)
 ENCODER_SLICES = 16  # slices timed through the image encoder, per dtype (>= 1)
+ENCODER_BATCHES = "1"  # slices per encoder pass to time (comma list; a GPU profits from more than 1)
 TRAIN_PROMPT = "bound_box"  # prompt type of the decoder-training samples
 TRAIN_BATCH = 32  # samples per SGD step in the batched measurement (>= 1)
 TRAIN_SAMPLES = 128  # samples timed per mode (batched, one at a time) and dtype (>= 1)
@@ -77,8 +85,6 @@ BASELINE_BATCH = 4  # batch of those timed training steps and forward passes (>=
 REPORT_RESULTS = "results"  # results folder of the last ./run.sh report, whose stage times are recorded
 # -----------------------------------------------------------------------------------------------------
 
-QUICK_SIZES = {"train_volumes": 3, "val_volumes": 1, "naive_items": 12, "encoder_slices": 6, "train_batch": 16,
-               "train_samples": 48, "rss_samples_per_epoch": 64, "rss_val_samples": 16, "task1_prompt": "bound_box"}
 HERE = Path(__file__).resolve().parent
 WORK_MARKER = "bench_work.json"  # marks WORK_DIR as bench.py's, so that it may be rebuilt
 TARGETS = {"zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.3, "encoder_bf16_mask_agreement": 0.99,
@@ -91,11 +97,6 @@ _RSS_RUNNER = ("import json, resource, runpy, sys\n"
                "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
                "finally:\n"
                "    print('BENCH_MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def machine_info(device) -> dict:
@@ -119,7 +120,7 @@ def machine_info(device) -> dict:
 def make_set(work: Path, name: str, volumes: list, train: list, val: list, seed: int, shape) -> Path:
     """Preprocess a slice set whose splits list phantom volumes by index, repeats allowed (each repeat
     is a symlink under a new case name). Written through a dataset_0.json; returns the slices folder."""
-    from preprocess import preprocess
+    from sambtcv.data import preprocess
 
     root = work / "sets" / name / "raw"  # the data dir: links to phantom volumes and a dataset_0.json
     raw = root / "volumes"
@@ -145,11 +146,12 @@ def make_set(work: Path, name: str, volumes: list, train: list, val: list, seed:
 
 
 def build_data(cfg: dict) -> dict:
-    from phantom import write_phantom
-    from preprocess import phantom_shape
+    from sambtcv.data import phantom_shape
+    from sambtcv.phantom import write_phantom
 
     work = Path(cfg["work_dir"]).resolve()
-    check_replaceable(work, WORK_MARKER, "--work-dir")  # rebuilt whole: only a folder bench.py wrote
+    with flag("--work-dir"):
+        check_replaceable(work, WORK_MARKER)  # rebuilt whole: only a folder bench.py wrote
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     write_json(work / WORK_MARKER, {"written_by": "bench.py"})
@@ -387,6 +389,26 @@ def bench_encoder(cfg, backbone, slices_dir: Path, device) -> dict:
                                 "from each embedding; agreement = equal pixels / all pixels"}}
 
 
+def bench_encoder_batches(cfg, backbone, slices_dir: Path, device) -> dict:
+    """Slices/s of the image encoder at each batch size of ENCODER_BATCHES, fp32 and bf16, the backbone's
+    own memory format (encode_batch of the pages)."""
+    slices = SliceSet(slices_dir, "val")
+    sizes = [int(v) for v in str(cfg["encoder_batches"]).split(",") if v.strip()]
+    images = [slices.load(i % len(slices))[0] for i in range(max(sizes) * 2)]
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        for size in sizes:
+            encode_images(backbone, images[:size], device, dtype)  # warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            for start in range(0, len(images), size):
+                encode_images(backbone, images[start:start + size], device, dtype)
+            sync(device)
+            out[f"{dtype}_batch{size}"] = round(len(images) / (time.perf_counter() - t0), 2)
+            print(f"bench: encoder {dtype} batch {size}: {out[f'{dtype}_batch{size}']} slices/s", flush=True)
+    return {"encoder_batches": {"model": backbone.name, "slices_per_second": out, "images": len(images)}}
+
+
 # ---------------------------------------------------------------------------------------------- 3. decoder training
 def bench_training(cfg, backbone, data, device) -> dict:
     prompt_type = cfg["train_prompt"]
@@ -400,8 +422,8 @@ def bench_training(cfg, backbone, data, device) -> dict:
     def run(batch_size: int, dtype: str) -> float:
         torch.manual_seed(cfg["seed"])
         module = copy.deepcopy(pretrained).to(device).train()
-        opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM,
-                              weight_decay=WEIGHT_DECAY)
+        opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=config.FINETUNE_LR, momentum=config.FINETUNE_MOMENTUM,
+                              weight_decay=config.FINETUNE_WEIGHT_DECAY)
         batches = [torch.utils.data.default_collate(samples[s:s + batch_size]) for s in range(0, n, batch_size)]
 
         def step(batch):
@@ -498,20 +520,16 @@ def bench_task1_scaling(cfg, sets: dict, work: Path) -> dict:
 def bench_volume(cfg, backbone, sets: dict, work: Path, device) -> dict:
     """segment_volume.py's one-box propagation on the validation volumes, cold embedding cache: seconds
     per organ-volume and encoder passes per visited slice (each slice encoded at most once)."""
-    import segment_volume as sv
-    from models import load_decoder
-    from propagation import VolumeDecoder
-
-    vcfg = {"stop": sv.STOP, "margin_mm": sv.MARGIN_MM}
+    walk = WalkSettings("intensity", margin_mm("auto", backbone.name))
     decoder = load_decoder(backbone).to(device)
     passes = visited = organs = 0
     sync(device)
     t0 = time.perf_counter()
     for n, (image, label) in enumerate(sets["val_volumes"]):
-        case = sv.load_case(f"case{n}", image, label, parse_window(sv.WINDOW_HU))
+        case = load_case(f"case{n}", image, label, parse_window(config.WINDOW_HU))
         dec = VolumeDecoder(case.stack, backbone, decoder, work / "embeddings_3d", device)
-        prompts = sv.label_prompts(case, present_organs(case.label))
-        sv.segment(dec, prompts, vcfg, case.spacing)
+        prompts = label_prompts(case, present_organs(case.label))
+        segment(dec, prompts, walk, case.pixel_mm)
         passes, visited, organs = passes + dec.encoder_passes, visited + len(dec.visited), organs + len(prompts)
     sync(device)
     seconds = time.perf_counter() - t0
@@ -519,34 +537,33 @@ def bench_volume(cfg, backbone, sets: dict, work: Path, device) -> dict:
     return {"volume_3d": {"organ_volumes": organs, "seconds": round(seconds, 2),
                           "seconds_per_organ_volume": seconds / max(organs, 1), "encoder_passes": passes,
                           "visited_slices": visited, "passes_per_visited_slice": passes / max(visited, 1),
-                          "stop": sv.STOP, "margin_mm": sv.margin_for(vcfg, backbone.name),
-                          "note": "one box per organ on its largest slice, propagated (segment_volume.segment); "
+                          "stop": walk.stop, "margin_mm": walk.margin_mm,
+                          "note": "one box per organ on its largest slice, propagated (sambtcv.volume.segment); "
                                   "cold cache; includes loading each volume"}}
 
 
 def bench_baselines(cfg, sets: dict, device) -> dict:
     """Table 3's trained baselines: training samples/s and inference slices/s at the quick profile's input."""
-    from baselines import BASELINES, PROFILES, measure_speed
+    from sambtcv.baseline_nets import BASELINES, measure_speed
 
-    quick = PROFILES["quick"]
+    quick = config.load_profile("quick")
+    size, dtype = quick["baselines"]["input_size"], quick["all"]["dtype"]
     speeds = measure_speed(list(BASELINES), sets["base"], device, cfg["baseline_samples"], cfg["baseline_batch"],
-                           quick["input_size"], quick["dtype"], cfg["seed"])
-    return {"baselines": {"input_size": quick["input_size"], "dtype": quick["dtype"], "batch": cfg["baseline_batch"],
+                           size, dtype, cfg["seed"])
+    return {"baselines": {"input_size": size, "dtype": dtype, "batch": cfg["baseline_batch"],
                           "samples": cfg["baseline_samples"], "models": speeds,
-                          "note": "baselines.measure_speed: AdamW + DiceCE steps after one warm-up step; inference = "
-                                  "forward passes alone"}}
+                          "note": "baseline_nets.measure_speed: AdamW + DiceCE steps after one warm-up step; "
+                                  "inference = forward passes alone"}}
 
 
 def report_stages(cfg) -> dict:
-    """The stage times of the last `./run.sh report` into REPORT_RESULTS (its stages.json), if any."""
-    res = Results(cfg["report_results"])
-    if not res.stages.is_file() or not res.table("table1", "json").is_file():
+    """The stage times of the newest report record in REPORT_RESULTS (the last `./run.sh report`), if any."""
+    report = records.latest(cfg["report_results"], "report")
+    if report is None:
         return {}
-    stages = json.loads(res.stages.read_text())
-    t1 = json.loads(res.table("table1", "json").read_text())
-    report_md = res.report.read_text() if res.report.is_file() else ""
-    profile = report_md.split("--profile ", 1)[1].split("`", 1)[0] if "--profile " in report_md else "?"
-    return {"report_stages": {"model": t1["model"], "profile": profile, "results": str(res.root),
+    stages = report.result["stages"]
+    return {"report_stages": {"model": report.settings["model"], "profile": report.settings["profile"],
+                              "results": str(cfg["report_results"]), "record": report.id,
                               "stages": {k: round(v["seconds"], 1) for k, v in stages.items()},
                               "seconds": round(sum(v["seconds"] for v in stages.values()), 1)}}
 
@@ -610,7 +627,7 @@ def scale_rows(res: dict) -> list:
 def report(res: dict) -> str:
     rows = speed_rows(res) + scale_rows(res)
     m = res["machine"]
-    return ("## Benchmarks (`python bench.py" + (" --quick" if res["quick"] else "") + "`)\n\n"
+    return ("## Benchmarks (`python bench.py" + (f" --profile {res['profile']}" if res["profile"] else "") + "`)\n\n"
             + markdown_table(["measure", "measured", "target", "met"], rows)
             + f"\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}; phantom slices "
               f"{res['phantom_shape']}. Full numbers in bench.json.\n")
@@ -618,11 +635,9 @@ def report(res: dict) -> str:
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
-    if cfg["quick"]:
-        cfg = parse_config(globals(), argv, defaults=QUICK_SIZES)
     device = start_run(cfg)
     t_start = time.perf_counter()
-    res = {"machine": machine_info(device), "quick": cfg["quick"], "model": cfg["model"],
+    res = {"machine": machine_info(device), "profile": cfg["profile"], "model": cfg["model"],
            "phantom_shape": cfg["phantom_shape"]}
     work = Path(cfg["work_dir"]).resolve()
     sections = {}
@@ -639,6 +654,8 @@ def main(argv=None):
     res.update(timed("zero_shot", bench_zero_shot, cfg, backbone, sets["base"], device))
     print("bench: 2. image encoder fp32 / bf16", flush=True)
     res.update(timed("encoder", bench_encoder, cfg, backbone, sets["base"], device))
+    if str(cfg["encoder_batches"]).strip() not in ("", "1"):
+        res.update(timed("encoder_batches", bench_encoder_batches, cfg, backbone, sets["base"], device))
     print("bench: 3. decoder training", flush=True)
     train = timed("train_cache_fill", open_split, sets["base"], "train", backbone, "fp32", device)
     res.update(timed("decoder_training", bench_training, cfg, backbone, train, device))

@@ -22,20 +22,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache import EVAL_EPOCH, PromptDataset
-from cli import (DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_ENCODE_BATCH, DEFAULT_MODEL,
-                 DEFAULT_RESULTS_DIR, DEFAULT_SEED, DEFAULT_SLICES, PipelineError, check_choice, check_precision,
-                 parse_config, run_main)
-from files import Results, load_checkpoint, results_lock, write_json
-from models import autocast, decode_batch
-from modified_classifier import build_classifier
-from training import check_some_to_resume, fit, precheck_resume, run_batches, setup_training
-from utils import NUM_ORGANS, prompt_types_arg
+from sambtcv import config, records
+from sambtcv.classifier import build_classifier
+from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
+from sambtcv.decoder import decode_batch
+from sambtcv.device import autocast
+from sambtcv.errors import PipelineError
+from sambtcv.evaluation import EVAL_EPOCH, PromptDataset
+from sambtcv.files import Results, load_checkpoint
+from sambtcv.names import NUM_ORGANS, check_choice, prompt_types_arg
+from sambtcv.tables import data_description
+from sambtcv.training import check_some_to_resume, fit, precheck_resume, run_batches, setup_training
 
 # ---------------------------------------------------------------------------------------------- config
-SLICES = DEFAULT_SLICES  # output of preprocess.py
-RESULTS_DIR = DEFAULT_RESULTS_DIR  # classifier/ checkpoints go here; Task 2's are read from here
-MODEL = DEFAULT_MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
+SLICES = config.SLICES  # output of preprocess.py
+RESULTS_DIR = config.RESULTS_DIR  # classifier/ checkpoints go here; Task 2's are read from here
+MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
 CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
 PROMPT = "one_central_point"  # one prompt type; point prompts, as the report's Table 4
 FINETUNED = ""  # Task 2 checkpoint to start from; empty: RESULTS_DIR/finetune/<PROMPT>/best.pt; pretrained: none
@@ -47,13 +49,13 @@ SELECT_BY = "balanced"  # best epoch by balanced (mean per-organ) | weighted (ov
 GRAD_CLIP = 0.0  # > 0: clip the gradient norm before each step (0: off, as the report) (>= 0)
 SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoch (>= 0)
 VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation (>= 0)
-SEED = DEFAULT_SEED  # prompts and training order (>= 0)
-DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+SEED = config.SEED  # prompts and training order (>= 0)
+DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
+DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
 RESUME = False  # continue from RESULTS_DIR/classifier/last.pt
-ENCODE_BATCH = DEFAULT_ENCODE_BATCH  # slices per image-encoder pass (>= 1)
-DECODE_BATCH = DEFAULT_DECODE_BATCH  # prompts per decoder pass in validation (>= 1)
+ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)
+DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass in validation (>= 1)
 # -----------------------------------------------------------------------------------------------------
 
 WEIGHTINGS = ("balanced", "none")
@@ -64,7 +66,7 @@ PRETRAINED = "pretrained"  # --finetuned value: start from the backbone's own de
 def class_weights(items, mode: str) -> torch.Tensor:
     """(13,) cross-entropy weights: inverse frequency of each organ among (slice, organ) samples,
     normalised to mean 1 over the organs present ('balanced'), or all ones ('none')."""
-    if check_choice(mode, WEIGHTINGS, "--class-weighting") == "none":
+    if check_choice(mode, WEIGHTINGS, "class weighting") == "none":
         return torch.ones(NUM_ORGANS)
     counts = np.bincount([organ - 1 for _, organ in items], minlength=NUM_ORGANS).astype(np.float64)
     weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
@@ -74,7 +76,7 @@ def class_weights(items, mode: str) -> torch.Tensor:
 
 def accuracy_metric(correct: list, organs: list, select_by: str) -> float:
     """Validation accuracy: over samples ("weighted") or the mean of the per-organ accuracies ("balanced")."""
-    check_choice(select_by, SELECTIONS, "--select-by")
+    check_choice(select_by, SELECTIONS, "select-by")
     correct, organs = np.asarray(correct, dtype=float), np.asarray(organs)
     if select_by == "weighted":
         return float(correct.mean())
@@ -95,7 +97,8 @@ def start_decoder(cfg: dict, res: Results, prompt_type: str) -> str | None:
     if not Path(path).is_file():
         raise PipelineError(f"--finetuned {path} not found; run finetune_task2.py --prompt {prompt_type} first, "
                             f"or pass --finetuned {PRETRAINED} to start from the pretrained decoder")
-    load_checkpoint(path, "finetune", "--finetuned")  # a file that is no Task 2 checkpoint: before any work
+    with flag("--finetuned"):
+        load_checkpoint(path, "finetune")  # a file that is no Task 2 checkpoint: before any work
     return path
 
 
@@ -120,8 +123,9 @@ def validation_fn(setup, cfg: dict, prompt_type: str):
     return validate
 
 
-def train(cfg: dict, res: Results, prompt_type: str, finetuned: str | None) -> dict:
-    setup = setup_training(cfg, "classification")
+def train(cfg: dict, device, res: Results, prompt_type: str, finetuned: str | None) -> dict:
+    setup = setup_training(device, cfg["model"], cfg["checkpoint"], cfg["slices"], cfg["encoder_dtype"],
+                           cfg["encode_batch"], "classification")
     device = setup.env.device
     torch.manual_seed(cfg["seed"])
     model = build_classifier(setup.backbone, finetuned).to(device)
@@ -141,32 +145,36 @@ def train(cfg: dict, res: Results, prompt_type: str, finetuned: str | None) -> d
               loss_name="CE loss", metric_name=f"{cfg['select_by']} accuracy")
     run["class_weights"] = weights.tolist()
     run["main"] = setup.env.main
+    run["config"] = dict(cfg, prompt=prompt_type, backbone=setup.backbone.key, finetuned_path=finetuned)
+    run["slices"] = {"id": setup.val.slices.signature, "data": data_description(setup.train.slices.params)}
     return run
 
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
-    prompts = prompt_types_arg(cfg["prompt"])
+    device = start_run(cfg)
+    with flag("--prompt"):
+        prompts = prompt_types_arg(cfg["prompt"])
     if len(prompts) != 1:
         raise PipelineError("--prompt takes one prompt type for classification")
     prompt_type = prompts[0]
-    check_choice(cfg["select_by"], SELECTIONS, "--select-by")  # before any work
-    check_choice(cfg["class_weighting"], WEIGHTINGS, "--class-weighting")
-    check_precision(cfg["dtype"])
+    with flag("--select-by"):  # before any work
+        check_choice(cfg["select_by"], SELECTIONS, "select-by")
+    with flag("--class-weighting"):
+        check_choice(cfg["class_weighting"], WEIGHTINGS, "class weighting")
     res = Results(cfg["results_dir"])
-    with results_lock(res.root):
+    with results_folder(res.root):
         finetuned = start_decoder(cfg, res, prompt_type)
         if cfg["resume"]:
             check_some_to_resume({"classifier": precheck_resume(res.classifier_run, "classifier",
                                                                 dict(cfg, prompt=prompt_type))},
                                  {"classifier": res.classifier_run})
-        run = train(cfg, res, prompt_type, finetuned)
+        run = train(cfg, device, res, prompt_type, finetuned)
         if run["main"]:
-            write_json(res.classifier_run / "train_summary.json",
-                       {"prompt": prompt_type, "best": run["best"], "last": run["last"],
-                        "best_val_accuracy": run["best_metric"], "select_by": cfg["select_by"],
-                        "finetuned_decoder": finetuned, "class_weights": run["class_weights"],
-                        "history": run["history"]})
+            records.write_record(res.root, "task3_train", run["config"],
+                                 {"best": run["best"], "last": run["last"], "best_epoch": run["best_epoch"],
+                                  "best_val_accuracy": run["best_metric"], "class_weights": run["class_weights"],
+                                  "history": run["history"]}, run["slices"])
             print(f"best validation accuracy {run['best_metric']:.4f}; checkpoint {run['best']}")
 
 

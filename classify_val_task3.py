@@ -14,28 +14,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache import evaluate, open_split
-from cli import (DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_ENCODE_BATCH, DEFAULT_MODEL,
-                 DEFAULT_RESULTS_DIR, DEFAULT_SEED, DEFAULT_SLICES, PipelineError, check_choice, parse_config,
-                 run_main, start_run)
-from files import Results, load_checkpoint, markdown_table, results_lock, save_figure, write_csv, write_json, write_text
-from models import load_backbone, load_decoder
-from modified_classifier import load_classifier
-from utils import ORGANS, SPLITS, DiceTable, organ_name
+from sambtcv import config, records, tables
+from sambtcv.backbones import load_backbone
+from sambtcv.classifier import load_classifier
+from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
+from sambtcv.decoder import load_decoder
+from sambtcv.embeddings import open_split
+from sambtcv.errors import PipelineError
+from sambtcv.evaluation import evaluate
+from sambtcv.files import Results, load_checkpoint, markdown_table, save_figure
+from sambtcv.metrics import DiceTable
+from sambtcv.names import ORGANS, SPLITS, check_choice, organ_name
 
 # ---------------------------------------------------------------------------------------------- config
-SLICES = DEFAULT_SLICES  # output of preprocess.py
-RESULTS_DIR = DEFAULT_RESULTS_DIR  # Table 4 and Figure 3 go here
-MODEL = DEFAULT_MODEL  # the backbone the classifier was trained on
+SLICES = config.SLICES  # output of preprocess.py
+RESULTS_DIR = config.RESULTS_DIR  # Table 4 and Figure 3 go here
+MODEL = config.MODEL  # the backbone the classifier was trained on
 CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
 CLASSIFIER = None  # classifier checkpoint; default RESULTS_DIR/classifier/best.pt
 SPLIT = "val"  # val | train
-SEED = DEFAULT_SEED  # seeds the random point prompts (>= 0)
-DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
-ENCODE_BATCH = DEFAULT_ENCODE_BATCH  # slices per image-encoder pass (>= 1)
-DECODE_BATCH = DEFAULT_DECODE_BATCH  # prompts per decoder pass (>= 1)
+SEED = config.SEED  # seeds the random point prompts (>= 0)
+DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
+DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)
+DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass (>= 1)
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -89,7 +92,8 @@ def example_figure(image, mask, true_name, pred_name, case, z):
 
 
 def classify(cfg: dict, device, ck: dict, ck_path) -> dict:
-    """Decode every (slice, organ) of the split with the classifier; the Table 4 numbers and records."""
+    """Decode every (slice, organ) of the split with the classifier; the Table 4 numbers and each sample's
+    ((slice index, organ), predicted organ)."""
     prompt_type = ck["config"]["prompt"]
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
     if ck["config"].get("backbone") != backbone.key:
@@ -97,18 +101,18 @@ def classify(cfg: dict, device, ck: dict, ck_path) -> dict:
                             f"pass the matching --model/--checkpoint")
     data = open_split(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"])
     model = load_classifier(backbone, ck).to(device)
-    records = []  # ((slice index, organ), predicted organ)
+    samples = []  # ((slice index, organ), predicted organ)
 
     def collect(_prompt, items, decoded, _preds):
-        records.extend(zip(items, (decoded.class_logits.float().argmax(1).cpu() + 1).tolist()))
+        samples.extend(zip(items, (decoded.class_logits.float().argmax(1).cpu() + 1).tolist()))
 
     after = evaluate(model, data, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"], DiceTable(),
                      on_batch=collect)
     # the decoder the classifier started from (its mask parts were frozen): the same Dice is expected
     start = load_decoder(backbone, ck["config"].get("finetuned_path")).to(device)
     before = evaluate(start, data, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"])
-    true = np.array([organ for (_, organ), _ in records])
-    pred = np.array([p for _, p in records])
+    true = np.array([organ for (_, organ), _ in samples])
+    pred = np.array([p for _, p in samples])
     present = sorted(set(true.tolist()))
     confusion = np.zeros((len(ORGANS), len(ORGANS)), dtype=np.int64)
     np.add.at(confusion, (true - 1, pred - 1), 1)
@@ -119,31 +123,28 @@ def classify(cfg: dict, device, ck: dict, ck_path) -> dict:
               "mask_mdice_after_classification_training": after.mdice()[prompt_type],
               "mask_mdice_before_classification_training": before.mdice()[prompt_type],
               "confusion": confusion.tolist(), "seed": cfg["seed"]}
-    return {"result": result, "records": records, "slices": data.slices}
+    return {"result": result, "samples": samples, "slices": data.slices,
+            "settings": {"classifier": str(ck_path), "classifier_config": ck["config"], "split": cfg["split"],
+                         "seed": cfg["seed"], "dtype": cfg["dtype"], "encoder_dtype": cfg["encoder_dtype"],
+                         "model": backbone.name, "backbone": backbone.key, "runtime": "torch"}}
 
 
 def write_outputs(res: Results, out: dict) -> list:
-    result, records, slices = out["result"], out["records"], out["slices"]
-    accuracy, counts = result["accuracy"], result["n"]
-    n = sum(counts.values())
+    """The Task 3 record, Table 4 built from it, the confusion matrix and Figure 3."""
+    result, samples, slices = out["result"], out["samples"], out["slices"]
+    records.write_record(res.root, "task3", out["settings"], result,
+                         {"id": slices.signature, "data": tables.data_description(slices.params)})
+    view = tables.write_table4(res.root)
+    accuracy, counts = view["accuracy"], view["n"]
     rows = [[o.replace("_", " "), accuracy[o], counts[o]] for o in accuracy]
-    rows.append(["**Weighted Average**", result["weighted_average"], n])
-    write_json(res.table("table4", "json"), result)
-    write_text(res.table("table4", "md"),
-               f"## Table 4: classification accuracy of different organs ({result['prompt'].replace('_', ' ')} "
-               f"prompts, {result['split']} split)\n\n" + markdown_table(["organ", "accuracy", "n"], rows)
-               + f"\nWeighted average = accuracy over all {n} (slice, organ) samples (weights = counts). "
-                 f"Mask mDice of the same model: {result['mask_mdice_after_classification_training']:.4f} after "
-                 f"classification training, {result['mask_mdice_before_classification_training']:.4f} before "
-                 f"(mask parts frozen).\n")
-    write_csv(res.table("table4", "csv"), ["organ", "accuracy", "n"], [[o, accuracy[o], counts[o]] for o in accuracy])
+    rows.append(["**Weighted Average**", view["weighted_average"], sum(counts.values())])
     present = {i + 1 for i, o in enumerate(ORGANS) if o in counts}
     save_figure(confusion_figure(np.array(result["confusion"]), present), res.figure("confusion"))
     # Figure 3: the smallest misclassified region, else the smallest region
-    areas = [slices.records[i]["organs"][str(organ)]["area"] for (i, organ), _ in records]
-    wrong = [j for j, ((_, t), p) in enumerate(records) if t != p]
-    j = min(wrong or range(len(records)), key=lambda q: areas[q])
-    (i, t), p = records[j]
+    areas = [slices.records[i]["organs"][str(organ)]["area"] for (i, organ), _ in samples]
+    wrong = [j for j, ((_, t), p) in enumerate(samples) if t != p]
+    j = min(wrong or range(len(samples)), key=lambda q: areas[q])
+    (i, t), p = samples[j]
     image, label = slices.load(i)
     save_figure(example_figure(image, label == t, organ_name(t), organ_name(p), slices.records[i]["case"],
                                slices.records[i]["z"]), res.figure("fig3"))
@@ -153,13 +154,15 @@ def write_outputs(res: Results, out: dict) -> list:
 def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
-    check_choice(cfg["split"], SPLITS, "--split")
+    with flag("--split"):
+        check_choice(cfg["split"], SPLITS, "split")
     res = Results(cfg["results_dir"])
-    with results_lock(res.root):
+    with results_folder(res.root):
         ck_path = cfg["classifier"] or Results.best(res.classifier_run)
         if not cfg["classifier"] and not ck_path.is_file():
             raise PipelineError(f"classifier checkpoint not found: {ck_path}; run classify_train_task3.py first")
-        ck = load_checkpoint(ck_path, "classifier", "--classifier")
+        with flag("--classifier"):
+            ck = load_checkpoint(ck_path, "classifier")
         rows = write_outputs(res, classify(cfg, device, ck, ck_path))
     print(markdown_table(["organ", "accuracy", "n"], rows), end="")
     print(f"wrote {res.table('table4', 'md')}")

@@ -17,43 +17,53 @@ RESULTS_DIR/finetune/<prompt>/{best,last}.pt with epochs.csv.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cache import EVAL_EPOCH, PromptDataset, SplitData, evaluate
-from cli import (DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_ENCODE_BATCH, DEFAULT_MODEL,
-                 DEFAULT_RESULTS_DIR, DEFAULT_SEED, DEFAULT_SLICES, check_choice, check_precision, parse_config,
-                 run_main)
-from files import Results, load_checkpoint, results_lock, markdown_table, read_json, save_figure, write_csv, write_json, write_text
-from models import PromptedDecoder, autocast, decode_batch
-from tables import REPORT_FINETUNED, REPORT_ZERO_SHOT, data_description, write_table3
-from training import LOSSES, check_some_to_resume, fit, mask_losses, precheck_resume, run_batches, setup_training
-from utils import POINT_PROMPTS, PROMPT_TYPES, DiceTable, dice_score, per_organ_markdown, prompt_types_arg
+from sambtcv import config, records, tables
+from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
+from sambtcv.decoder import PromptedDecoder, decode_batch
+from sambtcv.device import autocast
+from sambtcv.embeddings import SplitData
+from sambtcv.evaluation import EVAL_EPOCH, PromptDataset, evaluate, evaluation_settings
+from sambtcv.files import Results, load_checkpoint, markdown_table, save_figure
+from sambtcv.metrics import DiceTable, dice_score
+from sambtcv.names import POINT_PROMPTS, check_choice, prompt_types_arg
+from sambtcv.training import (
+    LOSSES,
+    check_some_to_resume,
+    fit,
+    mask_losses,
+    precheck_resume,
+    run_batches,
+    setup_training,
+)
 
 # ---------------------------------------------------------------------------------------------- config
-SLICES = DEFAULT_SLICES  # output of preprocess.py
-RESULTS_DIR = DEFAULT_RESULTS_DIR  # tables, figures and finetune/<prompt>/ checkpoints go here
-MODEL = DEFAULT_MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
+SLICES = config.SLICES  # output of preprocess.py
+RESULTS_DIR = config.RESULTS_DIR  # tables, figures and finetune/<prompt>/ checkpoints go here
+MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
 CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
 PROMPT = "all"  # all, or prompt types as a comma list (one model each)
 EPOCHS = 50  # passes over the training samples (>= 1)
 BATCH_SIZE = 64  # samples (slice, organ, prompt) per optimiser step, over all processes (>= 1)
-LR = 0.1  # SGD learning rate (>= 0)
-MOMENTUM = 0.9  # SGD momentum (>= 0)
-WEIGHT_DECAY = 1e-4  # SGD weight decay (>= 0)
+LR = config.FINETUNE_LR  # SGD learning rate (>= 0)
+MOMENTUM = config.FINETUNE_MOMENTUM  # SGD momentum (>= 0)
+WEIGHT_DECAY = config.FINETUNE_WEIGHT_DECAY  # SGD weight decay (>= 0)
 LOSS = "dice"  # dice (MONAI's DiceLoss, the report's) | dice_ce (+ binary cross-entropy, MedSAM's recipe)
 IOU_LOSS_WEIGHT = 0.0  # > 0: MSE of the IoU head against the true IoU, point prompts (>= 0)
 GRAD_CLIP = 1.0  # > 0: clip the gradient norm before each step; 0: the report's exact recipe (>= 0)
 SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoch (>= 0)
 VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation (>= 0)
-SEED = DEFAULT_SEED  # prompts and training order (>= 0)
-DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the decoder (training and validation)
-ENCODER_DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+SEED = config.SEED  # prompts and training order (>= 0)
+DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
+DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder (training and validation)
+ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
 RESUME = False  # continue each prompt's run from its last.pt (a prompt without one starts fresh)
-ENCODE_BATCH = DEFAULT_ENCODE_BATCH  # slices per image-encoder pass (>= 1)
-DECODE_BATCH = DEFAULT_DECODE_BATCH  # prompts per decoder pass in validation (>= 1)
+ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)
+DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass in validation (>= 1)
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -103,37 +113,25 @@ def curve_figure(history: list, prompt_type: str, loss_name: str):
     return fig
 
 
-def zero_shot(cfg, res: Results, backbone, decoder, val: SplitData, device, prompts) -> dict:
-    """Zero-shot per-organ Dice on the validation split: Task 1's table when it was computed on these
-    very slices with these settings, else computed here."""
-    t1 = res.table("table1", "json")
-    if t1.is_file():
-        prev = read_json(t1)
-        if (prev.get("model") == backbone.name and prev.get("checkpoint") == backbone.checkpoint
-                and not prev.get("finetuned") and prev.get("split") == "val" and prev.get("seed") == cfg["seed"]
-                and prev.get("dtype") == cfg["dtype"] and prev.get("encoder_dtype") == cfg["encoder_dtype"]
-                and prev.get("slices_id") == val.slices.signature
-                and all(p in prev.get("per_organ", {}) for p in prompts)):
-            return prev["per_organ"]
-    return evaluate(decoder, val, prompts, cfg["seed"], device, cfg["dtype"], cfg["decode_batch"]).per_organ()
+@dataclass
+class ZeroShot:
+    """Zero-shot per-organ Dice of the pretrained decoder, and the Task 1 record it was read from (None:
+    computed here)."""
+
+    per_organ: dict
+    record: str | None
 
 
-def write_tables(res: Results, result: dict) -> None:
-    prompts = list(result["mdice_finetuned"])
-    rows = [[p, result["mdice_original"][p], result["mdice_finetuned"][p], result["improved_pct"][p],
-             result["best_epoch"].get(p), REPORT_ZERO_SHOT[p], REPORT_FINETUNED[p]] for p in prompts]
-    md = (f"## Table 2: mDice of different prompts after finetuning ({result['model']}, validation split)\n\n"
-          + markdown_table(["prompt type", "mDice (original)", "mDice (finetuned)", "improved (%)", "best epoch",
-                            "report original", "report finetuned"], rows, "{:.4f}")
-          + f"\nData: {result['data']}. Epochs: {result['epochs']}, batch {result['batch_size']}, "
-            f"SGD lr {result['lr']}. Dice at each slice's own resolution. Best checkpoint by validation Dice; best "
-            f"epoch 0 means no epoch beat the starting weights, which were kept.\n\n"
-          + per_organ_markdown(result["per_organ_finetuned"], "### Per-organ Dice after finetuning"))
-    write_json(res.table("table2", "json"), result)
-    write_text(res.table("table2", "md"), md)
-    write_csv(res.table("table2", "csv"), ["prompt", "mdice_original", "mdice_finetuned", "improved_pct"],
-              [r[:4] for r in rows])
-    write_table3(res)
+def zero_shot(cfg, res: Results, backbone, decoder, val: SplitData, device, prompts) -> ZeroShot:
+    """Zero-shot per-organ Dice on the validation split: a Task 1 record of this results folder whose
+    settings, taken as a whole, are the ones this evaluation would use (on these very slices), else
+    computed here."""
+    wanted = evaluation_settings(backbone, None, "val", prompts, cfg["seed"], cfg["dtype"], cfg["encoder_dtype"])
+    found = records.reusable(res.root, "task1", wanted, val.slices.signature, covers=("prompts",))
+    if found is not None:
+        return ZeroShot(found.result["per_organ"], found.id)
+    table = evaluate(decoder, val, prompts, cfg["seed"], device, cfg["dtype"], cfg["decode_batch"])
+    return ZeroShot(table.per_organ(), None)
 
 
 def train_prompt(setup, cfg: dict, res: Results, prompt_type: str, resume: bool) -> dict:
@@ -156,83 +154,77 @@ def train_prompt(setup, cfg: dict, res: Results, prompt_type: str, resume: bool)
     run = fit(module=module, optimizer=optimizer,
               train_data=lambda epoch: PromptDataset(setup.train, prompt_type, cfg["seed"], epoch),
               loss_fn=loss_fn, validate=validation_fn(setup.val, prompt_type, cfg, device),
-              cfg=dict(cfg, prompt=prompt_type, backbone=setup.backbone.key, resume=resume,
-                       slices_id=setup.train.slices.signature),
+              cfg=dict(run_settings(cfg, prompt_type, setup.backbone, setup.train.slices.signature), resume=resume),
               out_dir=run_dir, env=env, what=f"finetune {prompt_type}", kind="finetune", loss_name=loss_label(cfg))
     run["seconds"] = time.perf_counter() - t0
     return run
 
 
-def evaluate_runs(setup, cfg: dict, res: Results, runs: dict, prompts) -> dict:
-    """Score each prompt's best checkpoint with the Task 1 code; the Table 2 result."""
+def mean_or_none(values: list) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def run_settings(cfg: dict, prompt_type: str, backbone, slices_id: str) -> dict:
+    """A finetuning run's settings, as its checkpoints and its record keep them."""
+    return dict(cfg, prompt=prompt_type, backbone=backbone.key, slices_id=slices_id)
+
+
+def evaluate_runs(setup, cfg: dict, res: Results, runs: dict, prompts) -> list:
+    """Score each prompt's best checkpoint with the Task 1 code and write one record per prompt type."""
     device, backbone = setup.env.device, setup.backbone
     pretrained = PromptedDecoder.from_backbone(backbone)
-    per_organ_zero = zero_shot(cfg, res, backbone, pretrained, setup.val, device, prompts)
-    finetuned, eval_seconds = DiceTable(), {}
+    zero = zero_shot(cfg, res, backbone, pretrained, setup.val, device, prompts)
+    slices = {"id": setup.val.slices.signature, "data": tables.data_description(setup.train.slices.params)}
+    written = []
     for prompt_type in prompts:
+        finetuned, run = DiceTable(), runs[prompt_type]
         module = PromptedDecoder.from_backbone(backbone, copy_modules=True).to(device)
-        module.load_state_dict(load_checkpoint(runs[prompt_type]["best"], "finetune")["model"])
+        module.load_state_dict(load_checkpoint(run["best"], "finetune")["model"])
         t0 = time.perf_counter()
         evaluate(module, setup.val, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"], finetuned)
-        eval_seconds[prompt_type] = round(time.perf_counter() - t0, 2)
+        result = {
+            "mdice_original": float(np.mean(list(zero.per_organ[prompt_type].values()))),
+            "mdice_finetuned": finetuned.mdice()[prompt_type], "per_organ_original": zero.per_organ[prompt_type],
+            "per_organ_finetuned": finetuned.per_organ()[prompt_type],
+            "volume_dice_finetuned": finetuned.volume_dice()[prompt_type],
+            "train_seconds": round(run["seconds"], 1), "eval_seconds": round(time.perf_counter() - t0, 2),
+            "trainable_params": sum(p.numel() for p in pretrained.parameters()),
+            "train_samples_per_second": mean_or_none([r["samples_per_second"] for r in run["history"]
+                                                      if r["samples_per_second"]]),
+            "best_epoch_val_mdice": run["best_metric"], "best_epoch": run["best_epoch"], "checkpoint": run["best"],
+            "history": run["history"], "zero_shot_record": zero.record}
+        settings = run_settings(cfg, prompt_type, backbone, setup.train.slices.signature)
+        written.append(records.write_record(res.root, "task2", settings, result, slices))
         if prompt_type in Results.CURVES:
-            save_figure(curve_figure(runs[prompt_type]["history"], prompt_type, loss_label(cfg)),
+            save_figure(curve_figure(run["history"], prompt_type, loss_label(cfg)),
                         res.figure(Results.CURVES[prompt_type]))
-    return merge_previous(res, {
-        "model": backbone.name,
-        "mdice_original": {p: float(np.mean(list(per_organ_zero[p].values()))) for p in prompts},
-        "mdice_finetuned": finetuned.mdice(), "improved_pct": {},
-        "per_organ_original": {p: per_organ_zero[p] for p in prompts}, "per_organ_finetuned": finetuned.per_organ(),
-        "volume_dice_finetuned": finetuned.volume_dice(),
-        "train_seconds": {p: round(runs[p]["seconds"], 1) for p in prompts}, "eval_seconds": eval_seconds,
-        "trainable_params": sum(p.numel() for p in pretrained.parameters()),
-        "train_samples_per_second": {p: float(np.mean([r["samples_per_second"] for r in runs[p]["history"]
-                                                        if r["samples_per_second"]])) for p in prompts},
-        "best_epoch_val_mdice": {p: runs[p]["best_metric"] for p in prompts},
-        "best_epoch": {p: runs[p]["best_epoch"] for p in prompts},
-        "epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "lr": cfg["lr"], "seed": cfg["seed"],
-        "dtype": cfg["dtype"], "encoder_dtype": cfg["encoder_dtype"],
-        "data": data_description(setup.train.slices.params), "slices_id": setup.val.slices.signature,
-        "checkpoints": {p: runs[p]["best"] for p in prompts},
-    })
-
-
-def merge_previous(res: Results, result: dict) -> dict:
-    """Keep other prompts' rows from an earlier run of the same model on the same slices, so runs per
-    prompt add up."""
-    path = res.table("table2", "json")
-    if path.is_file():
-        prev = read_json(path)
-        if prev.get("model") == result["model"] and prev.get("slices_id") == result["slices_id"]:
-            for key, value in result.items():
-                if isinstance(value, dict) and isinstance(prev.get(key), dict):
-                    merged = {**prev[key], **value}
-                    result[key] = {p: merged[p] for p in PROMPT_TYPES if p in merged}
-    result["improved_pct"] = {p: 100.0 * (result["mdice_finetuned"][p] - result["mdice_original"][p])
-                              / max(result["mdice_original"][p], 1e-8) for p in result["mdice_finetuned"]}
-    return result
+    return written
 
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
-    prompts = prompt_types_arg(cfg["prompt"])
-    check_choice(cfg["loss"], LOSSES, "--loss")
-    check_precision(cfg["dtype"])
+    device = start_run(cfg)
+    with flag("--prompt"):
+        prompts = prompt_types_arg(cfg["prompt"])
+    with flag("--loss"):
+        check_choice(cfg["loss"], LOSSES, "loss")
     res = Results(cfg["results_dir"])
-    with results_lock(res.root):
+    with results_folder(res.root):
         resume = {p: cfg["resume"] and precheck_resume(res.finetune_run(p), "finetune", dict(cfg, prompt=p))
                   for p in prompts}
         if cfg["resume"]:
             check_some_to_resume(resume, {p: res.finetune_run(p) for p in prompts})
-        setup = setup_training(cfg, "finetuning")
+        setup = setup_training(device, cfg["model"], cfg["checkpoint"], cfg["slices"], cfg["encoder_dtype"],
+                               cfg["encode_batch"], "finetuning")
         runs = {p: train_prompt(setup, cfg, res, p, resume[p]) for p in prompts}
         if not setup.env.main:
             return
-        result = evaluate_runs(setup, cfg, res, runs, prompts)
-        write_tables(res, result)
+        evaluate_runs(setup, cfg, res, runs, prompts)
+        view = tables.write_table2(res.root)
+        tables.write_table3(res.root)
     print(markdown_table(["prompt type", "mDice original", "mDice finetuned", "improved (%)"],
-                         [[p, result["mdice_original"][p], result["mdice_finetuned"][p], result["improved_pct"][p]]
-                          for p in result["mdice_finetuned"]]), end="")
+                         [[p, view["mdice_original"][p], view["mdice_finetuned"][p], view["improved_pct"][p]]
+                          for p in view["mdice_finetuned"]]), end="")
     print(f"wrote {res.table('table2', 'md')}")
 
 

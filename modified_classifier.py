@@ -1,97 +1,103 @@
-"""SAM's mask decoder with a class token and a `class_prediction_head` (the model of Task 3 only).
+"""Task 3's model: SAM's mask decoder with a class token and a `class_prediction_head`; shows and checks it.
 
-`ClassifyingMaskDecoder` extends `segment_anything`'s `MaskDecoder`: beside the IoU token and the
-mask tokens it has a learned class token, a two-way transformer for it (`class_transformer`,
-initialised as a copy of the decoder's own) and `class_prediction_head`, an MLP from the class
-token's output to 13 organ logits. The class token runs through `class_transformer` together with
-the IoU, mask and prompt tokens and cross-attends with the image embedding, as the mask tokens do.
-The mask and IoU outputs still come from the original transformer and heads, so they equal the
-plain decoder's for the same weights, and training the class branch cannot change the masks.
+    python modified_classifier.py                      # MobileSAM's decoder: parts, parameters, a check
+    python modified_classifier.py --model litemedsam --prompt bound_box
 
-`ClassifyingDecoder` is the batched prompt-encoder + decoder of `models.PromptedDecoder` with
-this decoder; it returns (masks, IoU predictions, class logits).
+The model itself lives in `sambtcv.classifier` (classify_train_task3.py and classify_val_task3.py use it
+from there): `ClassifyingMaskDecoder` extends `segment_anything`'s `MaskDecoder` with a learned class
+token, a two-way transformer for it (`class_transformer`, initialised as a copy of the decoder's own) and
+`class_prediction_head`, an MLP from the class token's output to 13 organ logits. The class token runs
+through `class_transformer` with the IoU, mask and prompt tokens and cross-attends with the image
+embedding, as the mask tokens do. The mask and IoU outputs still come from the original transformer and
+heads, so training the class branch cannot change the masks.
+
+This page builds the model on the chosen backbone's decoder, prints its parts and parameter counts
+(what Task 3 trains and what stays frozen), and runs one batch of random embeddings with prompts of
+PROMPT through both the plain decoder and the classifier: the masks must be identical and the class
+logits (B, 13).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn as nn
-from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 
-from models import Backbone, PromptedDecoder, load_decoder
-from utils import NUM_ORGANS
+from sambtcv import config
+from sambtcv.backbones import load_backbone
+from sambtcv.classifier import (  # noqa: F401 (users import them from here)
+    ClassifyingDecoder,
+    ClassifyingMaskDecoder,
+    build_classifier,
+)
+from sambtcv.cli import flag, parse_config, run_main, start_run
+from sambtcv.decoder import PromptedDecoder
+from sambtcv.errors import PipelineError
+from sambtcv.files import markdown_table
+from sambtcv.names import NUM_ORGANS, POINT_PROMPTS, prompt_types_arg
 
-CLASS_HEAD_DEPTH = 3
-
-
-class ClassifyingMaskDecoder(MaskDecoder):
-    """MaskDecoder + class token + class_transformer + class_prediction_head (num_classes logits)."""
-
-    def __init__(self, *, transformer_dim: int, transformer: nn.Module, num_multimask_outputs: int = 3,
-                 activation=nn.GELU, iou_head_depth: int = 3, iou_head_hidden_dim: int = 256,
-                 num_classes: int = NUM_ORGANS, class_head_depth: int = CLASS_HEAD_DEPTH):
-        super().__init__(transformer_dim=transformer_dim, transformer=transformer,
-                         num_multimask_outputs=num_multimask_outputs, activation=activation,
-                         iou_head_depth=iou_head_depth, iou_head_hidden_dim=iou_head_hidden_dim)
-        self.num_classes = num_classes
-        self.class_token = nn.Embedding(1, transformer_dim)
-        self.class_transformer = copy.deepcopy(transformer)
-        self.class_prediction_head = MLP(transformer_dim, transformer_dim, num_classes, class_head_depth)
-
-    @classmethod
-    def from_mask_decoder(cls, decoder: MaskDecoder, num_classes: int = NUM_ORGANS) -> "ClassifyingMaskDecoder":
-        """Same architecture and weights as `decoder`; the class branch starts from its transformer."""
-        new = cls(transformer_dim=decoder.transformer_dim, transformer=copy.deepcopy(decoder.transformer),
-                  num_multimask_outputs=decoder.num_multimask_outputs,
-                  iou_head_depth=decoder.iou_prediction_head.num_layers,
-                  iou_head_hidden_dim=decoder.iou_prediction_head.layers[0].out_features, num_classes=num_classes)
-        missing, unexpected = new.load_state_dict(decoder.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith(("class_",)) for k in missing), (missing, unexpected)
-        new.class_transformer.load_state_dict(decoder.transformer.state_dict())
-        return new.to(next(decoder.parameters()).device)
-
-    def class_parameters(self):
-        """The trainable part in Task 3: class token, class transformer, class head."""
-        return [*self.class_token.parameters(), *self.class_transformer.parameters(),
-                *self.class_prediction_head.parameters()]
+# ---------------------------------------------------------------------------------------------- config
+MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
+CHECKPOINT = None  # backbone weights; default: the packaged ones, or checkpoints/<official name> for vit_*
+PROMPT = "one_central_point"  # prompt type of the check batch
+BATCH = 4  # samples in the check batch (>= 1)
+SEED = config.SEED  # random embeddings and prompts of the check (>= 0)
+DEVICE = "cpu"  # cpu | cuda
+# -----------------------------------------------------------------------------------------------------
 
 
-class ClassifyingDecoder(PromptedDecoder):
-    """Batched prompt encoder + `ClassifyingMaskDecoder`: forward -> (masks, iou, class logits (B, C))."""
-
-    def forward(self, embeddings, points=None, point_labels=None, boxes=None, multimask: bool = False,
-                with_masks: bool = True):
-        sparse, dense = self.embed_prompts(points, point_labels, boxes)
-        dec = self.mask_decoder
-        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight, dec.class_token.weight], dim=0)
-        hs, _ = self.run_tokens(dec.class_transformer, embeddings, sparse, dense, tokens)
-        logits = dec.class_prediction_head(hs[:, 1 + dec.num_mask_tokens])
-        if not with_masks:
-            return None, None, logits
-        masks, iou = self.mask_outputs(embeddings, sparse, dense, multimask)
-        return masks, iou, logits
-
-    def freeze_all_but_class_branch(self) -> list:
-        """Freeze the prompt encoder and the mask/IoU parts; return the trainable parameters."""
-        for p in self.parameters():
-            p.requires_grad_(False)
-        trainable = self.mask_decoder.class_parameters()
-        for p in trainable:
-            p.requires_grad_(True)
-        return trainable
+def parts(model: ClassifyingDecoder) -> list[list]:
+    """[part, parameters, trained in Task 3] rows."""
+    dec = model.mask_decoder
+    trained = {id(p) for p in dec.class_parameters()}
+    rows = []
+    for name, module in [("prompt encoder", model.prompt_encoder), ("mask transformer", dec.transformer),
+                         ("IoU + mask tokens, heads, upscaling", None), ("class token", dec.class_token),
+                         ("class transformer", dec.class_transformer),
+                         ("class_prediction_head", dec.class_prediction_head)]:
+        if module is None:
+            params = [p for n, p in dec.named_parameters() if not n.startswith(("class_", "transformer."))]
+        else:
+            params = list(module.parameters())
+        rows.append([name, sum(p.numel() for p in params), "yes" if all(id(p) in trained for p in params) else "no"])
+    return rows
 
 
-def build_classifier(backbone: Backbone, finetuned=None) -> ClassifyingDecoder:
-    """ClassifyingDecoder on the backbone's decoder, with a Task 2 checkpoint's weights when `finetuned`
-    is given (`models.load_decoder`); the class branch starts from its transformer, the class token and
-    head from random initialisation."""
-    base = load_decoder(backbone, finetuned)
-    return ClassifyingDecoder(base.prompt_encoder, ClassifyingMaskDecoder.from_mask_decoder(base.mask_decoder))
+@torch.no_grad()
+def check(backbone, model: ClassifyingDecoder, prompt_type: str, batch: int, device) -> dict:
+    """Masks of the plain decoder and the classifier on one random batch: identical; logits (B, 13)."""
+    plain = PromptedDecoder.from_backbone(backbone).to(device).eval()
+    model.eval()
+    e = backbone.sam.prompt_encoder.image_embedding_size
+    emb = torch.randn(batch, 256, *e, device=device)
+    size = backbone.img_size
+    if prompt_type in POINT_PROMPTS:
+        kw = {"points": torch.rand(batch, POINT_PROMPTS[prompt_type], 2, device=device) * size,
+              "point_labels": torch.ones(batch, POINT_PROMPTS[prompt_type], device=device), "multimask": True}
+    else:
+        xy = torch.rand(batch, 2, device=device) * size / 2
+        kw = {"boxes": torch.cat([xy, xy + size / 4], dim=1), "multimask": False}
+    masks, iou = plain(emb, **kw)
+    c_masks, c_iou, logits = model(emb, **kw)
+    return {"max_mask_difference": float((masks - c_masks).abs().max()),
+            "max_iou_difference": float((iou - c_iou).abs().max()), "logits_shape": list(logits.shape)}
 
 
-def load_classifier(backbone: Backbone, checkpoint: dict) -> ClassifyingDecoder:
-    """A trained classifier from a `classify_train_task3.py` checkpoint (a files.load_checkpoint dict)."""
-    model = build_classifier(backbone)
-    model.load_state_dict(checkpoint["model"])
-    return model
+def main(argv=None):
+    cfg = parse_config(globals(), argv)
+    device = start_run(cfg)
+    with flag("--prompt"):
+        prompts = prompt_types_arg(cfg["prompt"])
+    if len(prompts) != 1:
+        raise PipelineError("--prompt takes one prompt type")
+    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
+    model = build_classifier(backbone).to(device)
+    model.freeze_all_but_class_branch()
+    print(markdown_table(["part", "parameters", "trained in Task 3"], parts(model)), end="")
+    out = check(backbone, model, prompts[0], cfg["batch"], device)
+    print(f"check on {cfg['batch']} random embeddings with {prompts[0]} prompts: masks differ by at most "
+          f"{out['max_mask_difference']:.2e}, IoU by {out['max_iou_difference']:.2e}; class logits "
+          f"{tuple(out['logits_shape'])}")
+    if out["max_mask_difference"] != 0 or out["logits_shape"] != [cfg["batch"], NUM_ORGANS]:
+        raise PipelineError("the classifier changed the masks or its logits have the wrong shape")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -3,13 +3,17 @@
     python segmentation_task1.py --slices data/slices --results-dir results
     python segmentation_task1.py --slices data/slices --results-dir results --model vit_h --checkpoint checkpoints/sam_vit_h_4b8939.pth
     python segmentation_task1.py --slices other/slices --results-dir r2 --finetuned results/finetune/bound_box/best.pt
+    torchrun --nproc_per_node 4 segmentation_task1.py --slices data/slices --results-dir results   # one table
 
 Every slice of the split is encoded once (or read from the embedding cache under SLICES/embeddings,
 which Tasks 2 and 3 reuse); all prompts of all organs are then decoded from the cached embeddings in
 batches. Point prompts use SAM's multimask output and keep the mask with the highest predicted IoU;
 boxes use single-mask output. Dice is computed at each slice's own resolution. With --finetuned, the
 decoder of a Task 2 checkpoint (of the same backbone) is scored instead of the pretrained one, on any
-slices. Writes table1_zero_shot.json / .md / .csv and figures/task1_overlay_<prompt>.png to RESULTS_DIR.
+slices. Writes a record (RESULTS_DIR/records/task1/), then table1_zero_shot.json / .md / .csv built from
+it and figures/task1_overlay_<prompt>.png. Under torchrun the encoder passes and the decoder batches
+are dealt out over the processes (the same batches one process makes) and rank 0 writes one result,
+equal to one process's.
 """
 from __future__ import annotations
 
@@ -17,29 +21,33 @@ import time
 
 import numpy as np
 
-from cache import evaluate, open_split
-from cli import (DEFAULT_DECODE_BATCH, DEFAULT_DEVICE, DEFAULT_DTYPE, DEFAULT_ENCODE_BATCH, DEFAULT_MODEL,
-                 DEFAULT_RESULTS_DIR, DEFAULT_SEED, DEFAULT_SLICES, check_choice, parse_config, run_main, start_run)
-from files import (Results, load_checkpoint, markdown_table, results_lock, save_figure, write_csv, write_json,
-                   write_text)
-from models import load_backbone, load_decoder
-from tables import REPORT_ZERO_SHOT
-from utils import ORGANS, SPLITS, DiceTable, SliceSet, per_organ_markdown, prompt_types_arg
+from sambtcv import config, tables
+from sambtcv.backbones import load_backbone
+from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
+from sambtcv.decoder import load_decoder
+from sambtcv.distributed import DistEnv, init_distributed
+from sambtcv.embeddings import open_split
+from sambtcv.evaluation import evaluate, evaluation_settings
+from sambtcv.files import Results, load_checkpoint, markdown_table, save_figure
+from sambtcv.metrics import DiceTable
+from sambtcv.names import ORGANS, SPLITS, check_choice, prompt_types_arg
+from sambtcv.records import write_record
+from sambtcv.slices import SliceSet
 
 # ---------------------------------------------------------------------------------------------- config
-SLICES = DEFAULT_SLICES  # output of preprocess.py
-RESULTS_DIR = DEFAULT_RESULTS_DIR  # where the tables and figures go
-MODEL = DEFAULT_MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
+SLICES = config.SLICES  # output of preprocess.py
+RESULTS_DIR = config.RESULTS_DIR  # where the tables and figures go
+MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
 CHECKPOINT = None  # backbone weights; default: the packaged ones, or checkpoints/<official name> for vit_*
 FINETUNED = None  # a Task 2 checkpoint (finetune/<prompt>/best.pt) whose decoder is scored instead
 SPLIT = "val"  # val | train
 PROMPT = "all"  # all, or prompt types as a comma list
-SEED = DEFAULT_SEED  # seeds the random point prompts (>= 0)
-DEVICE = DEFAULT_DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = DEFAULT_DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
-ENCODE_BATCH = DEFAULT_ENCODE_BATCH  # slices per image-encoder pass (>= 1)
-DECODE_BATCH = DEFAULT_DECODE_BATCH  # prompts per decoder pass (>= 1)
+SEED = config.SEED  # seeds the random point prompts (>= 0)
+DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
+DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)
+DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass (>= 1)
 OVERLAY_SLICES = 3  # validation slices shown in each overlay figure (>= 1)
 # -----------------------------------------------------------------------------------------------------
 
@@ -68,20 +76,6 @@ def overlay_figure(slices: SliceSet, picks, preds: dict, prompt_type: str):
     return fig
 
 
-def table1_markdown(result: dict) -> str:
-    rows = [[p, result["mdice"][p], REPORT_ZERO_SHOT[p]] for p in result["mdice"]]
-    which = f"finetuned decoder {result['finetuned']}" if result.get("finetuned") else "zero-shot"
-    md = (f"## Table 1: mDice of different prompts ({which}, {result['model']}, {result['split']} split, "
-          f"{result['n_slices']} slices)\n\n"
-          + markdown_table(["prompt type", "mDice (here)", "mDice (report, SAM ViT-H on BTCV)"], rows)
-          + "\nPoint prompts: multimask output, the mask with the highest predicted IoU is kept. "
-            "Boxes: single-mask output. Dice at each slice's own resolution; mDice = mean over organs present.\n\n")
-    md += per_organ_markdown(result["per_organ"], "### Per-organ slice Dice") + "\n"
-    md += per_organ_markdown(result["volume_dice"], "### Per-organ volume Dice (stacked slices, mean over cases)")
-    md += f"\nSlices scored per organ: {result['n_per_organ']}\n"
-    return md
-
-
 def timing(seconds: float, t_enc: float, passes: int, t_dec: float, table: DiceTable, n_prompts: int) -> dict:
     return {"encode_seconds": round(t_enc, 2), "decode_seconds": round(t_dec, 2), "n_prompts": n_prompts,
             "encode_seconds_per_slice": round(t_enc / passes, 4) if passes else None,
@@ -91,22 +85,25 @@ def timing(seconds: float, t_enc: float, passes: int, t_dec: float, table: DiceT
             "wall_over_model_time": round(seconds / max(t_enc + table.decoder_seconds, 1e-9), 3)}
 
 
-def write_outputs(res: Results, result: dict, slices: SliceSet, picks, overlays: dict) -> None:
-    write_json(res.table("table1", "json"), result)
-    write_text(res.table("table1", "md"), table1_markdown(result))
-    write_csv(res.table("table1", "csv"), ["prompt", "organ", "slice_dice", "volume_dice"],
-              [[p, o, d, result["volume_dice"][p].get(o)] for p in result["per_organ"]
-               for o, d in result["per_organ"][p].items()])
-    for p, preds in overlays.items():
-        save_figure(overlay_figure(slices, picks, preds, p), res.overlay(p))
+def merged_overlays(parts: list[dict]) -> dict:
+    """The overlay masks that each rank collected, as one {prompt: {slice: {organ: mask}}}."""
+    out = {}
+    for part in parts:
+        for p, per_slice in part.items():
+            for i, organs in per_slice.items():
+                out.setdefault(p, {}).setdefault(i, {}).update(organs)
+    return out
 
 
-def run(cfg: dict, device, res: Results) -> dict:
+def run(cfg: dict, env: DistEnv, res: Results) -> dict | None:
+    """Task 1 on this process's share (all of it alone); rank 0 writes the record, table and figures."""
+    device = env.device
     prompts = prompt_types_arg(cfg["prompt"])
     t_start = time.perf_counter()
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
-    decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
-    data = open_split(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"])
+    with flag("--finetuned"):
+        decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
+    data = open_split(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"], env)
     slices = data.slices
     per_slice = sorted(range(len(slices)), key=lambda i: -len(slices.records[i]["organs"]))
     picks = sorted(per_slice[: cfg["overlay_slices"]])
@@ -119,33 +116,48 @@ def run(cfg: dict, device, res: Results) -> dict:
 
     t_dec = time.perf_counter()
     table = evaluate(decoder, data, prompts, cfg["seed"], device, cfg["dtype"], cfg["decode_batch"], DiceTable(),
-                     on_batch=collect)
+                     on_batch=collect, env=env)
+    passes = env.gather(data.encoder_passes)
+    overlays = env.gather(overlays)
+    if not env.main:
+        return None
     seconds = time.perf_counter() - t_start
+    passes, overlays = sum(passes), merged_overlays(overlays)
     result = {
-        "model": backbone.name, "checkpoint": backbone.checkpoint, "finetuned": cfg["finetuned"],
-        "split": cfg["split"], "n_slices": len(slices), "slices_id": slices.signature,
-        "encoder_passes": data.encoder_passes, "seconds": round(seconds, 2),
-        "timing": timing(seconds, data.seconds, data.encoder_passes, time.perf_counter() - t_dec, table,
+        "n_slices": len(slices), "encoder_passes": passes, "seconds": round(seconds, 2), "processes": env.world,
+        "timing": timing(seconds, data.seconds, passes, time.perf_counter() - t_dec, table,
                          len(slices.items) * len(prompts)),
         "mdice": table.mdice(), "per_organ": table.per_organ(), "volume_dice": table.volume_dice(),
-        "n_per_organ": table.counts(), "seed": cfg["seed"], "dtype": cfg["dtype"],
-        "encoder_dtype": cfg["encoder_dtype"], "device": str(device),
+        "n_per_organ": table.counts(), "device": str(device),
         "point_prompt_mask": "multimask output, highest predicted IoU", "box_prompt_mask": "single mask",
     }
-    write_outputs(res, result, slices, picks, overlays)
-    return result
+    settings = evaluation_settings(backbone, cfg["finetuned"], cfg["split"], prompts, cfg["seed"], cfg["dtype"],
+                                   cfg["encoder_dtype"])
+    settings.update(decode_batch=cfg["decode_batch"], encode_batch=cfg["encode_batch"])
+    write_record(res.root, "task1", settings, result,
+                 {"id": slices.signature, "data": tables.data_description(slices.params)})
+    view = tables.write_table1(res.root)
+    for p, preds in overlays.items():
+        save_figure(overlay_figure(slices, picks, preds, p), res.overlay(p))
+    return view
 
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
-    prompt_types_arg(cfg["prompt"])  # checked before any work
-    check_choice(cfg["split"], SPLITS, "--split")
+    with flag("--prompt"):
+        prompt_types_arg(cfg["prompt"])  # checked before any work
+    with flag("--split"):
+        check_choice(cfg["split"], SPLITS, "split")
     if cfg["finetuned"]:  # a mistyped path or a file that is no Task 2 checkpoint fails before any work
-        load_checkpoint(cfg["finetuned"], "finetune", "--finetuned")
+        with flag("--finetuned"):
+            load_checkpoint(cfg["finetuned"], "finetune")
     res = Results(cfg["results_dir"])
-    with results_lock(res.root):
-        result = run(cfg, device, res)
+    env = init_distributed(device)
+    with results_folder(res.root):
+        result = run(cfg, env, res)
+    if result is None:  # not rank 0
+        return
     print(markdown_table(["prompt type", "mDice"], [[p, v] for p, v in result["mdice"].items()]), end="")
     print(f"{result['n_slices']} slices, {result['encoder_passes']} encoder passes, {result['seconds']} s; "
           f"wrote {res.table('table1', 'md')}")

@@ -19,7 +19,7 @@ TINY_VOLUMES = 3  # two training cases and one validation case
 
 @pytest.fixture(scope="session")
 def raw_phantom(tmp_path_factory):
-    from phantom import write_phantom
+    from sambtcv.phantom import write_phantom
 
     raw = tmp_path_factory.mktemp("raw")
     write_phantom(raw, TINY_VOLUMES, seed=3, shape=TINY_SHAPE)
@@ -28,7 +28,7 @@ def raw_phantom(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_slices(raw_phantom, tmp_path_factory):
-    from preprocess import preprocess
+    from sambtcv.data import preprocess
 
     out = tmp_path_factory.mktemp("slices") / "slices"
     preprocess(raw_phantom, out)
@@ -51,8 +51,8 @@ def cold(tiny_slices, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def litemedsam():
-    from cli import tune_allocator
-    from models import load_backbone
+    from sambtcv.backbones import load_backbone
+    from sambtcv.device import tune_allocator
 
     tune_allocator()
     return load_backbone("litemedsam")
@@ -60,8 +60,8 @@ def litemedsam():
 
 @pytest.fixture(scope="session")
 def mobilesam():
-    from cli import tune_allocator
-    from models import load_backbone
+    from sambtcv.backbones import load_backbone
+    from sambtcv.device import tune_allocator
 
     tune_allocator()
     return load_backbone("mobilesam")
@@ -105,7 +105,7 @@ def error_line(stderr: str) -> str:
 
 def fails(capsys, main, argv) -> str:
     """Run a script's main in-process as its `__main__` does: exit status 2 and one line, returned."""
-    import cli
+    from sambtcv import cli
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -116,16 +116,16 @@ def fails(capsys, main, argv) -> str:
 
 
 @contextlib.contextmanager
-def held_by_another_process(folder, what: str, flag: str):
+def held_by_another_process(folder, what: str):
     """`files.exclusive(folder)` held by a forked process (an unrelated run) for the block; yields its pid."""
-    import files
+    from sambtcv import files
 
     fork = multiprocessing.get_context("fork")
     ours, theirs = fork.Pipe()
 
     def hold():
         os.environ.pop(files.LOCKS_ENV, None)
-        with files.exclusive(folder, what, flag):
+        with files.exclusive(folder, what):
             theirs.send("held")
             theirs.recv()
         os._exit(0)

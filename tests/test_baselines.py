@@ -5,13 +5,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import fails
 from torch import nn
 
 import baselines
-from files import load_checkpoint, write_json
-from preprocess import organ_stats
-from tables import data_description
+from conftest import fails
+from sambtcv.baseline_nets import measure_speed, predict_label, score
+from sambtcv.data import organ_stats
+from sambtcv.files import load_checkpoint, write_json
+from sambtcv.tables import data_description
 from utils import MANIFEST_FILE, NUM_ORGANS, ORGANS, PREPROCESS_FILE, SliceSet
 
 SMOKE = ["--profile", "smoke", "--device", "cpu"]
@@ -59,7 +60,7 @@ def test_all_four_models_train_and_fill_table3(smoke_run, tiny_slices):
 def test_one_model_again_keeps_the_other_rows_and_scores_other_slices(smoke_run, tiny_slices, tmp_path):
     out = tmp_path / "r"
     out.mkdir()
-    shutil.copy(smoke_run / "baselines.json", out)
+    shutil.copytree(smoke_run / "records", out / "records")  # the earlier run's results
     baselines.main(["--slices", str(tiny_slices), "--results-dir", str(out), "--model", "unet", *SMOKE, "--epochs", "2",
                     "--eval-slices", str(tiny_slices)])
     res = json.loads((out / "baselines.json").read_text())
@@ -144,7 +145,7 @@ class Decoder(nn.Module):
 def test_scoring_is_per_organ_at_each_slice_own_size(tmp_path):
     val = _blocks_slices(tmp_path / "blocks")
     cpu = torch.device("cpu")
-    perfect = baselines.score(Decoder(), val, "oracle", 32, cpu, "fp32", batch_size=2)
+    perfect = score(Decoder(), val, "oracle", 32, cpu, "fp32", batch_size=2)
     assert perfect.n_slices == 3
     assert perfect.table.per_organ() == {"oracle": {"spleen": 1.0, "left_kidney": 1.0, "liver": 1.0}}
     assert perfect.mdice("oracle") == 1.0 and perfect.table.volume_dice()["oracle"]["liver"] == 1.0
@@ -153,10 +154,10 @@ def test_scoring_is_per_organ_at_each_slice_own_size(tmp_path):
     assert gt_pixels == {(1, "case0"): 16 * 16, (1, "case1"): 16 * 16, (6, "case0"): 32 * 32 + 16 * 32,
                          (3, "case0"): 8 * 16}
     assert perfect.table.counts() == {"spleen": 2, "left_kidney": 1, "liver": 2}
-    background = baselines.score(Decoder(drop=range(1, NUM_ORGANS + 1)), val, "empty", 32, cpu, "fp32", 2)
+    background = score(Decoder(drop=range(1, NUM_ORGANS + 1)), val, "empty", 32, cpu, "fp32", 2)
     assert background.mdice("empty") == 0.0
     assert set(background.table.per_organ()["empty"].values()) == {0.0}
-    no_spleen = baselines.score(Decoder(drop=[1]), val, "no spleen", 32, cpu, "fp32", 2)
+    no_spleen = score(Decoder(drop=[1]), val, "no spleen", 32, cpu, "fp32", 2)
     assert no_spleen.table.per_organ()["no spleen"] == {"spleen": 0.0, "left_kidney": 1.0, "liver": 1.0}
     assert no_spleen.mdice("no spleen") == pytest.approx(2 / 3)
 
@@ -165,26 +166,31 @@ def test_predictions_come_back_at_the_slice_size():
     logits = torch.zeros(NUM_ORGANS + 1, 32, 32)
     logits[0] = 2.5
     logits[6, 8:24, 8:24] = 5.0
-    pred = baselines.predict_label(logits, (64, 32))
+    pred = predict_label(logits, (64, 32))
     assert pred.shape == (64, 32) and set(np.unique(pred)) == {0, 6}
     assert (pred[16:48, 8:24] == 6).all() and (pred == 6).sum() == 32 * 16
 
 
 def test_model_names_and_settings():
+    from sambtcv.cli import parse_config
+    from sambtcv.config import load_profile
+
     assert baselines.model_keys("all") == ["unet", "resunet", "deeplabv3", "swinunetr"]
     assert baselines.model_keys("swinunetr, unet") == ["unet", "swinunetr"]
-    cfg = {"profile": "quick", "epochs": 0, "batch_size": 0, "lr": 0.0, "samples_per_epoch": -1, "val_slices": -1,
-           "input_size": 0, "dtype": "", "weight_decay": 1e-4, "seed": 0}
+    page = vars(baselines)
+    cfg = parse_config(page, ["--profile", "quick"])
     s = baselines.resolve_settings(cfg, "unet")
     assert (s.input_size, s.dtype) == (160, "bf16")
-    assert s.epochs == baselines.PROFILES["quick"]["models"]["unet"]["epochs"]
-    s = baselines.resolve_settings(dict(cfg, epochs=3, samples_per_epoch=0, dtype="fp32"), "deeplabv3")
+    assert s.epochs == load_profile("quick")["baselines"]["models"]["unet"]["epochs"]
+    cfg = parse_config(page, ["--profile", "quick", "--epochs", "3", "--samples-per-epoch", "0", "--dtype", "fp32"])
+    s = baselines.resolve_settings(cfg, "deeplabv3")
     assert (s.epochs, s.samples_per_epoch, s.dtype) == (3, 0, "fp32")
+    assert (baselines.resolve_settings(parse_config(page, []), "swinunetr").batch_size, s.batch_size) == (8, 4)
     with pytest.raises(baselines.PipelineError, match="multiple of 32"):
-        baselines.resolve_settings(dict(cfg, input_size=100), "unet")
+        baselines.resolve_settings(parse_config(page, ["--profile", "quick", "--input-size", "100"]), "unet")
 
 
 def test_measure_speed_for_bench(tiny_slices):
-    speed = baselines.measure_speed(["unet"], tiny_slices, "cpu", n_samples=4, batch_size=2, input_size=64)
+    speed = measure_speed(["unet"], tiny_slices, "cpu", n_samples=4, batch_size=2, input_size=64)
     assert speed["unet"]["name"] == "U-Net" and speed["unet"]["params"] > 0
     assert speed["unet"]["train_samples_per_second"] > 0 and speed["unet"]["infer_slices_per_second"] > 0

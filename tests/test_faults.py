@@ -23,19 +23,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import fails, held_by_another_process, run_script
 
 import classify_train_task3
 import classify_val_task3
-import cli
-import files
 import finetune_task2
 import preprocess
 import segmentation_task1
-import training
-from cache import NOT_DONE, EmbeddingCache
-from cli import PipelineError
-from files import Results
+from conftest import fails, held_by_another_process, run_script
+from sambtcv import cli, files, records, training
+from sambtcv.embeddings import NOT_DONE, EmbeddingCache
+from sambtcv.errors import PipelineError
+from sambtcv.evaluation import evaluation_settings
+from sambtcv.files import Results
 from utils import SliceSet
 
 SCRIPTS = ("preprocess", "segmentation_task1", "finetune_task2", "classify_train_task3", "classify_val_task3")
@@ -51,7 +50,7 @@ def snapshot(folder: Path) -> dict:
 @pytest.fixture
 def no_compute(monkeypatch):
     """Loading a backbone fails the test: whatever is checked must be refused before any work."""
-    import models
+    from sambtcv import backbones as models
 
     def load_backbone(*args, **kwargs):
         pytest.fail("the script started its work (loaded a backbone) before refusing")
@@ -76,7 +75,7 @@ def test_out_dir_equal_to_containing_or_inside_the_data_dir_is_refused(raw_phant
     out = {"equals": data, "contains": parent, "inside": data / "slices"}[where]
     before = snapshot(parent)
     line = fails(capsys, preprocess.main, ["--data-dir", data, "--out-dir", out])
-    assert "is, contains or lies inside --data-dir" in line
+    assert "is, contains or lies inside the data folder" in line
     assert snapshot(parent) == before
 
 
@@ -149,7 +148,7 @@ def test_crafted_pickle_is_never_run(script, cold, tmp_path, capsys, no_compute)
 
 
 def test_non_checkpoints_and_other_tasks_checkpoints_give_one_line(cold, tmp_path, capsys, no_compute):
-    from models import BACKBONES
+    from sambtcv.backbones import BACKBONES
 
     junk = tmp_path / "junk.pt"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -275,11 +274,11 @@ def test_resume_repairs_best_and_log_written_after_last(tmp_path):
 def test_second_run_into_a_locked_results_dir_fails_naming_the_holder(cold, tmp_path, capsys):
     results = tmp_path / "results"
     argv = ["--slices", cold, "--results-dir", results, "--model", "litemedsam"]
-    with held_by_another_process(results, "results folder", "--results-dir") as pid:  # an unrelated run
+    with held_by_another_process(results, "results folder") as pid:  # an unrelated run
         line = fails(capsys, classify_val_task3.main, argv)
         assert "in use by another run" in line and f"pid {pid} " in line
     # a stage of a run that holds the lock (run_report.py's stages; their processes inherit it) gets in
-    with files.exclusive(results, "results folder", "--results-dir"):
+    with files.exclusive(results, "results folder"):
         assert "classifier checkpoint not found" in fails(capsys, classify_val_task3.main, argv)
     # released: the next run gets in
     assert "classifier checkpoint not found" in fails(capsys, classify_val_task3.main, argv)
@@ -302,7 +301,7 @@ def fake_cache(folder: Path, n: int = 6) -> EmbeddingCache:
 
 def test_embedding_cache_being_filled_is_locked(tmp_path):
     folder = tmp_path / "embeddings"
-    with held_by_another_process(folder, "embedding cache", "--slices") as pid:
+    with held_by_another_process(folder, "embedding cache") as pid:
         with pytest.raises(PipelineError, match="in use by another run") as exc:
             fake_cache(folder).fill("cpu", progress=False, encode=fake_rows)
         assert f"pid {pid} " in str(exc.value) and "\n" not in str(exc.value)
@@ -319,7 +318,7 @@ def test_nested_lock_is_inherited_by_child_processes_only(tmp_path):
             if not inherit:
                 os.environ.pop(files.LOCKS_ENV, None)
             try:
-                with files.exclusive(folder, "results folder", "--results-dir"):
+                with files.exclusive(folder, "results folder"):
                     theirs.send("entered")
             except PipelineError as exc:
                 theirs.send(str(exc))
@@ -330,7 +329,7 @@ def test_nested_lock_is_inherited_by_child_processes_only(tmp_path):
         proc.join(30)
         return ours.recv()
 
-    with files.exclusive(folder, "results folder", "--results-dir"):
+    with files.exclusive(folder, "results folder"):
         assert try_lock(inherit=True) == "entered"
         assert "in use by another run" in try_lock(inherit=False)
     assert try_lock(inherit=False) == "entered"
@@ -401,19 +400,21 @@ def test_zero_shot_table_of_other_slices_is_not_reused(tmp_path, monkeypatch):
     res = Results(tmp_path)
     cfg = {"seed": 0, "dtype": "fp32", "encoder_dtype": "fp32", "decode_batch": 8}
     stale = {"bound_box": {"liver": 0.123}}
-    files.write_json(res.table("table1", "json"), {
-        "model": "litemedsam", "checkpoint": "lite.pth", "finetuned": None, "split": "val", "n_slices": 6,
-        "slices_id": "slices-A", "seed": 0, "dtype": "fp32", "encoder_dtype": "fp32", "per_organ": stale})
+    backbone = SimpleNamespace(name="litemedsam", key="litemedsam-abc", checkpoint="lite.pth")
+    settings = evaluation_settings(backbone, None, "val", ["bound_box"], 0, "fp32", "fp32")
+    records.write_record(res.root, "task1", settings, {"per_organ": stale}, {"id": "slices-A"})
     fresh = {"bound_box": {"liver": 0.9}}
     monkeypatch.setattr(finetune_task2, "evaluate", lambda *a, **k: SimpleNamespace(per_organ=lambda: fresh))
-    backbone = SimpleNamespace(name="litemedsam", checkpoint="lite.pth")
 
     def val(signature):  # the same 6 slices count either way; only their identity differs
         return SimpleNamespace(slices=SimpleNamespace(signature=signature))
 
     args = (cfg, res, backbone, None)
-    assert finetune_task2.zero_shot(*args, val("slices-B"), "cpu", ["bound_box"]) == fresh
-    assert finetune_task2.zero_shot(*args, val("slices-A"), "cpu", ["bound_box"]) == stale  # same slices: reused
+    assert finetune_task2.zero_shot(*args, val("slices-B"), "cpu", ["bound_box"]).per_organ == fresh
+    assert finetune_task2.zero_shot(*args, val("slices-A"), "cpu", ["bound_box"]).per_organ == stale  # reused
+    assert finetune_task2.zero_shot(*args, val("slices-A"), "cpu", ["larger_box"]).per_organ == fresh  # not in it
+    assert finetune_task2.zero_shot(dict(cfg, seed=1), res, backbone, None, val("slices-A"), "cpu",
+                                    ["bound_box"]).per_organ == fresh  # other settings: not reused
 
 
 class Reached(Exception):
@@ -444,7 +445,7 @@ def test_resume_with_changed_settings_is_refused_before_the_cache(cold, tmp_path
     assert "lr: 0.1 -> 0.5" in line and "batch_size: 4 -> 8" in line and "loss: 'dice' -> 'dice_ce'" in line
     assert not (cold / "embeddings").exists()  # refused before the cache is filled
     # how long and where may change
-    monkeypatch.setattr(finetune_task2, "setup_training", lambda cfg, what: (_ for _ in ()).throw(Reached()))
+    monkeypatch.setattr(finetune_task2, "setup_training", lambda *args: (_ for _ in ()).throw(Reached()))
     with pytest.raises(Reached):
         finetune_task2.main(finetune_argv(cold, results, resume="true", epochs="3", device="cpu", decode_batch="2"))
 
@@ -454,7 +455,7 @@ def test_resume_over_prompts_starts_those_without_a_checkpoint_fresh(cold, tmp_p
     save_last(results, "bound_box", finetune_argv(cold, results))
     resumed = {}
     setup = SimpleNamespace(env=SimpleNamespace(main=True))
-    monkeypatch.setattr(finetune_task2, "setup_training", lambda cfg, what: setup)
+    monkeypatch.setattr(finetune_task2, "setup_training", lambda *args: setup)
     monkeypatch.setattr(finetune_task2, "train_prompt", lambda _s, _c, _r, p, resume: resumed.setdefault(p, resume))
     monkeypatch.setattr(finetune_task2, "evaluate_runs", lambda *a: (_ for _ in ()).throw(Reached()))
     with pytest.raises(Reached):
@@ -607,13 +608,13 @@ def test_disk_full_while_filling_the_cache_gives_one_line_and_leaves_nothing(tmp
 @pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"task1": 3}', b'{"task1": {"key": "k"}}', b"\xff\xfe",
                                      b'{"task1": {"key": "k", "sec'])
 def test_corrupt_stages_json_is_ignored_with_a_note(tmp_path, capsys, content):
-    from run_report import Stages
+    from sambtcv.stages import Stages
 
     res = Results(tmp_path)
     res.stages.write_bytes(content)
     assert Stages(res, force=False).done == {}
     assert "unreadable" in capsys.readouterr().out
-    good = {"task1": {"key": "k", "seconds": 1.0}}
+    good = {"task1": {"key": "k", "seconds": 1.0, "records": []}}
     res.stages.write_text(json.dumps(good))
     assert Stages(res, force=False).done == good
 
@@ -651,7 +652,7 @@ def test_outputs_of_the_results_writers_get_the_users_umask(tmp_path, umask):
         files.save_checkpoint(tmp_path / "r" / "finetune" / "best.pt", "finetune", {"model": {}})
         with files.staged_dir(tmp_path / "staged", "marker.json") as tmp:
             files.write_json(tmp / "marker.json", {})
-        with files.exclusive(tmp_path / "locked", "results folder", "--results-dir"):
+        with files.exclusive(tmp_path / "locked", "results folder"):
             pass
     finally:
         os.umask(old)

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from cache import EmbeddingCache, PromptDataset, open_split
-from cli import PipelineError
-from models import InputFrame, PromptedDecoder, encode_images, load_backbone
 from modified_classifier import ClassifyingDecoder, ClassifyingMaskDecoder, build_classifier
+from sambtcv.backbones import InputFrame, encode_images, load_backbone
+from sambtcv.decoder import PromptedDecoder
+from sambtcv.embeddings import EmbeddingCache, open_split
+from sambtcv.errors import PipelineError
+from sambtcv.evaluation import PromptDataset
 from utils import SliceSet, dice_score
 
 
@@ -75,7 +77,7 @@ def test_mobilesam_loads_strictly_from_its_package(mobilesam, tmp_path):
     state = torch.load(mobilesam.checkpoint, weights_only=True)
     assert set(state) == set(mobilesam.sam.state_dict())
     assert torch.equal(mobilesam.sam.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"])
-    from models import BACKBONES
+    from sambtcv.backbones import BACKBONES
 
     lite_file = BACKBONES["litemedsam"].weights()
     with pytest.raises(PipelineError, match=rf"checkpoint {lite_file} does not fit model mobilesam"):

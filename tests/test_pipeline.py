@@ -4,15 +4,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_figure, fails, run_script, slices_copy
 
 import classify_train_task3
 import classify_val_task3
 import finetune_task2
 import segmentation_task1
-from cli import PipelineError
-from files import load_checkpoint
-from training import mask_losses
+from conftest import assert_figure, fails, run_script, slices_copy
+from sambtcv.errors import PipelineError
+from sambtcv.files import load_checkpoint
+from sambtcv.training import mask_losses
 from utils import ORGANS, PROMPT_TYPES, SliceSet
 
 TINY_TRAIN = ["--epochs", "2", "--samples-per-epoch", "16", "--batch-size", "8", "--val-samples", "8"]

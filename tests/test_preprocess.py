@@ -5,10 +5,10 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import TINY_SHAPE, real_data, run_script
 
-from cli import PipelineError
-from preprocess import augmentation, find_cases, preprocess
+from conftest import TINY_SHAPE, real_data, run_script
+from sambtcv.data import augmentation, find_cases, preprocess
+from sambtcv.errors import PipelineError
 from utils import SliceSet
 
 

@@ -3,11 +3,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import real_data
 
 import segmentation_task1
-from preprocess import organ_stats
-from files import write_json
+from conftest import real_data
+from sambtcv.data import organ_stats
+from sambtcv.files import write_json
 from utils import MANIFEST_FILE, PREPROCESS_FILE
 
 

@@ -5,6 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import torch
+
 from conftest import real_data, run_script
 
 
@@ -80,12 +81,12 @@ def test_smoke_report_on_the_embedded_default(tmp_path):
 
 def test_stage_keys_follow_the_code(tmp_path):
     """A profile changed in a stage's code (same command) makes the stages stale; run_report.py does not."""
-    import run_report
+    from sambtcv.stages import code_id
 
     for name in ("baselines.py", "run_report.py"):
         (tmp_path / name).write_text("PROFILES = {'quick': 1}\n")
-    before = run_report.code_id(tmp_path)
+    before = code_id(tmp_path)
     (tmp_path / "run_report.py").write_text("# edited\n")
-    assert run_report.code_id(tmp_path) == before
+    assert code_id(tmp_path) == before
     (tmp_path / "baselines.py").write_text("PROFILES = {'quick': 2}\n")
-    assert run_report.code_id(tmp_path) != before
+    assert code_id(tmp_path) != before

@@ -3,10 +3,21 @@ import cv2
 import numpy as np
 import pytest
 
-from cli import PipelineError, parse_config
-from files import staged_dir
-from utils import (BOX_MARGIN, DiceTable, bound_box, central_point, dice_score, larger_box, make_prompt, prompt_rng,
-                   prompt_types_arg, random_points)
+from sambtcv.cli import parse_config
+from sambtcv.errors import PipelineError
+from sambtcv.files import staged_dir
+from utils import (
+    BOX_MARGIN,
+    DiceTable,
+    bound_box,
+    central_point,
+    dice_score,
+    larger_box,
+    make_prompt,
+    prompt_rng,
+    prompt_types_arg,
+    random_points,
+)
 
 
 def l_shape(h=60, w=80):
@@ -120,7 +131,7 @@ def _script(tmp_path):
 def test_parse_config_flags_come_from_the_block_only(tmp_path):
     g = _script(tmp_path)
     cfg = parse_config(g, ["--a-number", "5", "--resume", "--lr", "1e-3"])
-    assert cfg == {"a_number": 5, "resume": True, "name": None, "lr": 1e-3}
+    assert cfg == {"a_number": 5, "resume": True, "name": None, "lr": 1e-3, "profile": ""}  # + every page's --profile
     assert parse_config(g, ["--resume", "false"])["resume"] is False
     assert parse_config(g, [], defaults={"a_number": 7})["a_number"] == 7  # a new default ...
     assert parse_config(g, ["--a-number", "3"], defaults={"a_number": 7})["a_number"] == 3  # ... a given flag wins

@@ -7,12 +7,15 @@ import re
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import assert_figure, fails, held_by_another_process
 
 import segment_volume
-from cli import PipelineError
-from preprocess import ORIENTATION, find_cases, load_label
-from propagation import MIN_AREA, OrganMasks, SliceMask, box_mask, merge, next_box, propagate
+from conftest import assert_figure, fails, held_by_another_process
+from sambtcv import volume
+from sambtcv.config import ORIENTATION
+from sambtcv.data import find_cases, load_label
+from sambtcv.errors import PipelineError
+from sambtcv.metrics import hd95
+from sambtcv.propagation import MIN_AREA, OrganMasks, SliceMask, box_mask, merge, next_box, propagate
 from utils import ORGAN_ID, dice_score
 
 
@@ -42,8 +45,8 @@ def test_label_map_round_trip_in_any_orientation(raw_phantom, tmp_path, codes):
     with the image's shape and affine."""
     _, image, label = _case_files(raw_phantom)
     image, label = _reoriented_copy(image, label, codes, tmp_path / "in")
-    case = segment_volume.load_case("c", image, label, (-160, 240))
-    out = segment_volume.write_label_map(case.label, case, tmp_path / "back.nii.gz")
+    case = volume.load_case("c", image, label, (-160, 240))
+    out = volume.write_label_map(case.label, case, tmp_path / "back.nii.gz")
     back, src = nib.load(str(out)), nib.load(str(label))
     assert back.shape == src.shape and np.allclose(back.affine, nib.load(str(image)).affine)
     assert np.array_equal(np.asarray(back.dataobj), np.asarray(src.dataobj).astype(np.uint8))
@@ -74,11 +77,11 @@ def test_3d_scores_agree_with_monai():
     ours = dice_score(pred, gt)
     theirs = float(compute_dice(torch.from_numpy(pred[None, None]).float(), torch.from_numpy(gt[None, None]).float()))
     assert ours == pytest.approx(theirs)
-    case = segment_volume.Case("c", None, None, gt, (2.0, 1.0, 5.0))
-    assert segment_volume.hd95(gt, gt, case.spacing) == 0.0
+    case = volume.Case("c", None, None, gt, (2.0, 1.0, 5.0))
+    assert hd95(gt, gt, case.spacing) == 0.0
     shifted = np.roll(gt, 1, axis=2)  # one column = 1 mm
-    assert segment_volume.hd95(shifted, gt, case.spacing) == pytest.approx(1.0)
-    assert segment_volume.hd95(np.zeros_like(gt), gt, case.spacing) is None
+    assert hd95(shifted, gt, case.spacing) == pytest.approx(1.0)
+    assert hd95(np.zeros_like(gt), gt, case.spacing) is None
 
 
 def test_next_box_uses_the_main_part_with_a_margin():
@@ -144,7 +147,7 @@ def _largest_slice_box(case, organ):
 def test_user_prompts_box_points_and_box3d(raw_phantom, tmp_path):
     """A box (liver), a point (left kidney) and a 3D box in the file's voxel indices (spleen), MobileSAM."""
     _, image, label = _case_files(raw_phantom)
-    case = segment_volume.load_case("c", image, label, (-160, 240))
+    case = volume.load_case("c", image, label, (-160, 240))
     k_liver, liver_box, _ = _largest_slice_box(case, 6)
     k_kidney, _, kidney_point = _largest_slice_box(case, 3)
     gt = np.asarray(nib.load(str(label)).dataobj)
@@ -239,7 +242,7 @@ def test_evaluation_checks_every_case_before_any_work(raw_phantom, flat, tmp_pat
 @pytest.mark.parametrize("given,model,expected", [("auto", "litemedsam", 6.0), ("auto", "mobilesam", 4.0),
                                                   ("0", "mobilesam", 0.0), ("2.5", "litemedsam", 2.5)])
 def test_margin_auto_or_millimetres(given, model, expected):
-    assert segment_volume.margin_for({"margin_mm": given}, model) == expected
+    assert volume.margin_mm(given, model) == expected
 
 
 @pytest.mark.parametrize("given", ["nan", "inf", "-1", "wide"])
@@ -278,14 +281,14 @@ def test_a_3d_box_bounds_the_first_mask_too():
 def test_3d_cache_locks_one_volume_not_the_whole_folder(litemedsam, tmp_path):
     """Another run encoding one CT holds that CT's cache only: a run on another CT in the same --cache-dir
     proceeds, one on the same CT fails with one line."""
-    from models import load_decoder
-    from propagation import VolumeDecoder
+    from sambtcv.decoder import load_decoder
+    from sambtcv.propagation import VolumeDecoder
 
     rng = np.random.default_rng(0)
     decoder = load_decoder(litemedsam)
     a, b = (VolumeDecoder(rng.integers(0, 255, (2, 32, 32), dtype=np.uint8), litemedsam, decoder, tmp_path, "cpu")
             for _ in range(2))
-    with held_by_another_process(a.cache.dir, "volume embedding cache", "--cache-dir"):
+    with held_by_another_process(a.cache.dir, "volume embedding cache"):
         b.embedding(0)
         assert b.encoder_passes == 1
         with pytest.raises(PipelineError, match="in use by another run"):

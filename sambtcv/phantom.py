@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
-from files import check_replaceable, write_bytes, write_json
+from sambtcv.files import check_replaceable, write_bytes, write_json
 
 # ----------------------------------------------------------------------------------------------
 # Volume and layout
@@ -65,6 +65,12 @@ STOMACH_AIR_HU = -900.0
 STOMACH_LUMEN_LEVEL = 0.75  # normalised radius inside which the stomach is lumen
 STOMACH_AIR_DEPTH = 0.55  # lumen anterior of (centre - this * AP half-extent) holds air
 ORGAN_TEXTURE_HU = 6.0  # amplitude of smooth intra-organ texture
+# Liver lesions (a diseased phantom, `lesions` > 0): hypodense metastasis-like balls with an enhancing rim,
+# labelled liver (as BTCV labels tumours), the first one large.
+LESION_HU = (35.0, 65.0)  # core HU range (liver: ~115)
+LESION_RIM_HU = 20.0  # rim brighter than the core
+LESION_RIM_FRAC = 0.8  # normalised radius where the rim starts
+LESION_RADIUS_MM = ((28.0, 40.0), (8.0, 18.0))  # the first lesion's radius range, then the others
 NOISE_SIGMA_HU = (10.0, 20.0)  # per-seed range of the Gaussian noise sigma
 SMOOTH_SIGMA_VOX = (0.6, 0.6, 0.3)  # Gaussian blur before noise
 SMOOTH_FIELD_FACTOR = (6, 6, 3)  # downsampling of the smooth random fields
@@ -400,14 +406,33 @@ def _body(rng, grid, scale):
     return img, allowed2d
 
 
-def make_phantom_volume(seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING):
+def _liver_lesions(img: np.ndarray, label: np.ndarray, grid, n: int, seed: int) -> None:
+    """Paint `n` hypodense lesions (balls with a brighter rim) into the liver of `img`, in place; centres
+    drawn from the liver's voxels by their own generator (the rest of the phantom does not change)."""
+    rng = np.random.default_rng([seed, 7919])
+    liver = np.argwhere(label == 6)
+    if not len(liver):
+        return
+    x, y, z = grid.axes
+    for index in range(n):
+        c = liver[rng.integers(len(liver))]
+        radius = rng.uniform(*LESION_RADIUS_MM[0 if index == 0 else 1])
+        d = np.sqrt((x[:, None, None] - x[c[0]]) ** 2 + (y[None, :, None] - y[c[1]]) ** 2
+                    + (z[None, None, :] - z[c[2]]) ** 2) / radius
+        inside = (d < 1.0) & (label == 6)
+        core = rng.uniform(*LESION_HU)
+        img[inside] = np.where(d[inside] > LESION_RIM_FRAC, core + LESION_RIM_HU, core)
+
+
+def make_phantom_volume(seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING, lesions: int = 0):
     """Return ``(image, label, affine)`` for one synthetic abdominal CT.
 
     image: int16 HU, label: uint8 BTCV ids 0..13, both of ``shape`` with axes (i, j, k) in LPS voxel
     order (i -> patient Left, j -> Posterior, k -> Superior); affine: 4x4 float64 RAS+ (nibabel)
     affine ``diag(-sx, -sy, sz)`` with the volume centre at world 0, so ``aff2axcodes`` is
     ('L', 'P', 'S'). Deterministic per non-negative integer ``seed``. Anatomy is laid out in mm, so
-    a coarser spacing with a smaller shape shows the same body.
+    a coarser spacing with a smaller shape shows the same body. `lesions` > 0 paints that many liver
+    lesions (the first large), labelled liver.
     """
     shape = tuple(int(n) for n in shape)
     spacing = tuple(float(s) for s in spacing)
@@ -452,6 +477,8 @@ def make_phantom_volume(seed: int, shape=DEFAULT_SHAPE, spacing=DEFAULT_SPACING)
         label[sl][mask] = organ_id
         img[sl][mask] = values[mask]
 
+    if lesions:
+        _liver_lesions(img, label, grid, lesions, seed)
     img = ndimage.gaussian_filter(img, SMOOTH_SIGMA_VOX, mode="nearest")
     img += rng.uniform(*NOISE_SIGMA_HU) * rng.standard_normal(shape, dtype=np.float32)
     image = np.clip(np.rint(img), *HU_CLIP).astype(np.int16)
@@ -482,7 +509,7 @@ def spacing_for(shape) -> tuple[float, float, float]:
     return tuple(sp * d / n for sp, d, n in zip(DEFAULT_SPACING, DEFAULT_SHAPE, shape))
 
 
-def write_phantom(raw_dir, n: int, seed: int, shape=DEFAULT_SHAPE, spacing=None) -> list[pathlib.Path]:
+def write_phantom(raw_dir, n: int, seed: int, shape=DEFAULT_SHAPE, spacing=None, lesions: int = 0) -> list[pathlib.Path]:
     """Write ``n`` phantoms as BTCV's ``RawData/Training/img/img{NNNN}.nii.gz`` and
     ``RawData/Training/label/label{NNNN}.nii.gz`` (NNNN = 0001..n) under ``raw_dir``.
 
@@ -492,18 +519,18 @@ def write_phantom(raw_dir, n: int, seed: int, shape=DEFAULT_SHAPE, spacing=None)
     image paths in order.
     """
     spacing = spacing_for(shape) if spacing is None else spacing
-    check_replaceable(raw_dir, MARKER, "--data-dir")  # never overwrite a real dataset's imgNNNN files
+    check_replaceable(raw_dir, MARKER, "data folder")  # never overwrite a real dataset's imgNNNN files
     root = pathlib.Path(raw_dir) / "RawData" / "Training"
     img_dir, lab_dir = root / "img", root / "label"
     img_dir.mkdir(parents=True, exist_ok=True)
     lab_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(1, int(n) + 1):
-        image, label, affine = make_phantom_volume(_volume_seed(seed, index), shape, spacing)
+        image, label, affine = make_phantom_volume(_volume_seed(seed, index), shape, spacing, lesions)
         img_path = img_dir / f"img{index:04d}.nii.gz"
         write_bytes(img_path, _nifti_gz_bytes(image, affine))
         write_bytes(lab_dir / f"label{index:04d}.nii.gz", _nifti_gz_bytes(label, affine))
         paths.append(img_path)
     write_json(pathlib.Path(raw_dir) / MARKER, {"volumes": int(n), "seed": int(seed), "shape": list(map(int, shape)),
-                                                "spacing_mm": list(map(float, spacing))})
+                                                "spacing_mm": list(map(float, spacing)), "lesions": int(lesions)})
     return paths

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from cli import PipelineError
+from sambtcv.errors import PipelineError
 
-TEMP_PATTERN = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|partial)$")  # names of our own temporary files/folders
+TEMP_PATTERN = re.compile(r"^\..+\.(p\d+-)?[a-z0-9_]{8}\.(tmp|partial)$")  # our own temporary files/folders
+OWN_TEMP = re.compile(r"^\.(?P<name>.+)\.p(?P<pid>\d+)-[a-z0-9_]{8}\.tmp$")  # a temp file naming its writer
 LOCK_FILE = ".lock"
 LOCKS_ENV = "SAM_BTCV_HELD_LOCKS"  # lock tokens a parent process holds for its child stages
 CLEANED_SUBFOLDERS = ("figures", "volumes")  # besides the folder itself; run folders clean their own
@@ -46,7 +47,7 @@ def _umask() -> int:
 def _atomic_write(path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.p{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -99,6 +100,31 @@ def read_json(path, what: str = "file"):
         raise PipelineError(f"cannot read {what} {path}: {exc}; delete it or write it again") from exc
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_temps(path) -> list[Path]:
+    """Delete the temporary files that writes of `path` left beside it when their process was killed
+    mid-write (our own name pattern for that file only, writer no longer running)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = []
+    for p in path.parent.iterdir():
+        m = OWN_TEMP.match(p.name)
+        if m and m["name"] == path.name and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            stale.append(p)
+    return stale
+
+
 def remove_stale_temps(folder) -> list[Path]:
     """Delete the temporary files and folders this project left directly in `folder` when a run was
     killed mid-write (its own name pattern only). Call it only while holding the folder's lock."""
@@ -112,28 +138,28 @@ def remove_stale_temps(folder) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def check_replaceable(final, marker: str, flag: str) -> None:
+def check_replaceable(final, marker: str, what: str = "output folder") -> None:
     """Refuse, before any work, to replace `final` unless this project wrote it (it holds `marker`) or
     it is an empty folder."""
     final = Path(final)
     if not final.exists():
         return
     if not final.is_dir():
-        raise PipelineError(f"{flag} {final} is a file, not a folder; choose another {flag}")
+        raise PipelineError(f"{{subject}} {final} is a file, not a folder; choose another {{subject}}", what)
     if not (final / marker).is_file() and any(final.iterdir()):
-        raise PipelineError(f"{flag} {final} exists and was not written by this project (no {marker}); "
-                            f"choose another {flag} or empty that folder yourself")
+        raise PipelineError(f"{{subject}} {final} exists and was not written by this project (no {marker}); "
+                            f"choose another {{subject}} or empty that folder yourself", what)
 
 
 @contextlib.contextmanager
-def staged_dir(final, marker: str, flag: str = "--out-dir"):
+def staged_dir(final, marker: str):
     """Yield a fresh temporary folder beside `final`; on success it replaces `final` whole.
 
     `final` is replaced only when this project wrote it (`check_replaceable`). On any error the
     temporary folder is removed and `final` is left as it was.
     """
     final = Path(final)
-    check_replaceable(final, marker, flag)
+    check_replaceable(final, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
@@ -151,7 +177,7 @@ def staged_dir(final, marker: str, flag: str = "--out-dir"):
         raise
 
 
-def ensure_writable_dir(folder, flag: str) -> Path:
+def ensure_writable_dir(folder, what: str = "folder") -> Path:
     """Create `folder` if needed and prove it writable now, before any expensive work."""
     folder = Path(folder)
     try:
@@ -159,77 +185,98 @@ def ensure_writable_dir(folder, flag: str) -> Path:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise PipelineError(f"{flag} {folder} is not writable ({exc.strerror}); choose a folder you can write") from exc
+        raise PipelineError(f"{{subject}} {folder} is not writable ({exc.strerror}); choose a folder you can write",
+                            what) from exc
     return folder
 
 
-def check_can_create(path, flag: str) -> None:
+def check_can_create(path, what: str = "output file") -> None:
     """Prove now, creating nothing, that the file `path` can be written later: its nearest existing folder
     is a folder and writable (missing folders below it are made when the file is written)."""
     folder = Path(path).absolute().parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise PipelineError(f"{flag} {path} lies below {folder}, which is a file; choose another path")
+        raise PipelineError(f"{{subject}} {path} lies below {folder}, which is a file; choose another path", what)
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise PipelineError(f"{flag} {path} cannot be written ({folder}: {exc.strerror}); choose a folder you "
-                            f"can write") from exc
+        raise PipelineError(f"{{subject}} {path} cannot be written ({folder}: {exc.strerror}); choose a folder you "
+                            f"can write", what) from exc
 
 
-@contextlib.contextmanager
-def exclusive(folder, what: str, flag: str):
-    """Hold an exclusive lock on `folder` (a ``.lock`` file in it) for the block.
+class FolderLock:
+    """An exclusive lock on `folder` (a ``.lock`` file in it), held from `acquire` to `release` (or for a
+    ``with`` block, which acquires it if it is not held yet).
 
     A second process fails at once with one line naming the holder. A child stage that run_report.py
     starts inherits its parent's locks (LOCKS_ENV), so it proceeds. Temporary files that a killed run
-    left in the folder are removed once the lock is held.
+    left in the folder are removed once the lock is held. A folder this lock created, which is still
+    empty when a failed block releases it, is removed again.
     """
-    created = not Path(folder).exists()
-    folder = ensure_writable_dir(folder, flag)
-    path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+
+    def __init__(self, folder, what: str):
+        self.folder, self.what = Path(folder), what
+        self._fd = None
+        self._held = None  # LOCKS_ENV before we added our token (None: not held by us)
+        self._created = False
+
+    def acquire(self) -> "FolderLock":
+        self._created = not self.folder.exists()
+        ensure_writable_dir(self.folder, "folder")
+        path = self.folder / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = path.read_text(errors="replace").strip()
+            os.close(fd)
             token = holder.split(" ", 1)[0]
             if token and token in os.environ.get(LOCKS_ENV, "").split(","):
-                yield  # our parent holds it for us
-                return
-            raise PipelineError(f"{what} {folder} is in use by another run ({holder.split(' ', 1)[-1]}); "
-                                f"wait for it to finish or use another {flag}") from None
+                return self  # our parent holds it for us
+            raise PipelineError(f"{self.what} {self.folder} is in use by another run ({holder.split(' ', 1)[-1]}); "
+                                f"wait for it to finish or use another {{subject}}", "folder") from None
+        self._fd = fd
         token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         os.ftruncate(fd, 0)
         os.write(fd, f"{token} pid {os.getpid()} on {socket.gethostname()} since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n".encode())
         os.fsync(fd)
         for sub in ("", *CLEANED_SUBFOLDERS):
-            remove_stale_temps(folder / sub)
-        held = [t for t in os.environ.get(LOCKS_ENV, "").split(",") if t]
-        os.environ[LOCKS_ENV] = ",".join([*held, token])
-        try:
-            yield
-        except BaseException:
-            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:  # a run that wrote nothing
-                path.unlink()
-                folder.rmdir()
-            raise
-        finally:
-            os.environ[LOCKS_ENV] = ",".join(held)
-    finally:
-        os.close(fd)
+            remove_stale_temps(self.folder / sub)
+        self._held = os.environ.get(LOCKS_ENV, "")
+        os.environ[LOCKS_ENV] = ",".join([t for t in self._held.split(",") if t] + [token])
+        return self
+
+    def release(self, failed: bool = False) -> None:
+        if self._fd is None:
+            return
+        os.environ[LOCKS_ENV] = self._held
+        if failed and self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+            (self.folder / LOCK_FILE).unlink()  # a run that wrote nothing leaves no folder
+            self.folder.rmdir()
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release(failed=exc_type is not None)
 
 
-def results_lock(root):
+def exclusive(folder, what: str) -> FolderLock:
+    """`FolderLock` of `folder` (use as ``with exclusive(folder, "cache"):``)."""
+    return FolderLock(folder, what)
+
+
+def results_lock(root) -> FolderLock | contextlib.nullcontext:
     """The results folder's lock for this process: taken by the main process (rank 0 under torchrun),
     which alone writes; a no-op on the other ranks."""
     if int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
-    return exclusive(root, "results folder", "--results-dir")
+    return FolderLock(root, "results folder")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -241,21 +288,22 @@ def save_checkpoint(path, kind: str, state: dict) -> Path:
     return _atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path, kind: str, flag: str = "checkpoint") -> dict:
+def load_checkpoint(path, kind: str) -> dict:
     """A checkpoint this project wrote, of `kind`, loaded safely; anything else fails with one line."""
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"{flag} not found: {path}")
+        raise PipelineError(f"{{subject}} not found: {path}", "checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, truncated, or holding code objects (refused)
-        raise PipelineError(f"{flag} {path} is not a checkpoint this project can read "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})") from exc
+        raise PipelineError(f"{{subject}} {path} is not a checkpoint this project can read "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})", "checkpoint") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise PipelineError(f"{flag} {path} is not a sam-btcv checkpoint (model weights or another program's "
-                            f"file?); pass the best.pt that the matching script wrote")
+        raise PipelineError(f"{{subject}} {path} is not a sam-btcv checkpoint (model weights or another program's "
+                            f"file?); pass the best.pt that the matching script wrote", "checkpoint")
     if state.get("kind") != kind:
-        raise PipelineError(f"{flag} {path} is a {state.get('kind')} checkpoint, not a {kind} checkpoint")
+        raise PipelineError(f"{{subject}} {path} is a {state.get('kind')} checkpoint, not a {kind} checkpoint",
+                            "checkpoint")
     return state
 
 
@@ -289,7 +337,7 @@ class Results:
 
     TABLES = {"table1": "table1_zero_shot", "table2": "table2_finetune", "table3": "table3_comparison",
               "table4": "table4_classification", "volume_3d": "volume_3d", "bench": "bench",
-              "baselines": "baselines"}
+              "baselines": "baselines", "study_3d": "study_3d"}
     FIGURES = {"fig1": "fig1_curve_one_central_point.png", "fig2": "fig2_curve_bound_box.png",
                "fig3": "fig3_classification_example.png", "confusion": "confusion_matrix.png"}
     CURVES = {"one_central_point": "fig1", "bound_box": "fig2"}  # Figures 1 and 2: training curves per prompt

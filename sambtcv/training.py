@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,43 +24,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import PipelineError, check_choice, start_run
-from files import Results, load_checkpoint, remove_stale_temps, save_checkpoint, write_csv
+from sambtcv.distributed import DistEnv, init_distributed
+from sambtcv.errors import PipelineError
+from sambtcv.files import Results, load_checkpoint, remove_stale_temps, save_checkpoint, write_csv
+from sambtcv.metrics import iou_score
 
 LOG_FIELDS = ["epoch", "train_loss", "val_loss", "val_metric", "seconds", "samples_per_second"]
 ORDER_SALT = 7919  # mixed into the per-epoch sample order's seed, apart from the prompts' generator
 # settings that may change on --resume: how long, where and how fast, never what is computed
-RESUMABLE = {"epochs", "resume", "device", "decode_batch", "encode_batch", "slices", "results_dir", "checkpoint"}
+RESUMABLE = {"epochs", "resume", "device", "decode_batch", "encode_batch", "slices", "results_dir", "checkpoint",
+             "profile"}
 LOSSES = ("dice", "dice_ce")
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-def init_distributed(device: torch.device) -> DistEnv:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1); otherwise a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistEnv(0, 1, device)
-    rank = int(os.environ["RANK"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(rank, world, device)
 
 
 @dataclass
@@ -69,25 +42,25 @@ class TrainingSetup:
     """What Task 2 and Task 3 share before their loop."""
 
     env: DistEnv
-    backbone: object  # models.Backbone
-    train: object  # cache.SplitData
-    val: object  # cache.SplitData
+    backbone: object  # sambtcv.backbones.Backbone
+    train: object  # sambtcv.embeddings.SplitData
+    val: object  # sambtcv.embeddings.SplitData
 
 
-def setup_training(cfg: dict, what: str) -> TrainingSetup:
-    """Seeds and device, the process group under torchrun, the backbone, and filled embedding caches of
-    both splits (only rank 0 encodes)."""
-    from cache import open_split
-    from models import load_backbone
+def setup_training(device, model: str, checkpoint, slices, encoder_dtype: str, encode_batch: int,
+                   what: str) -> TrainingSetup:
+    """The process group under torchrun, the backbone, and filled embedding caches of both splits of
+    `slices` (only rank 0 encodes)."""
+    from sambtcv.backbones import load_backbone
+    from sambtcv.embeddings import open_split
 
-    env = init_distributed(start_run(cfg))
-    backbone = load_backbone(cfg["model"], cfg["checkpoint"], env.device)
-    barrier = dist.barrier if env.world > 1 else None
-    train, val = (open_split(cfg["slices"], split, backbone, cfg["encoder_dtype"], env.device, cfg["encode_batch"],
-                             env.main, barrier) for split in ("train", "val"))
+    env = init_distributed(device)
+    backbone = load_backbone(model, checkpoint, env.device)
+    train, val = (open_split(slices, split, backbone, encoder_dtype, env.device, encode_batch, env)
+                  for split in ("train", "val"))
     backbone.sam.image_encoder.to("cpu")  # never used in the training loop
     if not train.slices.items:
-        raise PipelineError(f"the train split of {cfg['slices']} has no slices; {what} needs training cases")
+        raise PipelineError(f"the train split of {slices} has no slices; {what} needs training cases")
     return TrainingSetup(env, backbone, train, val)
 
 
@@ -130,9 +103,6 @@ def mask_losses(masks: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tenso
     logits, target (B, 1, L, L) in {0, 1}."""
     from monai.losses import DiceLoss
 
-    from utils import iou_score
-
-    check_choice(loss, LOSSES, "--loss")
     masks = masks.float()
     tgt = target.expand_as(masks)
     per_mask = DiceLoss(sigmoid=True, reduction="none")(masks, tgt).flatten(1)  # (B, K)
@@ -154,14 +124,14 @@ def plain_config(cfg: dict) -> dict:
 
 
 def check_resume_settings(saved: dict, cfg: dict, path, keys=None) -> None:
-    """Refuse a --resume whose settings differ from the checkpoint's (other than RESUMABLE ones), over
+    """Refuse to resume a run whose settings differ from the checkpoint's (other than RESUMABLE ones), over
     `keys` (default: all of both)."""
     keys = set(saved) | set(cfg) if keys is None else set(keys)
     changed = sorted(k for k in keys if k not in RESUMABLE and saved.get(k) != cfg.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in changed)
-        raise PipelineError(f"--resume with settings that differ from {path} ({diffs}); use the checkpoint's "
-                            f"settings or start again without --resume")
+        raise PipelineError(f"cannot resume {path} with other settings ({diffs}); use the checkpoint's "
+                            f"settings or start again without resuming")
 
 
 def precheck_resume(run_dir, kind: str, cfg: dict) -> bool:
@@ -170,17 +140,17 @@ def precheck_resume(run_dir, kind: str, cfg: dict) -> bool:
     last = Results.last(run_dir)
     if not last.is_file():
         return False
-    saved = load_checkpoint(last, kind, "--resume checkpoint")["config"]
+    saved = load_checkpoint(last, kind)["config"]
     check_resume_settings(saved, cfg, last, keys=cfg)
     return True
 
 
 def check_some_to_resume(resumable: dict, run_dirs: dict) -> None:
-    """--resume over several runs: an error when none has a checkpoint (a wrong --results-dir?); runs
+    """Resuming several runs: an error when none has a checkpoint (a wrong results folder?); runs
     without one start fresh, with a note."""
     if not any(resumable.values()):
         where = ", ".join(str(Results.last(d)) for d in run_dirs.values())
-        raise PipelineError(f"--resume given but there is no checkpoint to resume ({where}); run without --resume")
+        raise PipelineError(f"there is no checkpoint to resume ({where}); start again without resuming")
     for name, ok in resumable.items():
         if not ok:
             print(f"{name}: no checkpoint in {run_dirs[name]} to resume; starting it fresh", flush=True)
@@ -234,8 +204,8 @@ class Checkpoints:
         """Load last.pt into the module and optimiser; repair best.pt and epochs.csv if a kill came
         between the writes of the last committed epoch."""
         if not self.last.is_file():
-            raise PipelineError(f"--resume given but there is no checkpoint at {self.last}; run without --resume")
-        ck = load_checkpoint(self.last, self.kind, "--resume checkpoint")
+            raise PipelineError(f"there is no checkpoint to resume at {self.last}; start again without resuming")
+        ck = load_checkpoint(self.last, self.kind)
         check_resume_settings(ck["config"], self.cfg, self.last)
         self.module.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
@@ -244,7 +214,11 @@ class Checkpoints:
         state = RunState(ck["epoch"], ck["best_metric"], ck["best_epoch"], ck["history"])
         best_epoch = None
         if self.best.is_file():
-            best_epoch = load_checkpoint(self.best, self.kind, "best checkpoint").get("epoch")
+            try:
+                best_epoch = load_checkpoint(self.best, self.kind).get("epoch")
+            except PipelineError:  # derived from last.pt, which holds the best weights: rebuilt below
+                print(f"{self.best} is unreadable; rebuilt from {self.last}", flush=True)
+                best_epoch = "unreadable"
         if best_epoch != state.best_epoch:
             print(f"{self.best} held epoch {best_epoch}, {self.last} says {state.best_epoch}: rewritten", flush=True)
             self._write_best(self.best_state if self.best_state is not None else self.module.state_dict(), state)

@@ -1,4 +1,4 @@
-"""The embedding cache, the (embedding, prompt, target) dataset and the evaluation loop of Tasks 1-3.
+"""The embedding cache: image embeddings stored once per (backbone, encoder dtype, images), read row by row.
 
 Each slice is encoded at most once per (backbone, encoder dtype, slices): embeddings are stored in
 float16 rows on disk, each with a checksum, and read back row by row, so Tasks 2 and 3 never run the
@@ -15,16 +15,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from cli import PipelineError
-from files import exclusive, write_json
-from models import PROMPT_EMBED_DIM, Backbone, Decoded, PromptedDecoder, autocast, decode_batch, encode_images
-from utils import DiceTable, SliceSet, make_prompt, prompt_rng
+from sambtcv.backbones import PROMPT_EMBED_DIM, Backbone, encode_images
+from sambtcv.errors import PipelineError
+from sambtcv.files import exclusive, write_json
+from sambtcv.slices import SliceSet
 
-EVAL_EPOCH = 0  # prompt generator salt used by every evaluation; training epochs use 1, 2, ...
 NOT_DONE = -1  # checksum value of a row not encoded yet
+SHARED_ROUND = 8  # batches each rank encodes before rank 0 writes them (bounds rank 0's memory)
 
 
 class EmbeddingCache:
@@ -69,7 +68,9 @@ class EmbeddingCache:
             meta = json.loads(self.meta_path.read_text())
             crc = np.load(self.crc_path)
             stored = np.load(self.path, mmap_mode="r")
-            if meta == self.meta and crc.shape == (self.shape[0],) and stored.shape == self.shape:
+            if (meta == self.meta and crc.shape == (self.shape[0],) and crc.dtype == np.int64
+                    and stored.shape == self.shape and stored.dtype == np.float16
+                    and stored.flags.c_contiguous):  # re-saved in another dtype or order: start again
                 return crc
         except (OSError, ValueError):  # absent, truncated or unreadable: start again
             pass
@@ -97,7 +98,7 @@ class EmbeddingCache:
         rows it has already computed)."""
         if not self.missing(rows) and not self.verify(rows):  # all there: still check their bytes
             return 0
-        with exclusive(self.dir, self.what, "--slices or --cache-dir"):
+        with exclusive(self.dir, self.what):
             self.crc = self._load_checksums()  # another run may have filled it meanwhile
             bad = self.verify(rows)
             if bad:
@@ -190,96 +191,48 @@ class SplitData:
 
 
 def open_split(slices_dir, split: str, backbone: Backbone, dtype: str, device, encode_batch: int = 1,
-               is_main: bool = True, barrier=None) -> SplitData:
-    """Open a split and fill its embedding cache. Under several processes only the main one encodes;
-    the others wait at `barrier()` and then read."""
+               env=None) -> SplitData:
+    """Open a split and fill its embedding cache. Under several processes (`env`, a
+    `sambtcv.distributed.DistEnv`) the ranks share the encoding and rank 0 alone writes the cache."""
     slices = SliceSet(slices_dir, split)
     if len(slices) == 0:
         raise PipelineError(f"split {split!r} of {slices_dir} has no slices; preprocess more cases")
     t0 = time.perf_counter()
-    passes = EmbeddingCache.for_split(slices, backbone, dtype).fill(device, encode_batch) if is_main else 0
-    if barrier is not None:
-        barrier()
+    cache = EmbeddingCache.for_split(slices, backbone, dtype)
+    if env is None or env.world == 1:
+        passes = cache.fill(device, encode_batch)
+    else:
+        passes = fill_shared(cache, env, device, encode_batch)
     cache = EmbeddingCache.for_split(slices, backbone, dtype)
     if cache.missing():
         raise PipelineError(f"the embedding cache of {slices_dir} ({split}) is incomplete; run again")
     return SplitData(slices, cache, passes, time.perf_counter() - t0)
 
 
-# ---------------------------------------------------------------------------------------------- dataset
-class PromptDataset(torch.utils.data.Dataset):
-    """One sample per (slice, organ) of a split: the slice's cached embedding, one prompt of
-    `prompt_type` drawn from the organ's mask (seeded by seed, slice, organ and `epoch`), mapped to
-    the input frame, and the organ's mask in the decoder's low-res frame.
-
-    Item: ``{"embedding": (256, E, E), "points": (n, 2), "box": (4,), "target": (1, L, L),
-    "organ": int, "index": int}``; points are (0, 2) for boxes and box is zeros for points.
-    """
-
-    def __init__(self, data: SplitData, prompt_type: str, seed: int, epoch: int = EVAL_EPOCH):
-        self.slices = data.slices
-        self.cache = data.cache
-        self.prompt_type = prompt_type
-        self.seed = seed
-        self.epoch = epoch
-        self.items = list(self.slices.items)
-        self.frame = data.cache.backbone.frame
-        self._label = (None, None)
-
-    def __len__(self):
-        return len(self.items)
-
-    def label(self, i: int) -> np.ndarray:
-        if self._label[0] != i:
-            self._label = (i, self.slices.load_label(i))
-        return self._label[1]
-
-    def __getitem__(self, k: int) -> dict:
-        i, organ = self.items[k]
-        rec = self.slices.records[i]
-        mask = self.label(i) == organ
-        rng = prompt_rng(self.seed, rec["case"], rec["z"], organ, self.prompt_type, self.epoch)
-        prompt = self.frame.prompt(make_prompt(mask, self.prompt_type, rng), mask.shape)
-        points = prompt.points if prompt.points is not None else np.zeros((0, 2))
-        box = prompt.box if prompt.box is not None else np.zeros(4)
-        return {
-            "embedding": torch.from_numpy(self.cache.read(i)),
-            "points": torch.from_numpy(points.astype(np.float32)),
-            "box": torch.from_numpy(box.astype(np.float32)),
-            "target": torch.from_numpy(self.frame.lowres_target(mask))[None],
-            "organ": organ,
-            "index": k,
-        }
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(decoder: PromptedDecoder, data: SplitData, prompt_types, seed: int, device, dtype="fp32",
-             batch_size: int = 32, table: DiceTable | None = None, on_batch=None, progress=True) -> DiceTable:
-    """Slice and volume Dice of `decoder` on every (slice, organ) of the split, per prompt type.
-
-    Predictions are mapped back to each slice's own size before Dice. ``on_batch(prompt_type, items,
-    decoded, preds)`` lets a caller collect more: items are the batch's (slice index, organ) pairs,
-    decoded the `models.Decoded` outputs (Task 3's class logits), preds the binary slice masks.
-    """
-    table = table if table is not None else DiceTable()
-    decoder.eval()
-    frame = data.cache.backbone.frame
-    for prompt_type in prompt_types:
-        ds = PromptDataset(data, prompt_type, seed, EVAL_EPOCH)
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-        for batch in tqdm(loader, desc=f"decode {prompt_type}", disable=None if progress else True, leave=False):
-            t0 = time.perf_counter()
-            with autocast(device, dtype):
-                decoded: Decoded = decode_batch(decoder, batch, prompt_type, device)
-            table.decoder_seconds += time.perf_counter() - t0
-            items = [ds.items[k] for k in batch["index"].tolist()]
-            preds = []
-            for b, (i, organ) in enumerate(items):
-                gt = ds.label(i) == organ
-                pred = (frame.to_slice(decoded.best[b:b + 1].float(), gt.shape)[0] > 0).cpu().numpy()
-                table.add(prompt_type, organ, data.slices.records[i]["case"], pred, gt)
-                preds.append(pred)
-            if on_batch is not None:
-                on_batch(prompt_type, items, decoded, preds)
-    return table
+def fill_shared(cache: EmbeddingCache, env, device, batch_size: int, rows_per_rank: int = SHARED_ROUND) -> int:
+    """Fill `cache` with the encoder passes shared out over the ranks of `env`: rank 0 checks the cache and
+    says which rows are missing; in rounds, each rank encodes its batches (the same batches a single
+    process would make) and rank 0 writes them. Returns the passes of this rank."""
+    todo = None
+    if env.main:
+        cache.verify()  # rows whose bytes changed on disk are encoded again
+        todo = cache.missing()
+    todo = env.broadcast(todo)
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    per_round = rows_per_rank * env.world
+    passes = 0
+    for start in range(0, len(batches), per_round):
+        chunk = batches[start:start + per_round]
+        mine = {}
+        for idx in env.mine(chunk):
+            emb = encode_images(cache.backbone, [cache.image(i) for i in idx], device, cache.dtype).cpu().numpy()
+            mine.update(zip(idx, emb.astype(np.float16)))
+            passes += len(idx)
+        gathered = env.gather(mine)
+        if env.main:
+            rows = {i: e for part in gathered for i, e in part.items()}
+            order = sorted(rows)
+            cache.fill(device, batch_size=len(order), rows=order, progress=False,
+                       encode=lambda idx: np.stack([rows[i] for i in idx]))
+        env.barrier()
+    return passes

@@ -1,0 +1,202 @@
+"""The command line of the pages: each page's constants block as flags, profiles, start-up, one-line errors.
+
+This is the one module of the package that deals with flags; everything else raises `PipelineError`
+about values, and a page names the flag with ``with cli.flag("--name"): ...``.
+
+A page's configurable constants live in one fenced block at its top::
+
+    # ------------------------------------------------------------------------------------ config
+    EPOCHS = 50  # passes over the training samples (>= 1)
+    # --------------------------------------------------------------------------------------------
+
+Every ``NAME = value  # comment`` line of that block (and only that block) becomes a flag ``--name``;
+the comment is the flag's ``--help`` text, and a bound written in it as ``(>= N)`` is checked before
+any work. Every page also takes ``--profile NAME`` (`sambtcv.config`): the profile's values replace the
+constants' defaults, and flags given on the command line win over both.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import re
+import sys
+import tokenize
+from pathlib import Path
+
+from sambtcv import config
+from sambtcv.errors import PipelineError
+
+CONFIG_OPEN = re.compile(r"^# -+ config\s*$")
+CONFIG_CLOSE = re.compile(r"^# -+\s*$")
+BOUND = re.compile(r"\(>= (-?\d+(?:\.\d+)?)\)")
+PROFILE_HELP = "apply profiles/NAME.toml (its [all] and [<this page>] tables) before the flags; empty: none"
+
+
+def run_main(main) -> None:
+    """Run a page's main(); PipelineError becomes one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def flag(name: str):
+    """Say the package's errors about a value in the block of the flag `name` that gave it."""
+    try:
+        yield
+    except PipelineError as exc:
+        raise exc.about(name) from exc.__cause__
+
+
+@contextlib.contextmanager
+def holding(lock, flag_name: str):
+    """Hold a `sambtcv.files.FolderLock` for the block; a failure to take it is said of `flag_name` (the
+    block's own errors are not)."""
+    with flag(flag_name):
+        if hasattr(lock, "acquire"):
+            lock.acquire()
+    with lock:
+        yield lock
+
+
+def results_folder(root):
+    """The results folder's lock (`sambtcv.files.results_lock`) held for the block, errors said of
+    --results-dir."""
+    from sambtcv.files import results_lock
+
+    return holding(results_lock(root), "--results-dir")
+
+
+class Config(dict):
+    """A page's settings, ``{lower_case_name: value}``, with the names given on the command line
+    (`given`) and the nested tables of the profile's section for this page (`tables`)."""
+
+    given: frozenset = frozenset()
+    tables: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------- config block
+def config_block(source: str) -> list[tuple[str, str]]:
+    """[(NAME, comment)] of the assignments inside a page's fenced config block, in order."""
+    lines = source.splitlines()
+    start = next((i for i, line in enumerate(lines) if CONFIG_OPEN.match(line)), None)
+    if start is None:
+        return []
+    out = []
+    for line in lines[start + 1:]:
+        if CONFIG_CLOSE.match(line):
+            break
+        m = re.match(r"^([A-Z][A-Z0-9_]*)\s*=", line)
+        if m:
+            out.append((m.group(1), _comment(line)))
+    return out
+
+
+def _comment(line: str) -> str:
+    """The trailing comment of one assignment line ('' if none); a '#' inside a string is not one."""
+    tokens = tokenize.generate_tokens(io.StringIO(line).readline)
+    try:
+        return next((tok.string[1:].strip() for tok in tokens if tok.type == tokenize.COMMENT), "")
+    except tokenize.TokenError:
+        return ""
+
+
+def _parser(doc: str, block, values: dict) -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bounds = {}
+    for name, comment in block:
+        value = values[name.lower()]
+        flag_name = "--" + name.lower().replace("_", "-")
+        kwargs = {"dest": name.lower(), "default": value, "help": comment or " "}
+        if isinstance(value, bool):
+            parser.add_argument(flag_name, nargs="?", const=True, type=_str2bool, **kwargs)
+        else:
+            parser.add_argument(flag_name, type=str if value is None else type(value), **kwargs)
+        bound = BOUND.search(comment)
+        if bound:
+            bounds[name.lower()] = float(bound.group(1))
+    return parser, bounds
+
+
+def parse_config(module_globals: dict, argv=None, defaults: dict | None = None) -> Config:
+    """The page's config block as flags -> `Config` ``{lower_case_name: value}``.
+
+    ``DATA_DIR = None`` becomes ``--data-dir`` (read as a string); a bool constant becomes a flag given
+    bare (``--resume``) or with a value (``--resume false``); other types follow the default's type.
+    Defaults: the constants, replaced by `defaults` ({lower_case_name: value}) and then by the profile
+    that ``--profile`` names (a ``PROFILE`` constant of the page is its default). Abbreviated flags are
+    refused; a flag given on the command line always wins.
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    page = Path(module_globals["__file__"]).stem
+    block = config_block(Path(module_globals["__file__"]).read_text())
+    if "PROFILE" not in {name for name, _ in block}:
+        block = [*block, ("PROFILE", PROFILE_HELP)]
+    values = {name.lower(): module_globals.get(name, "") for name, _ in block}
+    values.update(defaults or {})
+    doc = (module_globals.get("__doc__") or "").strip()
+    parser, bounds = _parser(doc, block, values)
+    profile_name = vars(parser.parse_known_args(argv)[0])["profile"]
+    tables = {}
+    if profile_name:
+        with flag("--profile"):
+            profile = config.load_profile(profile_name)
+        own, tables = config.profile_section(profile, page)
+        unknown = sorted(k for k in profile.get(page, {}) if k not in values and k not in tables)
+        if unknown:
+            raise PipelineError(f"profiles/{profile_name}.toml [{page}] sets {', '.join(unknown)}, which "
+                                f"{page}.py has no constant for; fix the profile")
+        values.update({k: v for k, v in own.items() if k in values and k != "profile"})
+        parser, bounds = _parser(doc, block, values)
+    cfg = Config(vars(parser.parse_args(argv)))
+    cfg.given = frozenset(dest for dest in cfg if _given(dest, argv))
+    cfg.tables = tables
+    _check_numbers(cfg, bounds)
+    return cfg
+
+
+def _given(dest: str, argv: list[str]) -> bool:
+    name = "--" + dest.replace("_", "-")
+    return any(a == name or a.startswith(name + "=") for a in argv)
+
+
+def _check_numbers(cfg: dict, bounds: dict) -> None:
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PipelineError(f"--{key.replace('_', '-')} must be a finite number, got {value}")
+    for key, low in bounds.items():
+        if cfg[key] is not None and cfg[key] < low:
+            raise PipelineError(f"--{key.replace('_', '-')} must be >= {low:g}, got {cfg[key]}")
+
+
+def _str2bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+def start_run(cfg: dict):
+    """What every page does first: check the precision flags (before any work), allocator tuning,
+    seeds, device. Returns the torch.device."""
+    from sambtcv import device as dev
+
+    for key in ("dtype", "encoder_dtype"):
+        if key in cfg:
+            with flag("--" + key.replace("_", "-")):
+                dev.check_precision(cfg[key])
+    dev.tune_allocator()
+    dev.seed_everything(cfg["seed"])
+    with flag("--device"):
+        return dev.pick_device(cfg.get("device"))

@@ -1,0 +1,314 @@
+"""3D from a 2D model: one prompt per organ, propagated slice by slice through a CT volume.
+
+A volume here is a stack of axial slices in the frame `preprocess.py` writes slices in: ``(K, H, W)``
+with ``stack[k] = preprocess.axial_slice(volume, k)`` (rows = 2nd axis, columns = 1st axis of the
+reoriented volume). The rule, from an organ's prompted slice outward in both directions:
+
+* the next slice's prompt is the box of the previous slice's mask (its largest connected part, holes
+  filled), enlarged by MARGIN pixels on each side and clipped to the image;
+* the walk stops by a rule that needs no ground truth (`STOP_RULES`; the default, "intensity", stops
+  when most of the new mask does not look like the organ on its prompted slice: a box prompt makes
+  SAM outline *something* even where the organ has ended);
+* overlaps between organs go to the organ whose mask logit is highest at that pixel.
+
+Each slice is encoded at most once per run, lazily (only slices the walk reaches), through an
+`cache.EmbeddingCache` keyed by the volume's content, the model and the encoder dtype, in a folder of its
+own (``CACHE_DIR/<model>-<dtype>/<volume>/``), so a run only locks the volume it is encoding.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from sambtcv.backbones import Backbone
+from sambtcv.decoder import PromptedDecoder, best_mask
+from sambtcv.device import autocast
+from sambtcv.embeddings import EmbeddingCache
+from sambtcv.metrics import iou_score
+from sambtcv.prompts import Prompt, bound_box, grow_box
+
+MIN_AREA = 3  # pixels: a smaller mask counts as vanished
+STOP_RULES = {
+    "intensity": "the mask vanishes, or under half of its pixels lie in the organ's intensity range (5th-95th "
+                 "percentile on the prompted slice)",
+    "vanish": "the mask vanishes (under MIN_AREA pixels)",
+    "iou": "the mask vanishes, or the decoder's predicted IoU falls under IOU_FLOOR",
+    "overlap": "the mask vanishes, or it overlaps the previous slice's mask by less than OVERLAP_FLOOR (IoU)",
+    "adaptive": "the mask vanishes, or under half of its pixels lie in the organ's intensity range as the walk "
+                "has seen it on the last slices it kept",
+    "agree": "the mask vanishes, or at least two signals fail at once (intensity as 'adaptive', area change, "
+             "overlap with the previous mask, predicted IoU); one failing signal marks the slice unsure",
+}
+IOU_FLOOR = 0.5
+OVERLAP_FLOOR = 0.2
+INTENSITY_PERCENTILES = (5, 95)  # the organ's intensity range, from its mask on the prompted slice
+INTENSITY_FLOOR = 0.5  # fraction of a new mask's pixels that must lie in that range
+RECENT_SLICES = 3  # 'adaptive' / 'agree': the intensity range comes from the masks of the last kept slices
+AREA_RATIO_LIMIT = 2.5  # 'agree': a mask this many times larger or smaller than the previous one is a jump
+INSIDE_FLOOR = 0.6  # 'agree': fraction of the new mask that must lie inside the previous mask (+ margin)
+AGREE_IOU_FLOOR = 0.6  # 'agree': predicted IoU under this fails
+SIGNALS = ("intensity", "area", "overlap", "iou")  # the signals 'agree' weighs
+
+
+@dataclass
+class SliceMask:
+    """One organ's prediction on one slice: binary mask and mask logits (H, W), predicted IoU."""
+
+    mask: np.ndarray
+    logits: np.ndarray
+    iou: float
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass
+class Stop:
+    """Where and why a walk ended in one direction: `k` is the last slice it kept (the start slice when it
+    kept none), `direction` +1 (superior) or -1 (inferior), `reason` one of STOP_REASONS."""
+
+    k: int
+    direction: int
+    reason: str
+
+
+STOP_REASONS = {"edge": "reached the volume's first or last slice", "range": "reached the end of the 3D box",
+                "vanished": "the mask vanished", "intensity": "the mask left the organ's intensity range",
+                "iou": "the decoder's predicted IoU fell", "overlap": "the mask stopped overlapping the previous one",
+                "empty": "the prompted slice's mask was empty"}
+
+
+@dataclass
+class Unsure:
+    """A slice the walk kept although one of its signals failed (`signals`, names from SIGNALS)."""
+
+    k: int
+    signals: list
+
+
+@dataclass
+class OrganMasks:
+    """An organ's predictions: slice index -> SliceMask, how many slices the walk visited, and where and
+    why it stopped in each direction."""
+
+    organ: int
+    slices: dict = field(default_factory=dict)
+    visited: int = 0
+    stops: list = field(default_factory=list)
+    unsure: list = field(default_factory=list)
+
+
+def volume_identity(stack: np.ndarray) -> str:
+    """Content key of a uint8 slice stack (what the image encoder sees)."""
+    digest = hashlib.sha256(repr(stack.shape).encode())
+    digest.update(np.ascontiguousarray(stack).tobytes())
+    return digest.hexdigest()[:24]
+
+
+class VolumeDecoder:
+    """Decode prompts on any slice of one volume; slices are encoded on first use and cached on disk."""
+
+    def __init__(self, stack: np.ndarray, backbone: Backbone, decoder: PromptedDecoder, cache_dir, device,
+                 dtype: str = "fp32", encoder_dtype: str = "fp32"):
+        self.stack, self.backbone, self.decoder = stack, backbone, decoder.eval()
+        self.device, self.dtype = device, dtype
+        self.frame = backbone.frame
+        key = volume_identity(stack)  # one folder (and lock) per volume: runs on other CTs never wait for it
+        self.cache = EmbeddingCache(Path(cache_dir) / f"{backbone.key}-{encoder_dtype}" / key, "slices", len(stack),
+                                    lambda k: self.stack[k], backbone, encoder_dtype, key, "volume embedding cache")
+        self.encoder_passes = 0
+        self.visited = set()
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.stack.shape[1], self.stack.shape[2]
+
+    def embedding(self, k: int) -> torch.Tensor:
+        """Slice k's embedding (1, 256, E, E): encoded (or checked in the cache) on the first visit."""
+        if k not in self.visited:
+            self.encoder_passes += self.cache.fill(self.device, rows=[k], progress=False)
+            self.visited.add(k)
+        return torch.from_numpy(self.cache.read(k))[None].to(self.device)
+
+    @torch.no_grad()
+    def _outputs(self, k: int, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's low-res masks (1, M, L, L) and predicted IoUs (1, M) for one prompt on slice k.
+        Points: multimask output (M = 3); boxes: single mask (M = 1)."""
+        p = self.frame.prompt(prompt, self.hw)
+        emb = self.embedding(k)
+        with autocast(self.device, self.dtype):
+            if p.points is not None:
+                labels = prompt.point_labels()
+                masks, iou = self.decoder(emb, points=torch.tensor(p.points[None], dtype=torch.float32, device=self.device),
+                                          point_labels=torch.tensor(labels[None], dtype=torch.float32, device=self.device),
+                                          multimask=True)
+            else:
+                masks, iou = self.decoder(emb, boxes=torch.tensor(p.box[None], dtype=torch.float32, device=self.device))
+        return masks.float(), iou.float()
+
+    @torch.no_grad()
+    def decode(self, k: int, prompt: Prompt) -> SliceMask:
+        """The mask of one prompt (slice frame) on slice k. Points: multimask output, best predicted IoU
+        kept; boxes: single mask."""
+        masks, iou = self._outputs(k, prompt)
+        logits = self.frame.to_slice(best_mask(masks, iou), self.hw)[0].cpu().numpy()
+        return SliceMask(mask=logits > 0, logits=logits, iou=float(iou.max()))
+
+    @torch.no_grad()
+    def candidates(self, k: int, prompt: Prompt) -> list[SliceMask]:
+        """Every mask the decoder gives for one prompt on slice k, in its order (points: SAM's three,
+        boxes: one), each with its predicted IoU (the viewer lets a user pick among them)."""
+        masks, iou = self._outputs(k, prompt)
+        logits = self.frame.to_slice(masks[0], self.hw).cpu().numpy()
+        return [SliceMask(mask=lg > 0, logits=lg, iou=float(v)) for lg, v in zip(logits, iou[0])]
+
+
+def main_part(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a binary mask, holes filled."""
+    lab, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, lab, index=range(1, n + 1))
+        mask = lab == (1 + int(np.argmax(sizes)))
+    return ndimage.binary_fill_holes(mask)
+
+
+def next_box(mask: np.ndarray, margin: float, limit=None) -> np.ndarray:
+    """XYXY box of the mask's main part, enlarged by `margin` px on each side, clipped to the image (or to
+    the XYXY `limit` inside it)."""
+    h, w = mask.shape
+    return grow_box(bound_box(main_part(mask)), margin, (0, 0, w - 1, h - 1) if limit is None else limit)
+
+
+@dataclass
+class SliceCheck:
+    """The signals of one visited slice: which fail (SIGNALS), and the values behind them."""
+
+    failing: list
+    values: dict
+
+
+class WalkState:
+    """What a walk knows about its organ: the intensity range (frozen on the prompted slice, or from the
+    last kept slices) and the previous kept mask."""
+
+    def __init__(self, image: np.ndarray, first: SliceMask, rule: str, margin: float):
+        self.rule, self.margin = rule, margin
+        self.recent = [image[first.mask]]
+        self.frozen = np.percentile(self.recent[0], INTENSITY_PERCENTILES)
+
+    @property
+    def organ_range(self):
+        if self.rule in ("adaptive", "agree"):
+            return np.percentile(np.concatenate(self.recent[-RECENT_SLICES:]), INTENSITY_PERCENTILES)
+        return self.frozen
+
+    def keep(self, image: np.ndarray, mask: SliceMask) -> None:
+        self.recent = [*self.recent[-(RECENT_SLICES - 1):], image[mask.mask]]
+
+    def check(self, prev: SliceMask, new: SliceMask, image: np.ndarray) -> SliceCheck:
+        lo, hi = self.organ_range
+        values = image[new.mask]
+        inside = float(((values >= lo) & (values <= hi)).mean())
+        grown = ndimage.binary_dilation(prev.mask, iterations=max(int(round(self.margin)), 1))
+        within = float((new.mask & grown).sum()) / max(new.area, 1)
+        ratio = new.area / max(prev.area, 1)
+        vals = {"intensity": inside, "area_ratio": ratio, "inside_previous": within, "iou": new.iou,
+                "overlap_iou": float(iou_score(new.mask, prev.mask))}
+        failing = [name for name, bad in (
+            ("intensity", inside < INTENSITY_FLOOR),
+            ("area", ratio > AREA_RATIO_LIMIT or ratio < 1 / AREA_RATIO_LIMIT),
+            ("overlap", within < INSIDE_FLOOR), ("iou", new.iou < AGREE_IOU_FLOOR)) if bad]
+        return SliceCheck(failing, vals)
+
+    def stop_reason(self, prev: SliceMask, new: SliceMask, image: np.ndarray) -> tuple[str | None, SliceCheck | None]:
+        """Why the walk ends at `new` (None: it goes on), and the slice's signals ('agree' only)."""
+        if new.area < MIN_AREA:
+            return "vanished", None
+        if self.rule == "agree":
+            check = self.check(prev, new, image)
+            return ("+".join(check.failing) if len(check.failing) >= 2 else None), check
+        return stop_reason(self.rule, prev, new, image, self.organ_range), None
+
+
+def stop_reason(rule: str, prev: SliceMask, new: SliceMask, image: np.ndarray, organ_range) -> str | None:
+    """Why the walk ends at `new` (on slice `image`) by a one-signal `rule`, or None when it goes on."""
+    if new.area < MIN_AREA:
+        return "vanished"
+    if rule == "iou" and new.iou < IOU_FLOOR:
+        return "iou"
+    if rule == "overlap" and float(iou_score(new.mask, prev.mask)) < OVERLAP_FLOOR:
+        return "overlap"
+    if rule in ("intensity", "adaptive"):
+        values = image[new.mask]
+        if float(((values >= organ_range[0]) & (values <= organ_range[1])).mean()) < INTENSITY_FLOOR:
+            return "intensity"
+    return None
+
+
+def should_stop(rule: str, prev: SliceMask, new: SliceMask, image: np.ndarray, organ_range) -> bool:
+    """Whether the walk ends at `new` (on slice `image`), by a one-signal `rule` (STOP_RULES)."""
+    return stop_reason(rule, prev, new, image, organ_range) is not None
+
+
+def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule: str, margin: float,
+              k_range=None, box_limit=None, directions=(1, -1)) -> OrganMasks:
+    """Walk from slice `start` (whose mask is `first`) through the volume in `directions` (+1 superior, -1
+    inferior): each slice is prompted with the previous slice's box enlarged by `margin` pixels; stops by
+    `rule`, at the volume's ends or outside `k_range` (inclusive). With `box_limit` (XYXY) boxes and masks
+    stay inside it. The result holds `start` and the slices kept beyond it, and a `Stop` per direction."""
+    lo, hi = k_range if k_range is not None else (0, len(dec.stack) - 1)
+    out = OrganMasks(organ, {}, 1)
+    if box_limit is not None:
+        first.mask &= box_mask(dec.hw, box_limit)
+    if first.area < MIN_AREA:
+        out.stops = [Stop(start, d, "empty") for d in directions]
+        return out
+    out.slices[start] = first
+    for step in directions:
+        state = WalkState(dec.stack[start], first, rule, margin)
+        prev, k, reason = first, start + step, None
+        while lo <= k <= hi:
+            new = dec.decode(k, Prompt(box=next_box(prev.mask, margin, box_limit)))
+            out.visited += 1
+            if box_limit is not None:
+                new.mask &= box_mask(dec.hw, box_limit)
+            reason, check = state.stop_reason(prev, new, dec.stack[k])
+            if reason:
+                break
+            if check is not None and check.failing:
+                out.unsure.append(Unsure(k, check.failing))
+            out.slices[k] = new
+            state.keep(dec.stack[k], new)
+            prev, k = new, k + step
+        if reason is None:
+            reason = "range" if k_range is not None and 0 <= k < len(dec.stack) else "edge"
+        out.stops.append(Stop(k - step, step, reason))
+    out.unsure.sort(key=lambda u: u.k)
+    return out
+
+
+def box_mask(hw, box) -> np.ndarray:
+    """(H, W) bool mask of an XYXY box (inclusive)."""
+    out = np.zeros(hw, bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    out[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+    return out
+
+
+def merge(organs: list[OrganMasks], shape) -> np.ndarray:
+    """(K, H, W) uint8 label map of BTCV ids: each pixel goes to the organ with the highest logit among
+    those whose mask holds it."""
+    labels = np.zeros(shape, np.uint8)
+    best = np.full(shape, -np.inf, np.float32)
+    for om in organs:
+        for k, sm in om.slices.items():
+            win = sm.mask & (sm.logits > best[k])
+            labels[k][win] = om.organ
+            best[k][win] = sm.logits[win]
+    return labels

@@ -1,0 +1,58 @@
+"""torchrun for inference: Task 1 and the 3D evaluation give the same tables and label maps with 2
+processes (gloo on the CPU) as with one."""
+import json
+
+import nibabel as nib
+import numpy as np
+from conftest import run_script, slices_copy
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, so that results can be equal
+
+
+def _torchrun(port: int, *args):
+    return run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *args],
+                      env=ONE_THREAD)
+
+
+def test_task1_two_processes_equal_one(tiny_slices, tmp_path):
+    tables = {}
+    for name, launch in (("one", ["segmentation_task1.py"]), ("two", None)):
+        slices = slices_copy(tiny_slices, tmp_path / f"slices_{name}")  # cold caches: the encoding is shared too
+        args = ["--slices", slices, "--results-dir", tmp_path / name, "--model", "litemedsam",
+                "--prompt", "one_random_point,bound_box", "--device", "cpu"]
+        res = run_script([*launch, *args], env=ONE_THREAD) if launch else _torchrun(29541, "segmentation_task1.py",
+                                                                                     *args)
+        assert res.returncode == 0, res.stderr[-3000:]
+        tables[name] = json.loads((tmp_path / name / "table1_zero_shot.json").read_text())
+    one, two = tables["one"], tables["two"]
+    for key in ("mdice", "per_organ", "volume_dice", "n_per_organ", "n_slices", "encoder_passes"):
+        assert one[key] == two[key], key
+    assert len(list((tmp_path / "two" / "records" / "task1").glob("*.json"))) == 1  # rank 0 alone wrote
+
+
+def test_volume_evaluation_two_processes_equal_one(raw_phantom, tmp_path):
+    from sambtcv.data import find_cases
+
+    data = tmp_path / "data"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    cases = find_cases(raw_phantom)
+    entries = []
+    for name, image, label in cases["train"] + cases["val"]:  # three cases, all in the evaluated split
+        (data / "imagesTr" / f"{name}.nii.gz").symlink_to(image)
+        (data / "labelsTr" / f"{name}.nii.gz").symlink_to(label)
+        entries.append({"image": f"imagesTr/{name}.nii.gz", "label": f"labelsTr/{name}.nii.gz"})
+    (data / "dataset_0.json").write_text(json.dumps({"training": [], "validation": entries}))
+    out = {}
+    for name in ("one", "two"):
+        args = ["segment_volume.py", "--data-dir", data, "--split", "val", "--results-dir", tmp_path / name,
+                "--model", "litemedsam", "--cache-dir", tmp_path / f"cache_{name}", "--device", "cpu"]
+        res = run_script(args, env=ONE_THREAD) if name == "one" else _torchrun(29542, *args)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = json.loads((tmp_path / name / "volume_3d.json").read_text())
+    assert out["one"]["cases"] == out["two"]["cases"] and out["one"]["mean"] == out["two"]["mean"]
+    assert out["one"]["walks"] == out["two"]["walks"] and list(out["two"]["cases"]) == [e[0] for e in
+                                                                                      cases["train"] + cases["val"]]
+    for case in out["one"]["cases"]:
+        a, b = (np.asarray(nib.load(str(tmp_path / n / "volumes" / f"{case}.nii.gz")).dataobj) for n in ("one", "two"))
+        assert np.array_equal(a, b)
