@@ -310,7 +310,8 @@ def bench_zero_shot(cfg, backbone, slices_dir: Path, device) -> dict:
             "prompt_types": prompts, "n_slices": len(slices), "pipeline_prompts": n_pipe,
             "pipeline_seconds": round(pipe_seconds, 3), "pipeline_encoder_passes": passes,
             "pipeline_encode_seconds": round(t_fill, 3), "pipeline_seconds_per_prompt": pipe_pp,
-            "naive_prompts": n_naive, "naive_items_per_prompt_type": len(items), "naive_seconds": round(naive_seconds, 3),
+            "naive_prompts": n_naive, "naive_items_per_prompt_type": len(items),
+            "naive_seconds": round(naive_seconds, 3),
             "naive_seconds_per_prompt": naive_pp, "per_sample_dice_max_abs_diff": per_sample_diff,
             "coords_max_abs_diff_apply_coords_vs_coords_to_input": coord_diff,
             "pipeline_mdice_all": table.mdice(), "per_prompt": per_prompt,
@@ -333,7 +334,8 @@ def time_encoder(backbone, images, device, dtype: str, channels_last: bool):
     emb = [encode_images(backbone, [im], device, dtype) for im in images]
     sync(device)
     rate = len(images) / (time.perf_counter() - t0)
-    print(f"bench: encoder {dtype} {'channels_last' if channels_last else 'contiguous'}: {rate:.2f} slices/s", flush=True)
+    layout = "channels_last" if channels_last else "contiguous"
+    print(f"bench: encoder {dtype} {layout}: {rate:.2f} slices/s", flush=True)
     return rate, emb
 
 
@@ -422,7 +424,8 @@ def bench_training(cfg, backbone, data, device) -> dict:
     def run(batch_size: int, dtype: str) -> float:
         torch.manual_seed(cfg["seed"])
         module = copy.deepcopy(pretrained).to(device).train()
-        opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=config.FINETUNE_LR, momentum=config.FINETUNE_MOMENTUM,
+        opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=config.FINETUNE_LR,
+                              momentum=config.FINETUNE_MOMENTUM,
                               weight_decay=config.FINETUNE_WEIGHT_DECAY)
         batches = [torch.utils.data.default_collate(samples[s:s + batch_size]) for s in range(0, n, batch_size)]
 
@@ -581,7 +584,8 @@ def speed_rows(res: dict) -> list:
          f"{zs['pipeline_seconds_per_prompt']:.4f} s/prompt)", f">= {t['zero_shot_speedup']:g}x",
          _met(res["zero_shot_speedup"] >= t["zero_shot_speedup"])],
         ["zero-shot Dice max abs diff (per organ, per prompt type)", f"{res['zero_shot_dice_max_abs_diff']:.2e}",
-         f"<= {t['zero_shot_dice_max_abs_diff']:g}", _met(res["zero_shot_dice_max_abs_diff"] <= t["zero_shot_dice_max_abs_diff"])],
+         f"<= {t['zero_shot_dice_max_abs_diff']:g}",
+         _met(res["zero_shot_dice_max_abs_diff"] <= t["zero_shot_dice_max_abs_diff"])],
         [f"image encoder bf16 speed-up, {enc['model']} (mask agreement)",
          f"{res['encoder_bf16_speedup']:.2f}x ({enc['fp32_slices_per_second']:.2f} {enc['best_format']['fp32']} -> "
          f"{enc['bf16_slices_per_second']:.2f} {enc['best_format']['bf16']} slices/s; agreement "
@@ -604,7 +608,8 @@ def scale_rows(res: dict) -> list:
     rows = [
         ["peak RSS of a Task 2 epoch, 4N / N training slices",
          f"{res['peak_rss_ratio_4x']:.3f} ({mem['1x']['peak_rss_mib']:.0f} -> {mem['4x']['peak_rss_mib']:.0f} MiB; "
-         f"N = {mem['1x']['train_slices']})", f"<= {t['peak_rss_ratio_4x']:g}", _met(res["peak_rss_ratio_4x"] <= t["peak_rss_ratio_4x"])],
+         f"N = {mem['1x']['train_slices']})", f"<= {t['peak_rss_ratio_4x']:g}",
+         _met(res["peak_rss_ratio_4x"] <= t["peak_rss_ratio_4x"])],
         ["Task 1 wall time by scale (cold cache)", ", ".join(f"{k}x: {v:.1f} s" for k, v in sc.items()),
          f"linear ({hi}x <= {t['task1_linear_slack']:.1f} x {int(hi) // int(lo)} x {lo}x)", _met(linear_ok)],
         ["3D: encoder passes per visited slice (one box per organ, cold cache)",
@@ -614,7 +619,8 @@ def scale_rows(res: dict) -> list:
     ]
     for model in res["baselines"]["models"].values():
         rows.append([f"baseline {model['name']}: training / inference speed",
-                     f"{model['train_samples_per_second']:.1f} samples/s / {model['infer_slices_per_second']:.1f} slices/s",
+                     f"{model['train_samples_per_second']:.1f} samples/s / "
+                     f"{model['infer_slices_per_second']:.1f} slices/s",
                      "measured", "-"])
     if res.get("report_stages"):
         rs = res["report_stages"]

@@ -89,7 +89,8 @@ def validation_fn(data: SplitData, prompt_type: str, cfg: dict, device):
                 per_organ.setdefault(organ, []).append(d)
 
         run_batches(ds, cfg["decode_batch"], step, cfg["val_samples"])
-        return {"val_loss": float(np.mean(losses)), "val_metric": float(np.mean([np.mean(v) for v in per_organ.values()]))}
+        return {"val_loss": float(np.mean(losses)),
+                "val_metric": float(np.mean([np.mean(v) for v in per_organ.values()]))}
 
     return validate
 

@@ -3,7 +3,8 @@
     python run_report.py                          # quick profile on the embedded default (MobileSAM + phantom)
     python run_report.py --model litemedsam       # the same report on LiteMedSAM
     python run_report.py --profile full --device cuda
-    python run_report.py --data-dir /path/to/BTCV --model vit_h --checkpoint checkpoints/sam_vit_h_4b8939.pth --profile full
+    python run_report.py --data-dir /path/to/BTCV --model vit_h \
+        --checkpoint checkpoints/sam_vit_h_4b8939.pth --profile full
 
 Runs, in order, each as the shell command a user would type, each with ``--profile PROFILE``
 (profiles/<PROFILE>.toml says what that sets for each page): preprocessing (writing the synthetic

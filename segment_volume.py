@@ -248,7 +248,8 @@ def main(argv=None):
         segment_image(cfg, device)
         return
     if not cfg["data_dir"]:
-        raise PipelineError("give --image CT.nii.gz (with --prompts or --label, and --out) or --data-dir RAW (evaluation)")
+        raise PipelineError("give --image CT.nii.gz (with --prompts or --label, and --out) or --data-dir RAW "
+                            "(evaluation)")
     res = Results(cfg["results_dir"])
     env = init_distributed(device)
     with results_folder(res.root):

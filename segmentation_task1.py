@@ -1,7 +1,8 @@
 """Task 1: zero-shot SAM on BTCV slices with five prompt types; the report's Table 1.
 
     python segmentation_task1.py --slices data/slices --results-dir results
-    python segmentation_task1.py --slices data/slices --results-dir results --model vit_h --checkpoint checkpoints/sam_vit_h_4b8939.pth
+    python segmentation_task1.py --slices data/slices --results-dir results --model vit_h \
+        --checkpoint checkpoints/sam_vit_h_4b8939.pth
     python segmentation_task1.py --slices other/slices --results-dir r2 --finetuned results/finetune/bound_box/best.pt
     torchrun --nproc_per_node 4 segmentation_task1.py --slices data/slices --results-dir results   # one table
 

@@ -124,7 +124,8 @@ def run(cfg, device, res: Results) -> dict:
                                                  for o, s in result.scores.items()), flush=True)
     pairs = [(c, o) for c in out for o in out[c][rules[0]]]
     mean = {rule: sum(out[c][rule][o]["dice_one_box"] for c, o in pairs) / max(len(pairs), 1) for rule in rules}
-    result = {"model": backbone.name, "margin_mm": margin, "rules": rules, "organs": [names.organ_name(o) for o in organs],
+    result = {"model": backbone.name, "margin_mm": margin, "rules": rules,
+              "organs": [names.organ_name(o) for o in organs],
               "cases": out, "walks": walks, "mean": mean, "seconds": round(time.perf_counter() - t0, 1)}
     settings = {"model": backbone.name, "backbone": backbone.key, "finetuned": cfg["finetuned"], "rules": rules,
                 "organs": result["organs"], "margin_mm": margin, "window_hu": list(window), "dtype": cfg["dtype"],

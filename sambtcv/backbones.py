@@ -207,7 +207,8 @@ class InputFrame:
     def image(self, image: np.ndarray) -> torch.Tensor:
         """(H, W) uint8 slice -> (3, new_h, new_w) float tensor of 0..255 values (not yet normalised).
         Area interpolation when shrinking (no aliasing of thin vessels), bilinear when enlarging."""
-        assert image.ndim == 2 and image.dtype == np.uint8, f"expected an (H, W) uint8 slice, got {image.shape} {image.dtype}"
+        assert image.ndim == 2 and image.dtype == np.uint8, \
+            f"expected an (H, W) uint8 slice, got {image.shape} {image.dtype}"
         new_h, new_w = self.size(image.shape)
         interp = cv2.INTER_AREA if new_h * new_w < image.size else cv2.INTER_LINEAR
         resized = cv2.resize(image, (new_w, new_h), interpolation=interp).astype(np.float32)

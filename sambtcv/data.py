@@ -103,7 +103,8 @@ def _check_pairs(pairs):
             raise PipelineError(f"image {image} has no label file (expected {label})")
         if case in seen:
             same = seen[case].resolve() == image.resolve()
-            raise PipelineError(f"case {case} is listed twice ({seen[case]}{' again' if same else ' and ' + str(image)})"
+            again = " again" if same else f" and {image}"
+            raise PipelineError(f"case {case} is listed twice ({seen[case]}{again})"
                                 f"{': a case cannot be in both training and validation' if same else ''}; "
                                 f"slice files are named by case, so each case must be listed once under its own name")
         seen[case] = image
@@ -211,7 +212,8 @@ def orientation_change(image: Path, orientation: str, to_stored: bool):
 
     stored = nib.orientations.io_orientation(read_header(image).affine)
     target = nib.orientations.axcodes2ornt(tuple(orientation), labels=ORIENTATION_LABELS)
-    return nib.orientations.ornt_transform(target, stored) if to_stored else nib.orientations.ornt_transform(stored, target)
+    transform = nib.orientations.ornt_transform
+    return transform(target, stored) if to_stored else transform(stored, target)
 
 
 def to_stored_axes(volume: np.ndarray, image: Path, orientation: str) -> np.ndarray:

@@ -109,7 +109,8 @@ class EmbeddingCache:
             if not self.done.any():
                 self._create()
             arr = np.load(self.path, mmap_mode="r+")
-            bar = tqdm(total=len(todo), desc=f"encode ({self.backbone.name})", disable=None if progress else True, unit="slice",
+            bar = tqdm(total=len(todo), desc=f"encode ({self.backbone.name})", disable=None if progress else True,
+                       unit="slice",
                        leave=False)
             for start in range(0, len(todo), batch_size):
                 idx = todo[start:start + batch_size]

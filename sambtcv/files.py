@@ -297,7 +297,8 @@ def load_checkpoint(path, kind: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, truncated, or holding code objects (refused)
         raise PipelineError(f"{{subject}} {path} is not a checkpoint this project can read "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})", "checkpoint") from exc
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})",
+                            "checkpoint") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise PipelineError(f"{{subject}} {path} is not a sam-btcv checkpoint (model weights or another program's "
                             f"file?); pass the best.pt that the matching script wrote", "checkpoint")

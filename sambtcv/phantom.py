@@ -199,8 +199,8 @@ class _Grid:
     def box(self, lo, hi):
         """Index slices of the voxels with centres in [lo, hi] (mm), or None when empty."""
         out = []
-        for a, n, s, l, h in zip(self.axes, self.shape, self.spacing, lo, hi):
-            i0 = max(0, int(np.ceil((l - a[0]) / s)))
+        for a, n, s, low, h in zip(self.axes, self.shape, self.spacing, lo, hi):
+            i0 = max(0, int(np.ceil((low - a[0]) / s)))
             i1 = min(n, int(np.floor((h - a[0]) / s)) + 1)
             if i1 <= i0:
                 return None
@@ -509,7 +509,8 @@ def spacing_for(shape) -> tuple[float, float, float]:
     return tuple(sp * d / n for sp, d, n in zip(DEFAULT_SPACING, DEFAULT_SHAPE, shape))
 
 
-def write_phantom(raw_dir, n: int, seed: int, shape=DEFAULT_SHAPE, spacing=None, lesions: int = 0) -> list[pathlib.Path]:
+def write_phantom(raw_dir, n: int, seed: int, shape=DEFAULT_SHAPE, spacing=None,
+                  lesions: int = 0) -> list[pathlib.Path]:
     """Write ``n`` phantoms as BTCV's ``RawData/Training/img/img{NNNN}.nii.gz`` and
     ``RawData/Training/label/label{NNNN}.nii.gz`` (NNNN = 0001..n) under ``raw_dir``.
 

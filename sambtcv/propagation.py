@@ -142,14 +142,16 @@ class VolumeDecoder:
         Points: multimask output (M = 3); boxes: single mask (M = 1)."""
         p = self.frame.prompt(prompt, self.hw)
         emb = self.embedding(k)
+
+        def batch(a) -> torch.Tensor:
+            return torch.tensor(np.asarray(a)[None], dtype=torch.float32, device=self.device)
+
         with autocast(self.device, self.dtype):
             if p.points is not None:
-                labels = prompt.point_labels()
-                masks, iou = self.decoder(emb, points=torch.tensor(p.points[None], dtype=torch.float32, device=self.device),
-                                          point_labels=torch.tensor(labels[None], dtype=torch.float32, device=self.device),
+                masks, iou = self.decoder(emb, points=batch(p.points), point_labels=batch(prompt.point_labels()),
                                           multimask=True)
             else:
-                masks, iou = self.decoder(emb, boxes=torch.tensor(p.box[None], dtype=torch.float32, device=self.device))
+                masks, iou = self.decoder(emb, boxes=batch(p.box))
         return masks.float(), iou.float()
 
     @torch.no_grad()

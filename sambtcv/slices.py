@@ -19,7 +19,8 @@ def load_preprocess_params(slices_dir) -> dict:
     """The parameters preprocess.py used (HU window, orientation, split), read back from disk."""
     slices_dir = Path(slices_dir)
     if not slices_dir.is_dir():
-        raise PipelineError(f"slices folder {slices_dir} does not exist; run preprocess.py --out-dir {slices_dir} first")
+        raise PipelineError(f"slices folder {slices_dir} does not exist; run preprocess.py --out-dir {slices_dir} "
+                            f"first")
     return read_json(slices_dir / PREPROCESS_FILE, what="preprocessing record (run preprocess.py first)")
 
 

@@ -194,7 +194,8 @@ def baselines_view(groups: list[list[rec.Record]]) -> dict:
     if evals:
         view["eval_slices"] = {"data": evals[-1]["data"], "slices_id": evals[-1]["slices_id"],
                                "models": {r.result["name"]: r.result["eval_slices"]["entry"] for r in groups[0]
-                                          if r.result.get("eval_slices", {}).get("slices_id") == evals[-1]["slices_id"]}}
+                                          if r.result.get("eval_slices", {}).get("slices_id")
+                                          == evals[-1]["slices_id"]}}
     return view
 
 

@@ -276,7 +276,8 @@ def fit(*, module, optimizer, train_data, loss_fn, validate, cfg: dict, out_dir,
 def train_epoch(model, optimizer, data, loss_fn, cfg: dict, env: DistEnv, epoch: int, what: str):
     """One pass over this rank's batches; returns (summed loss, samples) over all ranks."""
     model.train()
-    batches = list(epoch_batches(len(data), cfg["batch_size"], cfg["seed"], epoch, env, cfg.get("samples_per_epoch", 0)))
+    batches = list(epoch_batches(len(data), cfg["batch_size"], cfg["seed"], epoch, env,
+                                 cfg.get("samples_per_epoch", 0)))
     total, count = 0.0, 0
     bar = tqdm(batches, desc=f"{what} epoch {epoch}/{cfg['epochs']}", leave=False, disable=None if env.main else True)
     for step, (indices, global_size) in enumerate(bar):

@@ -4,6 +4,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+
 from conftest import run_script, slices_copy
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, so that results can be equal

@@ -25,7 +25,8 @@ def test_coordinate_round_trip_and_mask_frames():
             assert max(new_h, new_w) == size
         mask = np.zeros(hw, bool)
         mask[hw[0] // 4: hw[0] // 2, hw[1] // 5: hw[1] // 2] = True
-        low = torch.from_numpy(InputFrame.lowres_target(mask) * 20 - 10)[None]  # logits of the mask in the low-res frame
+        # logits of the mask in the low-res frame
+        low = torch.from_numpy(InputFrame.lowres_target(mask) * 20 - 10)[None]
         for size in (256, 1024):
             back = (InputFrame(size).to_slice(low, hw)[0] > 0).numpy()
             assert back.shape == hw
@@ -182,4 +183,5 @@ def test_embedding_cache_cold_warm_and_reads(tiny_slices, litemedsam):
     assert item["embedding"].shape == (256, 64, 64) and item["target"].shape == (1, 256, 256)
     assert item["points"].shape == (0, 2) and item["box"][2] > item["box"][0]
     # another dtype is another cache
-    assert EmbeddingCache.for_split(SliceSet(tiny_slices, "val"), litemedsam, "bf16").missing() == list(range(len(slices)))
+    bf16 = EmbeddingCache.for_split(SliceSet(tiny_slices, "val"), litemedsam, "bf16")
+    assert bf16.missing() == list(range(len(slices)))

@@ -169,7 +169,7 @@ def test_torchrun_two_processes_match_one(cold_slices, tmp_path):
                       "finetune_task2.py", *args, "--results-dir", tmp_path / "two"], env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("finetune bound_box epoch 1 |") == 1  # only rank 0 logs and writes
-    one, two = _weights(tmp_path / "one/finetune/bound_box/last.pt"), _weights(tmp_path / "two/finetune/bound_box/last.pt")
+    one, two = (_weights(tmp_path / f"{name}/finetune/bound_box/last.pt") for name in ("one", "two"))
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-4
 
 
@@ -200,7 +200,8 @@ def test_task3_classification(task2, cold_slices):
     confusion = np.array(res["confusion"])
     assert confusion.sum() == sum(counts.values()) and confusion.sum(1).tolist() == [counts.get(o, 0) for o in ORGANS]
     assert res["weighted_average"] == pytest.approx(np.trace(confusion) / confusion.sum())
-    assert res["weighted_average"] == pytest.approx(sum(res["accuracy"][o] * counts[o] for o in counts) / confusion.sum())
+    weighted = sum(res["accuracy"][o] * counts[o] for o in counts) / confusion.sum()
+    assert res["weighted_average"] == pytest.approx(weighted)
     # the frozen mask parts: classification training leaves the finetuned masks exactly as they were
     assert res["mask_mdice_after_classification_training"] == res["mask_mdice_before_classification_training"]
     t2 = json.loads((task2 / "table2_finetune.json").read_text())

@@ -12,13 +12,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ROOT, fails
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_faults import TINY_EPOCHS, fake_cache, fake_rows, run_state, tiny_fit
 
 import baselines
 import segment_volume
+from conftest import ROOT, fails
 from sambtcv import files
 from sambtcv.data import find_cases
 from sambtcv.errors import PipelineError
@@ -26,6 +25,7 @@ from sambtcv.files import Results
 from sambtcv.prompts_file import loads, parse_prompts, read_prompts_file
 from sambtcv.slices import check_manifest
 from sambtcv.volume import load_case
+from test_faults import TINY_EPOCHS, fake_cache, fake_rows, run_state, tiny_fit
 
 
 # ---------------------------------------------------------------------------------------------- 1. a killed report

@@ -19,7 +19,8 @@ def test_report_on_real_ct_with_vit_b(tmp_path):
     k = lab.shape[2] // 2  # one axial slice per case keeps the 1024-pixel vit_b affordable on a CPU
     entries = []
     for name, z in (("ct_a", k), ("ct_b", k + 1)):
-        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, z:z + 1], img.affine), str(data / f"imagesTr/{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, z:z + 1], img.affine),
+                 str(data / f"imagesTr/{name}.nii.gz"))
         nib.save(nib.Nifti1Image(np.asarray(lab.dataobj)[:, :, z:z + 1].astype(np.uint8), lab.affine),
                  str(data / f"labelsTr/{name}.nii.gz"))
         entries.append({"image": f"imagesTr/{name}.nii.gz", "label": f"labelsTr/{name}.nii.gz"})

@@ -262,7 +262,7 @@ def test_bad_requests_are_one_line_4xx(client, ct):
         (client.post(f"/api/volumes/{vid}/organs/brain/prompt", json={"slice": k, "box": box}), 404, "unknown organ"),
         (client.post(f"{url}/prompt", json={"slice": k, "box": box[:3]}), 422, "list of 4"),
         (client.post(f"{url}/prompt", json={"slice": k, "box": [5, 5, 5, 20]}), 422, "zero size"),
-        (client.post(f"{url}/prompt", json={"slice": 999, "box": box}), 422, "outside the volume"),
+        (client.post(f"{url}/prompt", json={"slice": 999, "box": box}), 422, "must be a slice index"),
         (client.post(f"{url}/prompt", json={"slice": True, "box": box}), 422, "whole number"),
         (client.post(f"{url}/prompt", json={"slice": k, "points": [[5, 5]], "lables": [1]}), 422, "unknown key"),
         (client.post(f"{url}/prompt", json={"slice": k, "points": [[5, 5]], "labels": [0]}), 422, "organ point"),
@@ -270,7 +270,8 @@ def test_bad_requests_are_one_line_4xx(client, ct):
         (client.post(f"{url}/prompt", json={"box3d": [0, 0, 0, 5, 5, 5]}), 422, "not box3d"),
         (client.post(f"{url}/prompt", content='{"slice": NaN, "box": [1, 2, 3, 4]}',
                      headers={"Content-Type": "application/json"}), 400, "NaN"),
-        (client.post(f"{url}/prompt", content="{", headers={"Content-Type": "application/json"}), 400, "not valid JSON"),
+        (client.post(f"{url}/prompt", content="{", headers={"Content-Type": "application/json"}), 400,
+         "not valid JSON"),
         (client.post(f"{url}/prompt", content=json.dumps({"slice": k, "box": box}),
                      headers={"Content-Type": "text/plain"}), 415, "JSON"),
         (client.post(f"{url}/propagate", json={}), 422, "no mask yet"),
@@ -351,6 +352,23 @@ def test_changes_while_propagating_get_409_and_other_volumes_go_on(client, ct, m
         gate.set()
         walker.join(120)
     assert answer["r"].status_code == 200 and answer["r"].json()["voxels"] > 0
+
+
+def test_background_encodes_near_the_prompt(litemedsam, ct, tmp_path):
+    """While the volume is idle, the slices next to the prompted one are encoded (once); the walk then
+    makes fewer encoder passes than the slices it visits."""
+    from fastapi.testclient import TestClient
+
+    image, _, ref = ct
+    fresh = interactive.load_engine(device="cpu", cache_dir=tmp_path / "cache", backbone=litemedsam)
+    with TestClient(create_app(Settings(background_slices=len(ref)), engine=fresh), base_url=BASE) as c:
+        vid = upload(c, image.read_bytes())
+        k, box = largest(ref, SPLEEN)
+        c.post(f"/api/volumes/{vid}/organs/spleen/prompt", json={"slice": k, "box": box})
+        wait_for(lambda: c.get(f"/api/volumes/{vid}").json()["encoded"] == len(ref))
+        w = c.post(f"/api/volumes/{vid}/organs/spleen/propagate", json={}).json()
+        assert w["visited"] > 1 and w["encoder_passes"] == 0
+    assert len(list((tmp_path / "cache").rglob("slices.npy"))) == 1  # one cache, each slice once
 
 
 def free_port() -> int:

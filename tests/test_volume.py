@@ -60,7 +60,8 @@ def test_merge_gives_overlaps_to_the_highest_logit():
     a[0, :, :3], b[0, :, 1:] = True, True
     la, lb = np.where(a[0], 2.0, -1.0), np.where(b[0], 1.0, -1.0)
     lb[:, 2] = 5.0  # organ 6 more certain in column 2
-    labels = merge([OrganMasks(1, {0: SliceMask(a[0], la, 0.9)}), OrganMasks(6, {0: SliceMask(b[0], lb, 0.9)})], (1, 4, 4))
+    labels = merge([OrganMasks(1, {0: SliceMask(a[0], la, 0.9)}), OrganMasks(6, {0: SliceMask(b[0], lb, 0.9)})],
+                   (1, 4, 4))
     assert labels[0, 0].tolist() == [1, 1, 6, 6]
 
 
@@ -141,7 +142,8 @@ def test_evaluation_outputs_and_cache(evaluated, raw_phantom):
 def _largest_slice_box(case, organ):
     k = int(np.argmax((case.label == organ).sum(axis=(1, 2))))
     rows, cols = np.nonzero(case.label[k] == organ)
-    return k, [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())], [int(np.median(cols)), int(np.median(rows))]
+    box = [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]
+    return k, box, [int(np.median(cols)), int(np.median(rows))]
 
 
 def test_user_prompts_box_points_and_box3d(raw_phantom, tmp_path):
