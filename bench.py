@@ -73,6 +73,7 @@ NAIVE_ITEMS = 60  # (slice, organ) items per prompt type run through the naive S
 DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass in the pipeline (>= 1)
 ENCODER_SLICES = 16  # slices timed through the image encoder, per dtype (>= 1)
 ENCODER_BATCHES = "1"  # slices per encoder pass to time (comma list; a GPU profits from more than 1)
+VIEWER_DTYPE = "bf16"  # fp32 | bf16: encoder and decoder precision of the viewer measurement
 TRAIN_PROMPT = "bound_box"  # prompt type of the decoder-training samples
 TRAIN_BATCH = 32  # samples per SGD step in the batched measurement (>= 1)
 TRAIN_SAMPLES = 128  # samples timed per mode (batched, one at a time) and dtype (>= 1)
@@ -87,7 +88,8 @@ REPORT_RESULTS = "results"  # results folder of the last ./run.sh report, whose 
 
 HERE = Path(__file__).resolve().parent
 WORK_MARKER = "bench_work.json"  # marks WORK_DIR as bench.py's, so that it may be rebuilt
-TARGETS = {"zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.3, "encoder_bf16_mask_agreement": 0.99,
+TARGETS = {"viewer_prompt_median_s": 0.10, "viewer_prompt_first_s": 1.0,
+           "zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.3, "encoder_bf16_mask_agreement": 0.99,
            "decoder_batched_speedup": 3.0, "peak_rss_ratio_4x": 1.2, "zero_shot_dice_max_abs_diff": 1e-4,
            "task1_linear_slack": 1.1, "volume_passes_per_visited_slice": 1.0, "report_minutes": 20}
 # A child Python that runs a script as __main__ and reports its own peak RSS (KiB on Linux) at exit
@@ -545,6 +547,21 @@ def bench_volume(cfg, backbone, sets: dict, work: Path, device) -> dict:
                                   "cold cache; includes loading each volume"}}
 
 
+def bench_viewer(cfg, backbone, sets: dict, work: Path, device) -> dict:
+    """The viewer's server side (no HTTP): a prompt on an encoded slice (median of 20), the first prompt
+    on an unencoded slice, and a walk's encoder passes per visited slice (`sambtcv.interactive`)."""
+    from sambtcv.interactive import measure_speed
+
+    image, label = sets["val_volumes"][0]
+    out = measure_speed(backbone, image, label, work / "viewer", device, organ="spleen", repeats=20,
+                        dtype=cfg["viewer_dtype"], encoder_dtype=cfg["viewer_dtype"])
+    print(f"bench: viewer prompt median {out['prompt_encoded_median_s']:.3f} s, first {out['prompt_first_s']:.3f} s, "
+          f"{out['walk_passes_per_visited_slice']:.2f} passes per visited slice", flush=True)
+    return {"viewer": {**out, "dtype": cfg["viewer_dtype"], "model": backbone.name,
+                       "note": "sambtcv.interactive.measure_speed: server-side seconds of VolumeSession.prompt, no "
+                               "HTTP, no background encoding; first = warm process, slice not yet encoded"}}
+
+
 def bench_baselines(cfg, sets: dict, device) -> dict:
     """Table 3's trained baselines: training samples/s and inference slices/s at the quick profile's input."""
     from sambtcv.baseline_nets import BASELINES, measure_speed
@@ -617,6 +634,18 @@ def scale_rows(res: dict) -> list:
          f"{vol['seconds_per_organ_volume']:.1f} s per organ-volume", f"= {t['volume_passes_per_visited_slice']:g}",
          _met(vol["passes_per_visited_slice"] == t["volume_passes_per_visited_slice"])],
     ]
+    view = res.get("viewer")
+    if view:
+        rows += [[f"viewer: prompt on an encoded slice, median of {view['prompts']} ({view['dtype']})",
+                  f"{view['prompt_encoded_median_s']:.3f} s", f"<= {t['viewer_prompt_median_s']:g} s",
+                  _met(view["prompt_encoded_median_s"] <= t["viewer_prompt_median_s"])],
+                 ["viewer: first prompt on an unencoded slice", f"{view['prompt_first_s']:.3f} s",
+                  f"<= {t['viewer_prompt_first_s']:g} s", _met(view["prompt_first_s"] <= t["viewer_prompt_first_s"])],
+                 ["viewer: a walk's encoder passes per visited slice",
+                  f"{view['walk_passes_per_visited_slice']:.2f} "
+                  f"({view['walk_encoder_passes']} / {view['walk_visited']})",
+                  f"<= {t['volume_passes_per_visited_slice']:g}",
+                  _met(view["walk_passes_per_visited_slice"] <= t["volume_passes_per_visited_slice"])]]
     for model in res["baselines"]["models"].values():
         rows.append([f"baseline {model['name']}: training / inference speed",
                      f"{model['train_samples_per_second']:.1f} samples/s / "
@@ -671,6 +700,8 @@ def main(argv=None):
     res.update(timed("task1_scaling", bench_task1_scaling, cfg, sets, work))
     print("bench: 6. 3D propagation", flush=True)
     res.update(timed("volume_3d", bench_volume, cfg, backbone, sets, work, device))
+    print("bench: 6b. the viewer's server", flush=True)
+    res.update(timed("viewer", bench_viewer, cfg, backbone, sets, work, device))
     print("bench: 7. baselines", flush=True)
     res.update(timed("baselines", bench_baselines, cfg, sets, device))
     res.update(report_stages(cfg))

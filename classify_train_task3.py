@@ -23,14 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from sambtcv import config, records
+from sambtcv.backbones import load_backbone
 from sambtcv.classifier import build_classifier
-from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
+from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
 from sambtcv.decoder import decode_batch
 from sambtcv.device import autocast
+from sambtcv.distributed import init_distributed
 from sambtcv.errors import PipelineError
 from sambtcv.evaluation import EVAL_EPOCH, PromptDataset
 from sambtcv.files import Results, load_checkpoint
-from sambtcv.names import NUM_ORGANS, check_choice, prompt_types_arg
+from sambtcv.names import NUM_ORGANS, check_choice, one_prompt_type
 from sambtcv.tables import data_description
 from sambtcv.training import check_some_to_resume, fit, precheck_resume, run_batches, setup_training
 
@@ -53,6 +55,7 @@ SEED = config.SEED  # prompts and training order (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
 ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder that fills the cache (training: torch)
 RESUME = False  # continue from RESULTS_DIR/classifier/last.pt
 ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)
 DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass in validation (>= 1)
@@ -124,8 +127,10 @@ def validation_fn(setup, cfg: dict, prompt_type: str):
 
 
 def train(cfg: dict, device, res: Results, prompt_type: str, finetuned: str | None) -> dict:
-    setup = setup_training(device, cfg["model"], cfg["checkpoint"], cfg["slices"], cfg["encoder_dtype"],
-                           cfg["encode_batch"], "classification")
+    env = init_distributed(device)
+    backbone = load_backbone(cfg["model"], cfg["checkpoint"], env.device)
+    setup = setup_training(env, backbone, cfg["slices"], cfg["encoder_dtype"], cfg["encode_batch"], "classification",
+                           make_runtime(cfg, backbone, env.device))
     device = setup.env.device
     torch.manual_seed(cfg["seed"])
     model = build_classifier(setup.backbone, finetuned).to(device)
@@ -154,10 +159,7 @@ def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
     with flag("--prompt"):
-        prompts = prompt_types_arg(cfg["prompt"])
-    if len(prompts) != 1:
-        raise PipelineError("--prompt takes one prompt type for classification")
-    prompt_type = prompts[0]
+        prompt_type = one_prompt_type(cfg["prompt"])
     with flag("--select-by"):  # before any work
         check_choice(cfg["select_by"], SELECTIONS, "select-by")
     with flag("--class-weighting"):

@@ -17,7 +17,7 @@ import numpy as np
 from sambtcv import config, records, tables
 from sambtcv.backbones import load_backbone
 from sambtcv.classifier import load_classifier
-from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
+from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
 from sambtcv.decoder import load_decoder
 from sambtcv.embeddings import open_split
 from sambtcv.errors import PipelineError
@@ -37,6 +37,8 @@ SEED = config.SEED  # seeds the random point prompts (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
 ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
+POINT_MASK = config.POINT_MASK  # which of SAM's three masks a point keeps: smallest | iou (the highest predicted IoU)
 ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)
 DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass (>= 1)
 # -----------------------------------------------------------------------------------------------------
@@ -99,18 +101,21 @@ def classify(cfg: dict, device, ck: dict, ck_path) -> dict:
     if ck["config"].get("backbone") != backbone.key:
         raise PipelineError(f"{ck_path} was trained on {ck['config'].get('backbone')}, not {backbone.key}; "
                             f"pass the matching --model/--checkpoint")
-    data = open_split(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"])
-    model = load_classifier(backbone, ck).to(device)
+    rt = make_runtime(cfg, backbone, device)
+    data = open_split(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"],
+                      runtime=rt)
+    model = rt.decoder(load_classifier(backbone, ck).to(device), "classifier")
     samples = []  # ((slice index, organ), predicted organ)
 
     def collect(_prompt, items, decoded, _preds):
         samples.extend(zip(items, (decoded.class_logits.float().argmax(1).cpu() + 1).tolist()))
 
     after = evaluate(model, data, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"], DiceTable(),
-                     on_batch=collect)
+                     on_batch=collect, point_mask=cfg["point_mask"])
     # the decoder the classifier started from (its mask parts were frozen): the same Dice is expected
-    start = load_decoder(backbone, ck["config"].get("finetuned_path")).to(device)
-    before = evaluate(start, data, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"])
+    start = rt.decoder(load_decoder(backbone, ck["config"].get("finetuned_path")).to(device), "finetuned")
+    before = evaluate(start, data, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"],
+                      point_mask=cfg["point_mask"])
     true = np.array([organ for (_, organ), _ in samples])
     pred = np.array([p for _, p in samples])
     present = sorted(set(true.tolist()))
@@ -126,7 +131,8 @@ def classify(cfg: dict, device, ck: dict, ck_path) -> dict:
     return {"result": result, "samples": samples, "slices": data.slices,
             "settings": {"classifier": str(ck_path), "classifier_config": ck["config"], "split": cfg["split"],
                          "seed": cfg["seed"], "dtype": cfg["dtype"], "encoder_dtype": cfg["encoder_dtype"],
-                         "model": backbone.name, "backbone": backbone.key, "runtime": "torch"}}
+                         "model": backbone.name, "backbone": backbone.key, "runtime": rt.name,
+                         "point_mask": cfg["point_mask"]}}
 
 
 def write_outputs(res: Results, out: dict) -> list:

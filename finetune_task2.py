@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from sambtcv import config, records, tables
-from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
-from sambtcv.decoder import PromptedDecoder, decode_batch
+from sambtcv.backbones import load_backbone
+from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
+from sambtcv.decoder import POINT_MASK_RULES, PromptedDecoder, decode_batch
 from sambtcv.device import autocast
+from sambtcv.distributed import init_distributed
 from sambtcv.embeddings import SplitData
 from sambtcv.evaluation import EVAL_EPOCH, PromptDataset, evaluate, evaluation_settings
 from sambtcv.files import Results, load_checkpoint, markdown_table, save_figure
@@ -61,7 +63,9 @@ SEED = config.SEED  # prompts and training order (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder (training and validation)
 ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 RESUME = False  # continue each prompt's run from its last.pt (a prompt without one starts fresh)
+POINT_MASK = config.POINT_MASK  # which of SAM's three masks a point keeps: smallest | iou (the highest predicted IoU)
 ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)
 DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass in validation (>= 1)
 # -----------------------------------------------------------------------------------------------------
@@ -81,7 +85,7 @@ def validation_fn(data: SplitData, prompt_type: str, cfg: dict, device):
 
         def step(batch):
             with autocast(device, cfg["dtype"]):
-                out = decode_batch(module, batch, prompt_type, device)
+                out = decode_batch(module, batch, prompt_type, device, cfg["point_mask"])
             target = batch["target"].to(device)
             losses.extend(mask_losses(out.best[:, None], out.iou[:, :1], target, 0.0, cfg["loss"]).tolist())
             dice = dice_score(out.best.float() > 0, target[:, 0] > 0.5)
@@ -123,15 +127,18 @@ class ZeroShot:
     record: str | None
 
 
-def zero_shot(cfg, res: Results, backbone, decoder, val: SplitData, device, prompts) -> ZeroShot:
+def zero_shot(cfg, res: Results, backbone, decoder, val: SplitData, device, prompts,
+              runtime: str = "torch") -> ZeroShot:
     """Zero-shot per-organ Dice on the validation split: a Task 1 record of this results folder whose
     settings, taken as a whole, are the ones this evaluation would use (on these very slices), else
     computed here."""
-    wanted = evaluation_settings(backbone, None, "val", prompts, cfg["seed"], cfg["dtype"], cfg["encoder_dtype"])
+    wanted = evaluation_settings(backbone, None, "val", prompts, cfg["seed"], cfg["dtype"], cfg["encoder_dtype"],
+                                 runtime, cfg["point_mask"])
     found = records.reusable(res.root, "task1", wanted, val.slices.signature, covers=("prompts",))
     if found is not None:
         return ZeroShot(found.result["per_organ"], found.id)
-    table = evaluate(decoder, val, prompts, cfg["seed"], device, cfg["dtype"], cfg["decode_batch"])
+    table = evaluate(decoder, val, prompts, cfg["seed"], device, cfg["dtype"], cfg["decode_batch"],
+                     point_mask=cfg["point_mask"])
     return ZeroShot(table.per_organ(), None)
 
 
@@ -170,19 +177,22 @@ def run_settings(cfg: dict, prompt_type: str, backbone, slices_id: str) -> dict:
     return dict(cfg, prompt=prompt_type, backbone=backbone.key, slices_id=slices_id)
 
 
-def evaluate_runs(setup, cfg: dict, res: Results, runs: dict, prompts) -> list:
-    """Score each prompt's best checkpoint with the Task 1 code and write one record per prompt type."""
+def evaluate_runs(setup, cfg: dict, res: Results, runs: dict, prompts, rt) -> list:
+    """Score each prompt's best checkpoint with the Task 1 code (in the runtime `rt`, as Task 1) and write
+    one record per prompt type."""
     device, backbone = setup.env.device, setup.backbone
     pretrained = PromptedDecoder.from_backbone(backbone)
-    zero = zero_shot(cfg, res, backbone, pretrained, setup.val, device, prompts)
+    zero = zero_shot(cfg, res, backbone, rt.decoder(pretrained, "pretrained"), setup.val, device, prompts, rt.name)
     slices = {"id": setup.val.slices.signature, "data": tables.data_description(setup.train.slices.params)}
     written = []
     for prompt_type in prompts:
         finetuned, run = DiceTable(), runs[prompt_type]
         module = PromptedDecoder.from_backbone(backbone, copy_modules=True).to(device)
         module.load_state_dict(load_checkpoint(run["best"], "finetune")["model"])
+        module = rt.decoder(module, "finetuned")
         t0 = time.perf_counter()
-        evaluate(module, setup.val, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"], finetuned)
+        evaluate(module, setup.val, [prompt_type], cfg["seed"], device, cfg["dtype"], cfg["decode_batch"], finetuned,
+                 point_mask=cfg["point_mask"])
         result = {
             "mdice_original": float(np.mean(list(zero.per_organ[prompt_type].values()))),
             "mdice_finetuned": finetuned.mdice()[prompt_type], "per_organ_original": zero.per_organ[prompt_type],
@@ -209,18 +219,23 @@ def main(argv=None):
         prompts = prompt_types_arg(cfg["prompt"])
     with flag("--loss"):
         check_choice(cfg["loss"], LOSSES, "loss")
+    with flag("--point-mask"):
+        check_choice(cfg["point_mask"], POINT_MASK_RULES, "point mask rule")
     res = Results(cfg["results_dir"])
     with results_folder(res.root):
         resume = {p: cfg["resume"] and precheck_resume(res.finetune_run(p), "finetune", dict(cfg, prompt=p))
                   for p in prompts}
         if cfg["resume"]:
             check_some_to_resume(resume, {p: res.finetune_run(p) for p in prompts})
-        setup = setup_training(device, cfg["model"], cfg["checkpoint"], cfg["slices"], cfg["encoder_dtype"],
-                               cfg["encode_batch"], "finetuning")
+        env = init_distributed(device)
+        backbone = load_backbone(cfg["model"], cfg["checkpoint"], env.device)
+        rt = make_runtime(cfg, backbone, env.device)
+        setup = setup_training(env, backbone, cfg["slices"], cfg["encoder_dtype"], cfg["encode_batch"], "finetuning",
+                               rt)
         runs = {p: train_prompt(setup, cfg, res, p, resume[p]) for p in prompts}
         if not setup.env.main:
             return
-        evaluate_runs(setup, cfg, res, runs, prompts)
+        evaluate_runs(setup, cfg, res, runs, prompts, rt)
         view = tables.write_table2(res.root)
         tables.write_table3(res.root)
     print(markdown_table(["prompt type", "mDice original", "mDice finetuned", "improved (%)"],

@@ -31,7 +31,7 @@ from sambtcv.cli import flag, parse_config, run_main, start_run
 from sambtcv.decoder import PromptedDecoder
 from sambtcv.errors import PipelineError
 from sambtcv.files import markdown_table
-from sambtcv.names import NUM_ORGANS, POINT_PROMPTS, prompt_types_arg
+from sambtcv.names import NUM_ORGANS, POINT_PROMPTS, one_prompt_type
 
 # ---------------------------------------------------------------------------------------------- config
 MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
@@ -84,15 +84,13 @@ def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
     with flag("--prompt"):
-        prompts = prompt_types_arg(cfg["prompt"])
-    if len(prompts) != 1:
-        raise PipelineError("--prompt takes one prompt type")
+        prompt_type = one_prompt_type(cfg["prompt"])
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
     model = build_classifier(backbone).to(device)
     model.freeze_all_but_class_branch()
     print(markdown_table(["part", "parameters", "trained in Task 3"], parts(model)), end="")
-    out = check(backbone, model, prompts[0], cfg["batch"], device)
-    print(f"check on {cfg['batch']} random embeddings with {prompts[0]} prompts: masks differ by at most "
+    out = check(backbone, model, prompt_type, cfg["batch"], device)
+    print(f"check on {cfg['batch']} random embeddings with {prompt_type} prompts: masks differ by at most "
           f"{out['max_mask_difference']:.2e}, IoU by {out['max_iou_difference']:.2e}; class logits "
           f"{tuple(out['logits_shape'])}")
     if out["max_mask_difference"] != 0 or out["logits_shape"] != [cfg["batch"], NUM_ORGANS]:

@@ -22,18 +22,19 @@ and figures/volume_3d_<case>.png (three orthogonal views).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sambtcv import config, names, records, tables
+from sambtcv import config, files, names, records, tables
 from sambtcv.backbones import load_backbone
-from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
-from sambtcv.data import NIFTI_SUFFIXES, check_geometry, find_cases, parse_window
+from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
+from sambtcv.data import check_geometry, find_cases, parse_window
 from sambtcv.decoder import load_decoder
 from sambtcv.distributed import DistEnv, init_distributed
 from sambtcv.errors import PipelineError
-from sambtcv.files import Results, check_can_create, save_figure
+from sambtcv.files import Results, save_figure
 from sambtcv.metrics import dice_score
 from sambtcv.names import NUM_ORGANS, SPLITS, check_choice, name_list, organ_name
 from sambtcv.prompts_file import read_prompts_file
@@ -42,6 +43,7 @@ from sambtcv.volume import (
     Case,
     WalkSettings,
     case_prompt,
+    check_label_map_path,
     evaluate_case,
     label_prompts,
     load_case,
@@ -72,6 +74,7 @@ SEED = config.SEED  # accepted for a uniform interface; nothing here is random (
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
 ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image encoder
+RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -107,16 +110,27 @@ def walk_settings(cfg) -> WalkSettings:
         return WalkSettings(cfg["stop"], margin_mm(cfg["margin_mm"], cfg["model"]))
 
 
-def load_models(cfg, device):
-    """The backbone and its (finetuned) decoder: a bad model or --finetuned fails before any CT is read."""
+@dataclass
+class Models:
+    """The backbone, its (finetuned) decoder and the runtime that runs them."""
+
+    backbone: object
+    decoder: object
+    runtime: object
+
+
+def load_models(cfg, device) -> Models:
+    """A bad model, --finetuned or --runtime fails here, before any CT is read."""
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
+    rt = make_runtime(cfg, backbone, device)
     with flag("--finetuned"):
         decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
-    return backbone, decoder
+    return Models(backbone, rt.decoder(decoder, "finetuned" if cfg["finetuned"] else "pretrained"), rt)
 
 
-def volume_decoder(case: Case, backbone, decoder, cfg, device) -> VolumeDecoder:
-    return VolumeDecoder(case.stack, backbone, decoder, cfg["cache_dir"], device, cfg["dtype"], cfg["encoder_dtype"])
+def volume_decoder(case: Case, models: Models, cfg, device) -> VolumeDecoder:
+    return VolumeDecoder(case.stack, models.backbone, models.decoder, cfg["cache_dir"], device, cfg["dtype"],
+                         cfg["encoder_dtype"], models.runtime)
 
 
 def print_walks(walks: dict) -> None:
@@ -128,13 +142,13 @@ def print_walks(walks: dict) -> None:
               flush=True)
 
 
-def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Results, backbone, decoder) -> list:
+def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Results, models: Models) -> list:
     """This process's share of the cases, evaluated; their label maps and figures written. Returns
     [(name, scores, walks, encoder passes, visited slices)] of this rank, in case order."""
     out = []
     for name, image, label in env.mine(cases):
         case = load_case(name, image, label, window)
-        dec = volume_decoder(case, backbone, decoder, cfg, env.device)
+        dec = volume_decoder(case, models, cfg, env.device)
         result = evaluate_case(case, dec, walk)
         write_label_map(result.one_box, case, res.volumes / f"{case.name}.nii.gz")
         save_figure(views_figure(case, result.one_box), res.figure(f"volume_3d_{case.name}"))
@@ -158,8 +172,9 @@ def evaluate_split(cfg, env: DistEnv, res: Results) -> dict | None:
         check_geometry(image, label)
     walk = walk_settings(cfg)
     t0 = time.perf_counter()
-    backbone, decoder = load_models(cfg, env.device)
-    parts = env.gather(evaluate_cases(cases, window, walk, cfg, env, res, backbone, decoder))
+    models = load_models(cfg, env.device)
+    backbone = models.backbone
+    parts = env.gather(evaluate_cases(cases, window, walk, cfg, env, res, models))
     if not env.main:
         return None
     done = {name: rest for part in parts for name, *rest in part}
@@ -173,7 +188,7 @@ def evaluate_split(cfg, env: DistEnv, res: Results) -> dict | None:
     settings = {"model": backbone.name, "backbone": backbone.key, "checkpoint": backbone.checkpoint,
                 "finetuned": cfg["finetuned"], "data_dir": str(Path(cfg["data_dir"]).resolve()), "split": cfg["split"],
                 "stop": walk.stop, "margin_mm": walk.margin_mm, "window_hu": list(window), "dtype": cfg["dtype"],
-                "encoder_dtype": cfg["encoder_dtype"], "runtime": "torch", "cache_dir": cfg["cache_dir"]}
+                "encoder_dtype": cfg["encoder_dtype"], "runtime": models.runtime.name, "cache_dir": cfg["cache_dir"]}
     records.write_record(res.root, "volume_3d", settings, result,
                          {"id": None, "data": f"{cfg['split']} split of {cfg['data_dir']}"})
     return tables.write_volume(res.root)
@@ -184,26 +199,13 @@ def check_out(out, inputs: list[Path]) -> Path:
     """--out: a new or replaceable .nii/.nii.gz file in a writable folder, never one of the inputs."""
     if not out:
         raise PipelineError("--image needs --out PRED.nii.gz (where the label map goes)")
-    out = Path(out)
-    if out.is_dir():
-        raise PipelineError(f"--out {out} is a folder; give a file name such as {out / 'pred.nii.gz'}")
-    if not out.name.endswith(NIFTI_SUFFIXES):
-        raise PipelineError(f"--out {out} must end with .nii.gz or .nii (a NIfTI label map)")
-    for given in inputs:
-        if out.exists() and given.exists() and out.samefile(given):
-            raise PipelineError(f"--out {out} is an input of this run; write the label map to another file")
     with flag("--out"):
-        check_can_create(out)  # creates nothing: a run that fails later leaves no folder behind
-    return out
+        return check_label_map_path(out, inputs)
 
 
 def check_input_file(path, name: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"{name} {path} not found")
-    if not path.is_file():
-        raise PipelineError(f"{name} {path} is not a regular file (a folder or a device?); give a .nii.gz file")
-    return path
+    with flag(name):
+        return files.check_input_file(path)
 
 
 def segment_image(cfg, device) -> None:
@@ -219,12 +221,12 @@ def segment_image(cfg, device) -> None:
     walk = walk_settings(cfg)
     with flag("--window-hu"):
         window = parse_window(cfg["window_hu"])
-    backbone, decoder = load_models(cfg, device)
+    models = load_models(cfg, device)
     case = load_case(image.name, image, label, window)
     prompts = [case_prompt(s, case) for s in specs] if specs else label_prompts(case, organs)
     if not prompts:
         raise PipelineError(f"none of the organs {', '.join(organ_name(o) for o in organs)} is in --label {label}")
-    dec = volume_decoder(case, backbone, decoder, cfg, device)
+    dec = volume_decoder(case, models, cfg, device)
     organ_walks = segment(dec, prompts, walk, case.pixel_mm)
     labels = merge(organ_walks, case.stack.shape)
     write_label_map(labels, case, Path(cfg["out"]))

@@ -8,9 +8,9 @@
 
 Every slice of the split is encoded once (or read from the embedding cache under SLICES/embeddings,
 which Tasks 2 and 3 reuse); all prompts of all organs are then decoded from the cached embeddings in
-batches. Point prompts use SAM's multimask output and keep the mask with the highest predicted IoU;
-boxes use single-mask output. Dice is computed at each slice's own resolution. With --finetuned, the
-decoder of a Task 2 checkpoint (of the same backbone) is scored instead of the pretrained one, on any
+batches. Point prompts use SAM's multimask output and keep one of its three masks by POINT_MASK (the
+smallest; `iou` keeps the highest predicted IoU, segment_anything's own choice); boxes use single-mask
+output. Dice is computed at each slice's own resolution. With --finetuned, the decoder of a Task 2 checkpoint (of the same backbone) is scored instead of the pretrained one, on any
 slices. Writes a record (RESULTS_DIR/records/task1/), then table1_zero_shot.json / .md / .csv built from
 it and figures/task1_overlay_<prompt>.png. Under torchrun the encoder passes and the decoder batches
 are dealt out over the processes (the same batches one process makes) and rank 0 writes one result,
@@ -24,8 +24,8 @@ import numpy as np
 
 from sambtcv import config, tables
 from sambtcv.backbones import load_backbone
-from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
-from sambtcv.decoder import load_decoder
+from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
+from sambtcv.decoder import POINT_MASK_RULES, load_decoder
 from sambtcv.distributed import DistEnv, init_distributed
 from sambtcv.embeddings import open_split
 from sambtcv.evaluation import evaluate, evaluation_settings
@@ -47,6 +47,8 @@ SEED = config.SEED  # seeds the random point prompts (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
 ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
+POINT_MASK = config.POINT_MASK  # which of SAM's three masks a point keeps: smallest | iou (the highest predicted IoU)
 ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)
 DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass (>= 1)
 OVERLAY_SLICES = 3  # validation slices shown in each overlay figure (>= 1)
@@ -102,9 +104,12 @@ def run(cfg: dict, env: DistEnv, res: Results) -> dict | None:
     prompts = prompt_types_arg(cfg["prompt"])
     t_start = time.perf_counter()
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
+    rt = make_runtime(cfg, backbone, device)
     with flag("--finetuned"):
-        decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
-    data = open_split(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"], env)
+        decoder = rt.decoder(load_decoder(backbone, cfg["finetuned"]).to(device),
+                             "finetuned" if cfg["finetuned"] else "pretrained")
+    data = open_split(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"], env,
+                      rt)
     slices = data.slices
     per_slice = sorted(range(len(slices)), key=lambda i: -len(slices.records[i]["organs"]))
     picks = sorted(per_slice[: cfg["overlay_slices"]])
@@ -117,7 +122,7 @@ def run(cfg: dict, env: DistEnv, res: Results) -> dict | None:
 
     t_dec = time.perf_counter()
     table = evaluate(decoder, data, prompts, cfg["seed"], device, cfg["dtype"], cfg["decode_batch"], DiceTable(),
-                     on_batch=collect, env=env)
+                     on_batch=collect, env=env, point_mask=cfg["point_mask"])
     passes = env.gather(data.encoder_passes)
     overlays = env.gather(overlays)
     if not env.main:
@@ -130,10 +135,11 @@ def run(cfg: dict, env: DistEnv, res: Results) -> dict | None:
                          len(slices.items) * len(prompts)),
         "mdice": table.mdice(), "per_organ": table.per_organ(), "volume_dice": table.volume_dice(),
         "n_per_organ": table.counts(), "device": str(device),
-        "point_prompt_mask": "multimask output, highest predicted IoU", "box_prompt_mask": "single mask",
+        "point_prompt_mask": f"multimask output, {POINT_MASK_RULES[cfg['point_mask']]}",
+        "box_prompt_mask": "single mask",
     }
     settings = evaluation_settings(backbone, cfg["finetuned"], cfg["split"], prompts, cfg["seed"], cfg["dtype"],
-                                   cfg["encoder_dtype"])
+                                   cfg["encoder_dtype"], rt.name, cfg["point_mask"])
     settings.update(decode_batch=cfg["decode_batch"], encode_batch=cfg["encode_batch"])
     write_record(res.root, "task1", settings, result,
                  {"id": slices.signature, "data": tables.data_description(slices.params)})
@@ -150,6 +156,8 @@ def main(argv=None):
         prompt_types_arg(cfg["prompt"])  # checked before any work
     with flag("--split"):
         check_choice(cfg["split"], SPLITS, "split")
+    with flag("--point-mask"):
+        check_choice(cfg["point_mask"], POINT_MASK_RULES, "point mask rule")
     if cfg["finetuned"]:  # a mistyped path or a file that is no Task 2 checkpoint fails before any work
         with flag("--finetuned"):
             load_checkpoint(cfg["finetuned"], "finetune")

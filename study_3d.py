@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sambtcv import config, names, records
 from sambtcv.backbones import load_backbone
-from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
+from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
 from sambtcv.data import check_geometry, find_cases, parse_window
 from sambtcv.decoder import load_decoder
 from sambtcv.errors import PipelineError
@@ -50,6 +50,7 @@ SEED = config.SEED  # the phantom's seed (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
 ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image encoder
+RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -106,15 +107,18 @@ def run(cfg, device, res: Results) -> dict:
     for _, image, label in cases:
         check_geometry(image, label)
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
+    rt = make_runtime(cfg, backbone, device)
     with flag("--finetuned"):
-        decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
+        decoder = rt.decoder(load_decoder(backbone, cfg["finetuned"]).to(device),
+                             "finetuned" if cfg["finetuned"] else "pretrained")
     with flag("--margin-mm"):
         margin = margin_mm(cfg["margin_mm"], backbone.name)
     t0, out, walks = time.perf_counter(), {}, {}
     for name, image, label in cases:
         case = load_case(name, image, label, window)
         present = [o for o in organs if (case.label == o).any()]
-        dec = VolumeDecoder(case.stack, backbone, decoder, cfg["cache_dir"], device, cfg["dtype"], cfg["encoder_dtype"])
+        dec = VolumeDecoder(case.stack, backbone, decoder, cfg["cache_dir"], device, cfg["dtype"], cfg["encoder_dtype"],
+                            rt)
         every = merge(every_slice_boxes(dec, case, present), case.stack.shape)
         out[name], walks[name] = {}, {}
         for rule in rules:
@@ -129,7 +133,8 @@ def run(cfg, device, res: Results) -> dict:
               "cases": out, "walks": walks, "mean": mean, "seconds": round(time.perf_counter() - t0, 1)}
     settings = {"model": backbone.name, "backbone": backbone.key, "finetuned": cfg["finetuned"], "rules": rules,
                 "organs": result["organs"], "margin_mm": margin, "window_hu": list(window), "dtype": cfg["dtype"],
-                "encoder_dtype": cfg["encoder_dtype"], "cases": [[n, str(i), str(lab)] for n, i, lab in cases]}
+                "encoder_dtype": cfg["encoder_dtype"], "runtime": rt.name,
+                "cases": [[n, str(i), str(lab)] for n, i, lab in cases]}
     rec = records.write_record(res.root, "study_3d", settings, result,
                                {"id": None, "data": cfg["data_dir"] or "diseased phantom"})
     view = {**rec.result, "record": rec.id}

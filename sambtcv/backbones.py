@@ -257,10 +257,13 @@ class InputFrame:
 
 
 @torch.no_grad()
-def encode_images(backbone: Backbone, images: list, device, dtype: str = "fp32") -> torch.Tensor:
-    """Image-encoder forward of a list of (H, W) uint8 slices -> (B, 256, E, E) float32 embeddings."""
+def encode_images(backbone: Backbone, images: list, device, dtype: str = "fp32", encoder=None) -> torch.Tensor:
+    """Image-encoder forward of a list of (H, W) uint8 slices -> (B, 256, E, E) float32 embeddings.
+    `encoder`: another runtime's encoder (`sambtcv.runtime.Runtime.encoder`) on the normalised batch."""
     sam, frame = backbone.sam, backbone.frame
     batch = torch.cat([sam.preprocess(frame.image(im)[None].to(device)) for im in images])
+    if encoder is not None:
+        return encoder(batch)
     if backbone.channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     with autocast(device, dtype):

@@ -187,6 +187,15 @@ def _str2bool(text: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- start-up
+def make_runtime(cfg, backbone, device):
+    """The page's RUNTIME for `backbone` (`sambtcv.runtime.make`), its errors said of --runtime."""
+    from sambtcv import runtime
+
+    with flag("--runtime"):
+        return runtime.make(cfg["runtime"], backbone, device, cfg["encoder_dtype"], cfg.get("dtype", "fp32"))
+
+
+
 def start_run(cfg: dict):
     """What every page does first: check the precision flags (before any work), allocator tuning,
     seeds, device. Returns the torch.device."""

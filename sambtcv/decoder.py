@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sambtcv import config
 from sambtcv.backbones import Backbone
 from sambtcv.errors import PipelineError
 from sambtcv.files import load_checkpoint
@@ -108,15 +109,33 @@ class Decoded:
     class_logits: torch.Tensor | None = None
 
 
-def best_mask(masks: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
-    """(B, K, L, L), (B, K) -> (B, L, L): each sample's mask with the highest predicted IoU."""
-    idx = iou.argmax(dim=1)
+POINT_MASK_RULES = {
+    "smallest": "the smallest of SAM's three masks (better than the highest predicted IoU for a point on real CT "
+                "and on the phantom: docs/MEASUREMENTS.md)",
+    "iou": "the mask with the highest predicted IoU (segment_anything's SamPredictor)",
+}
+
+
+def pick(masks: torch.Tensor, iou: torch.Tensor, rule: str = config.POINT_MASK) -> torch.Tensor:
+    """(B, K, L, L) mask logits, (B, K) predicted IoUs -> (B,) the index of the mask each sample keeps by
+    `rule` (POINT_MASK_RULES); 0 when K = 1 (box prompts: one mask)."""
+    if masks.shape[1] == 1:
+        return torch.zeros(masks.shape[0], dtype=torch.long, device=masks.device)
+    if rule == "smallest":
+        return (masks > 0).flatten(2).sum(-1).argmin(dim=1)
+    return iou.argmax(dim=1)
+
+
+def best_mask(masks: torch.Tensor, iou: torch.Tensor, rule: str = config.POINT_MASK) -> torch.Tensor:
+    """(B, K, L, L), (B, K) -> (B, L, L): each sample's mask kept by `rule` (POINT_MASK_RULES)."""
+    idx = pick(masks, iou, rule)
     return masks[torch.arange(masks.shape[0], device=masks.device), idx]
 
 
-def decode_batch(decoder: PromptedDecoder, batch: dict, prompt_type: str, device, **forward_kwargs) -> Decoded:
-    """Decode one collated `cache.PromptDataset` batch. Points: multimask output, the mask with the
-    best predicted IoU is kept; boxes: single-mask output. forward_kwargs go to the decoder's forward."""
+def decode_batch(decoder: PromptedDecoder, batch: dict, prompt_type: str, device, point_mask: str = config.POINT_MASK,
+                 **forward_kwargs) -> Decoded:
+    """Decode one collated `sambtcv.evaluation.PromptDataset` batch. Points: multimask output, the mask kept
+    by `point_mask` (POINT_MASK_RULES); boxes: single-mask output. forward_kwargs go to the decoder's forward."""
     emb = batch["embedding"].to(device, non_blocking=True)
     if prompt_type in POINT_PROMPTS:
         pts = batch["points"].to(device)
@@ -125,7 +144,7 @@ def decode_batch(decoder: PromptedDecoder, batch: dict, prompt_type: str, device
     else:
         out = decoder(emb, boxes=batch["box"].to(device), multimask=False, **forward_kwargs)
     masks, iou = out[0], out[1]
-    return Decoded(best=None if masks is None else best_mask(masks, iou), masks=masks, iou=iou,
+    return Decoded(best=None if masks is None else best_mask(masks, iou, point_mask), masks=masks, iou=iou,
                    class_logits=out[2] if len(out) > 2 else None)
 
 

@@ -26,6 +26,12 @@ NOT_DONE = -1  # checksum value of a row not encoded yet
 SHARED_ROUND = 8  # batches each rank encodes before rank 0 writes them (bounds rank 0's memory)
 
 
+def folder_name(backbone: Backbone, dtype: str, runtime=None) -> str:
+    """The cache folder of a backbone's embeddings in a precision and a runtime (PyTorch: no suffix)."""
+    suffix = "" if runtime is None or runtime.encoder is None else f"-{runtime.name}"
+    return f"{backbone.key}-{dtype}{suffix}"
+
+
 class EmbeddingCache:
     """float16 image embeddings of N images for one backbone, as rows of one ``.npy`` file.
 
@@ -38,8 +44,9 @@ class EmbeddingCache:
     """
 
     def __init__(self, folder, name: str, n_rows: int, image: Callable[[int], np.ndarray], backbone: Backbone,
-                 dtype: str, identity: str, what: str = "embedding cache"):
+                 dtype: str, identity: str, what: str = "embedding cache", runtime=None):
         self.dir = folder
+        self.encoder = None if runtime is None else runtime.encoder
         self.image = image
         self.backbone = backbone
         self.dtype = dtype
@@ -50,14 +57,17 @@ class EmbeddingCache:
         self.crc_path = folder / f"{name}.crc.npy"
         self.meta_path = folder / f"{name}.json"
         self.meta = {"backbone": backbone.key, "dtype": dtype, "images": identity, "shape": list(self.shape)}
+        if self.encoder is not None:  # another runtime's embeddings differ a little: a cache of their own
+            self.meta["runtime"] = runtime.name
         self._fd = None
         self.crc = self._load_checksums()
 
     @classmethod
-    def for_split(cls, slices: SliceSet, backbone: Backbone, dtype: str = "fp32") -> "EmbeddingCache":
-        """The cache of one split of a slices folder: ``SLICES/embeddings/<backbone>-<dtype>/<split>.*``."""
-        return cls(slices.root / "embeddings" / f"{backbone.key}-{dtype}", slices.split, len(slices),
-                   lambda i: slices.load(i)[0], backbone, dtype, slices.signature)
+    def for_split(cls, slices: SliceSet, backbone: Backbone, dtype: str = "fp32", runtime=None) -> "EmbeddingCache":
+        """The cache of one split of a slices folder: ``SLICES/embeddings/<backbone>-<dtype>[-<runtime>]/<split>.*``
+        (PyTorch's embeddings without a suffix; `runtime` a `sambtcv.runtime.Runtime` or None for PyTorch)."""
+        return cls(slices.root / "embeddings" / folder_name(backbone, dtype, runtime), slices.split, len(slices),
+                   lambda i: slices.load(i)[0], backbone, dtype, slices.signature, runtime=runtime)
 
     @property
     def row_bytes(self) -> int:
@@ -115,7 +125,8 @@ class EmbeddingCache:
             for start in range(0, len(todo), batch_size):
                 idx = todo[start:start + batch_size]
                 if encode is None:
-                    emb = encode_images(self.backbone, [self.image(i) for i in idx], device, self.dtype).cpu().numpy()
+                    emb = encode_images(self.backbone, [self.image(i) for i in idx], device, self.dtype,
+                                        self.encoder).cpu().numpy()
                 else:
                     emb = encode(idx)
                 rows_f16 = np.asarray(emb).astype(np.float16)
@@ -178,6 +189,7 @@ class EmbeddingCache:
     def __getstate__(self):  # DataLoader workers open their own descriptor
         state = self.__dict__.copy()
         state["_fd"] = None
+        state["encoder"] = None  # compiled OpenVINO models do not pickle; workers only read rows
         return state
 
 
@@ -192,19 +204,19 @@ class SplitData:
 
 
 def open_split(slices_dir, split: str, backbone: Backbone, dtype: str, device, encode_batch: int = 1,
-               env=None) -> SplitData:
+               env=None, runtime=None) -> SplitData:
     """Open a split and fill its embedding cache. Under several processes (`env`, a
     `sambtcv.distributed.DistEnv`) the ranks share the encoding and rank 0 alone writes the cache."""
     slices = SliceSet(slices_dir, split)
     if len(slices) == 0:
         raise PipelineError(f"split {split!r} of {slices_dir} has no slices; preprocess more cases")
     t0 = time.perf_counter()
-    cache = EmbeddingCache.for_split(slices, backbone, dtype)
+    cache = EmbeddingCache.for_split(slices, backbone, dtype, runtime)
     if env is None or env.world == 1:
         passes = cache.fill(device, encode_batch)
     else:
         passes = fill_shared(cache, env, device, encode_batch)
-    cache = EmbeddingCache.for_split(slices, backbone, dtype)
+    cache = EmbeddingCache.for_split(slices, backbone, dtype, runtime)
     if cache.missing():
         raise PipelineError(f"the embedding cache of {slices_dir} ({split}) is incomplete; run again")
     return SplitData(slices, cache, passes, time.perf_counter() - t0)
@@ -226,7 +238,8 @@ def fill_shared(cache: EmbeddingCache, env, device, batch_size: int, rows_per_ra
         chunk = batches[start:start + per_round]
         mine = {}
         for idx in env.mine(chunk):
-            emb = encode_images(cache.backbone, [cache.image(i) for i in idx], device, cache.dtype).cpu().numpy()
+            emb = encode_images(cache.backbone, [cache.image(i) for i in idx], device, cache.dtype,
+                                cache.encoder).cpu().numpy()
             mine.update(zip(idx, emb.astype(np.float16)))
             passes += len(idx)
         gathered = env.gather(mine)

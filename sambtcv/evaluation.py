@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sambtcv import config
 from sambtcv.config import EVAL_BATCH
 from sambtcv.decoder import Decoded, PromptedDecoder, decode_batch
 from sambtcv.device import autocast
@@ -65,7 +66,7 @@ class PromptDataset(torch.utils.data.Dataset):
 @torch.no_grad()
 def evaluate(decoder: PromptedDecoder, data: SplitData, prompt_types, seed: int, device, dtype="fp32",
              batch_size: int = EVAL_BATCH, table: DiceTable | None = None, on_batch=None, progress=True,
-             env=None) -> DiceTable:
+             env=None, point_mask: str = config.POINT_MASK) -> DiceTable:
     """Slice and volume Dice of `decoder` on every (slice, organ) of the split, per prompt type.
 
     Predictions are mapped back to each slice's own size before Dice. ``on_batch(prompt_type, items,
@@ -88,7 +89,7 @@ def evaluate(decoder: PromptedDecoder, data: SplitData, prompt_types, seed: int,
             batch = torch.utils.data.default_collate([ds[k] for k in idx])
             t0 = time.perf_counter()
             with autocast(device, dtype):
-                decoded: Decoded = decode_batch(decoder, batch, prompt_type, device)
+                decoded: Decoded = decode_batch(decoder, batch, prompt_type, device, point_mask)
             table.decoder_seconds += time.perf_counter() - t0
             items = [ds.items[k] for k in idx]
             preds = []
@@ -106,9 +107,9 @@ def evaluate(decoder: PromptedDecoder, data: SplitData, prompt_types, seed: int,
 
 
 def evaluation_settings(backbone, finetuned, split: str, prompts, seed: int, dtype: str, encoder_dtype: str,
-                        runtime: str = "torch") -> dict:
+                        runtime: str = "torch", point_mask: str = config.POINT_MASK) -> dict:
     """What an evaluation of a decoder on a split computes: Task 1's record settings, which Task 2 also
     builds to find a Task 1 record it can reuse (`sambtcv.records.reusable`)."""
     return {"model": backbone.name, "backbone": backbone.key, "checkpoint": backbone.checkpoint,
             "finetuned": finetuned, "split": split, "prompts": list(prompts), "seed": seed, "dtype": dtype,
-            "encoder_dtype": encoder_dtype, "runtime": runtime}
+            "encoder_dtype": encoder_dtype, "runtime": runtime, "point_mask": point_mask}

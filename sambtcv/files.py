@@ -266,6 +266,17 @@ class FolderLock:
         self.release(failed=exc_type is not None)
 
 
+def check_input_file(path) -> Path:
+    """An existing regular file (not a folder or a device), or one line saying which."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{{subject}} {path} not found", "input file")
+    if not path.is_file():
+        raise PipelineError(f"{{subject}} {path} is not a regular file (a folder or a device?); give a file",
+                            "input file")
+    return path
+
+
 def exclusive(folder, what: str) -> FolderLock:
     """`FolderLock` of `folder` (use as ``with exclusive(folder, "cache"):``)."""
     return FolderLock(folder, what)

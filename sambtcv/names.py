@@ -53,6 +53,14 @@ def prompt_types_arg(value: str) -> list[str]:
     return name_list(value, PROMPT_TYPES, "prompt type")
 
 
+def one_prompt_type(value: str) -> str:
+    """Exactly one prompt type (Task 3 and the classifier's check are trained on one)."""
+    prompts = prompt_types_arg(value)
+    if len(prompts) != 1:
+        raise PipelineError(f"{{subject}} takes one prompt type, got {value!r}", subject="prompt type")
+    return prompts[0]
+
+
 def report_order(keys) -> list:
     """Table keys: prompt types in the report's order, then any other keys (model names) in their order."""
     keys = list(keys)

@@ -26,9 +26,9 @@ import torch
 from scipy import ndimage
 
 from sambtcv.backbones import Backbone
-from sambtcv.decoder import PromptedDecoder, best_mask
+from sambtcv.decoder import PromptedDecoder, pick
 from sambtcv.device import autocast
-from sambtcv.embeddings import EmbeddingCache
+from sambtcv.embeddings import EmbeddingCache, folder_name
 from sambtcv.metrics import iou_score
 from sambtcv.prompts import Prompt, bound_box, grow_box
 
@@ -115,13 +115,14 @@ class VolumeDecoder:
     """Decode prompts on any slice of one volume; slices are encoded on first use and cached on disk."""
 
     def __init__(self, stack: np.ndarray, backbone: Backbone, decoder: PromptedDecoder, cache_dir, device,
-                 dtype: str = "fp32", encoder_dtype: str = "fp32"):
+                 dtype: str = "fp32", encoder_dtype: str = "fp32", runtime=None):
         self.stack, self.backbone, self.decoder = stack, backbone, decoder.eval()
         self.device, self.dtype = device, dtype
         self.frame = backbone.frame
         key = volume_identity(stack)  # one folder (and lock) per volume: runs on other CTs never wait for it
-        self.cache = EmbeddingCache(Path(cache_dir) / f"{backbone.key}-{encoder_dtype}" / key, "slices", len(stack),
-                                    lambda k: self.stack[k], backbone, encoder_dtype, key, "volume embedding cache")
+        self.cache = EmbeddingCache(Path(cache_dir) / folder_name(backbone, encoder_dtype, runtime) / key, "slices",
+                                    len(stack), lambda k: self.stack[k], backbone, encoder_dtype, key,
+                                    "volume embedding cache", runtime)
         self.encoder_passes = 0
         self.visited = set()
 
@@ -156,11 +157,12 @@ class VolumeDecoder:
 
     @torch.no_grad()
     def decode(self, k: int, prompt: Prompt) -> SliceMask:
-        """The mask of one prompt (slice frame) on slice k. Points: multimask output, best predicted IoU
-        kept; boxes: single mask."""
+        """The mask of one prompt (slice frame) on slice k. Points: multimask output, the mask that
+        config.POINT_MASK keeps (`sambtcv.decoder.pick`); boxes: single mask."""
         masks, iou = self._outputs(k, prompt)
-        logits = self.frame.to_slice(best_mask(masks, iou), self.hw)[0].cpu().numpy()
-        return SliceMask(mask=logits > 0, logits=logits, iou=float(iou.max()))
+        keep = int(pick(masks, iou)[0])
+        logits = self.frame.to_slice(masks[:, keep], self.hw)[0].cpu().numpy()
+        return SliceMask(mask=logits > 0, logits=logits, iou=float(iou[0, keep]))
 
     @torch.no_grad()
     def candidates(self, k: int, prompt: Prompt) -> list[SliceMask]:

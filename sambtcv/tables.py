@@ -60,7 +60,8 @@ def table1_markdown(view: dict) -> str:
     md = (f"## Table 1: mDice of different prompts ({which}, {view['model']}, {view['split']} split, "
           f"{view['n_slices']} slices, runtime {view['runtime']})\n\n"
           + markdown_table(["prompt type", "mDice (here)", "mDice (report, SAM ViT-H on BTCV)"], rows)
-          + "\nPoint prompts: multimask output, the mask with the highest predicted IoU is kept. "
+          + f"\nPoint prompts: {view['point_prompt_mask']} (the study's SamPredictor keeps the highest predicted "
+            "IoU). "
             "Boxes: single-mask output. Dice at each slice's own resolution; mDice = mean over organs present. "
             f"Record: {view['record']}.\n\n")
     md += per_organ_markdown(view["per_organ"], "### Per-organ slice Dice") + "\n"
@@ -336,14 +337,22 @@ def table4_markdown(view: dict) -> str:
               f"(mask parts frozen). Record: {view['record']}.\n")
 
 
-def write_table4(root) -> dict | None:
-    r = rec.latest(root, "task3")
+def _write_newest(root, stage: str, table: str, view_of, markdown) -> dict | None:
+    """<table>.json / .md rebuilt from the newest record of `stage` (None when there is none)."""
+    r = rec.latest(root, stage)
     if r is None:
         return None
-    res, view = Results(root), table4_view(r)
-    write_json(res.table("table4", "json"), view)
-    write_text(res.table("table4", "md"), table4_markdown(view))
-    write_csv(res.table("table4", "csv"), ["organ", "accuracy", "n"],
+    res, view = Results(root), view_of(r)
+    write_json(res.table(table, "json"), view)
+    write_text(res.table(table, "md"), markdown(view))
+    return view
+
+
+def write_table4(root) -> dict | None:
+    view = _write_newest(root, "task3", "table4", table4_view, table4_markdown)
+    if view is None:
+        return None
+    write_csv(Results(root).table("table4", "csv"), ["organ", "accuracy", "n"],
               [[o, view["accuracy"][o], view["n"][o]] for o in view["accuracy"]])
     return view
 
@@ -372,10 +381,4 @@ def volume_markdown(view: dict) -> str:
 
 
 def write_volume(root) -> dict | None:
-    r = rec.latest(root, "volume_3d")
-    if r is None:
-        return None
-    res, view = Results(root), volume_view(r)
-    write_json(res.table("volume_3d", "json"), view)
-    write_text(res.table("volume_3d", "md"), volume_markdown(view))
-    return view
+    return _write_newest(root, "volume_3d", "volume_3d", volume_view, volume_markdown)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sambtcv.distributed import DistEnv, init_distributed
+from sambtcv.distributed import DistEnv
 from sambtcv.errors import PipelineError
 from sambtcv.files import Results, load_checkpoint, remove_stale_temps, save_checkpoint, write_csv
 from sambtcv.metrics import iou_score
@@ -47,16 +47,14 @@ class TrainingSetup:
     val: object  # sambtcv.embeddings.SplitData
 
 
-def setup_training(device, model: str, checkpoint, slices, encoder_dtype: str, encode_batch: int,
-                   what: str) -> TrainingSetup:
-    """The process group under torchrun, the backbone, and filled embedding caches of both splits of
-    `slices` (only rank 0 encodes)."""
-    from sambtcv.backbones import load_backbone
+def setup_training(env: DistEnv, backbone, slices, encoder_dtype: str, encode_batch: int, what: str,
+                   runtime=None) -> TrainingSetup:
+    """Filled embedding caches of both splits of `slices` (the encoding shared out over the processes;
+    `runtime` a `sambtcv.runtime.Runtime` whose encoder fills them, None for PyTorch); the image encoder
+    then leaves the device."""
     from sambtcv.embeddings import open_split
 
-    env = init_distributed(device)
-    backbone = load_backbone(model, checkpoint, env.device)
-    train, val = (open_split(slices, split, backbone, encoder_dtype, env.device, encode_batch, env)
+    train, val = (open_split(slices, split, backbone, encoder_dtype, env.device, encode_batch, env, runtime)
                   for split in ("train", "val"))
     backbone.sam.image_encoder.to("cpu")  # never used in the training loop
     if not train.slices.items:

@@ -18,6 +18,7 @@ import numpy as np
 
 from sambtcv import config
 from sambtcv.data import (
+    NIFTI_SUFFIXES,
     axial_slice,
     check_geometry,
     from_stored_axes,
@@ -28,7 +29,7 @@ from sambtcv.data import (
     to_uint8,
 )
 from sambtcv.errors import PipelineError
-from sambtcv.files import remove_dead_temps, write_bytes
+from sambtcv.files import check_can_create, remove_dead_temps, write_bytes
 from sambtcv.metrics import dice_score, hd95
 from sambtcv.names import ORGANS, organ_name
 from sambtcv.prompts import Prompt, bound_box, present_organs
@@ -118,6 +119,23 @@ def label_map_bytes(labels: np.ndarray, case: Case, gz: bool = True,
     img.header.set_slope_inter(1, 0)
     raw = img.to_bytes()
     return gzip.compress(raw, compresslevel=NIFTI_GZIP_LEVEL, mtime=0) if gz else raw
+
+
+def check_label_map_path(out, inputs: list) -> Path:
+    """Where a label map will go: a .nii.gz/.nii file name (not a folder), never one of the run's
+    inputs, in a folder that can be written (checked now; nothing is created)."""
+    out = Path(out)
+    if out.is_dir():
+        raise PipelineError(f"{{subject}} {out} is a folder; give a file name such as {out / 'labels.nii.gz'}",
+                            "output")
+    if not out.name.endswith(NIFTI_SUFFIXES):
+        raise PipelineError(f"{{subject}} {out} must end with .nii.gz or .nii (a NIfTI label map)", "output")
+    for given in inputs:
+        if out.exists() and Path(given).exists() and out.samefile(given):
+            raise PipelineError(f"{{subject}} {out} is an input of this run; write the label map to another file",
+                                "output")
+    check_can_create(out, "output")  # creates nothing: a run that fails later leaves no folder behind
+    return out
 
 
 def write_label_map(labels: np.ndarray, case: Case, out: Path) -> Path:

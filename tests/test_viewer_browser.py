@@ -89,6 +89,7 @@ def test_box_propagate_save_in_the_browser(phantom_ct, litemedsam, tmp_path):
             download.value.save_as(saved)
             drawn = page.evaluate("viewer.nv.drawBitmap.reduce((n, v) => n + (v === %d), 0)" % SPLEEN)
 
+            page.wait_for_function("document.getElementById('progress').hidden")  # Save's step has ended
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.mouse.move(2, 2)
             page.screenshot(path=str(SCREENSHOT))
