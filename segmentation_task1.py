@@ -6,15 +6,15 @@
     python segmentation_task1.py --slices other/slices --results-dir r2 --finetuned results/finetune/bound_box/best.pt
     torchrun --nproc_per_node 4 segmentation_task1.py --slices data/slices --results-dir results   # one table
 
-Every slice of the split is encoded once (or read from the embedding cache under SLICES/embeddings,
-which Tasks 2 and 3 reuse); all prompts of all organs are then decoded from the cached embeddings in
-batches. Point prompts use SAM's multimask output and keep one of its three masks by POINT_MASK (the
-smallest; `iou` keeps the highest predicted IoU, segment_anything's own choice); boxes use single-mask
-output. Dice is computed at each slice's own resolution. With --finetuned, the decoder of a Task 2
-checkpoint (of the same backbone) is scored instead of the pretrained one, on any slices. Writes a record (RESULTS_DIR/records/task1/), then table1_zero_shot.json / .md / .csv built from
-it and figures/task1_overlay_<prompt>.png. Under torchrun the encoder passes and the decoder batches
-are dealt out over the processes (the same batches one process makes) and rank 0 writes one result,
-equal to one process's.
+Every slice of the split is encoded once (or read from the embedding cache under SLICES/embeddings, which
+Tasks 2 and 3 reuse); all prompts of all organs are then decoded from the cached embeddings in batches. Point
+prompts use SAM's multimask output and keep one of its three masks by POINT_MASK (the smallest; `iou` keeps
+the highest predicted IoU, segment_anything's own choice); boxes use single-mask output. Dice is computed at
+each slice's own resolution. With --finetuned, the decoder of a Task 2 checkpoint (of the same backbone) is
+scored instead of the pretrained one, on any slices. Writes a record (RESULTS_DIR/records/task1/), then
+table1_zero_shot.json / .md / .csv built from it and figures/task1_overlay_<prompt>.png. Under torchrun the
+encoder passes and the decoder batches are dealt out over the processes (the same batches one process makes)
+and rank 0 writes one result, equal to one process's.
 """
 from __future__ import annotations
 
