@@ -88,7 +88,8 @@ REPORT_RESULTS = "results"  # results folder of the last ./run.sh report, whose 
 
 HERE = Path(__file__).resolve().parent
 WORK_MARKER = "bench_work.json"  # marks WORK_DIR as bench.py's, so that it may be rebuilt
-TARGETS = {"viewer_prompt_median_s": 0.10, "viewer_prompt_first_s": 1.0,
+TARGETS = {"viewer_prompt_median_s": 0.10, "viewer_prompt_first_s": 1.0, "openvino_encoder_speedup": 1.8,
+           "openvino_agreement": 0.999, "openvino_decoder_speedup": 1.5,
            "zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.3, "encoder_bf16_mask_agreement": 0.99,
            "decoder_batched_speedup": 3.0, "peak_rss_ratio_4x": 1.2, "zero_shot_dice_max_abs_diff": 1e-4,
            "task1_linear_slack": 1.1, "volume_passes_per_visited_slice": 1.0, "report_minutes": 20}
@@ -393,6 +394,87 @@ def bench_encoder(cfg, backbone, slices_dir: Path, device) -> dict:
                                 "from each embedding; agreement = equal pixels / all pixels"}}
 
 
+RUNTIME_PATHS = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16")]
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (and OpenVINO's first compile of a shape)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_runtimes(cfg, backbone, slices_dir: Path, work: Path, device) -> dict:
+    """PyTorch against OpenVINO on this CPU, side by side in one process: the encoder per slice (fp32, bf16)
+    with the agreement and Dice of bound-box masks decoded in PyTorch fp32 from each path's embeddings
+    against PyTorch fp32's; one prompt's decoder time per runtime and precision; peak RSS of a Task 1 run
+    per runtime (subprocess, cold cache)."""
+    if torch.device(device).type != "cpu":
+        return {"runtimes": {"note": "OpenVINO runs on the CPU only; not measured on " + str(device)}}
+    from sambtcv.openvino_runtime import OpenVinoEncoder
+
+    slices = SliceSet(slices_dir, "val")
+    picks = spread(len(slices), cfg["encoder_slices"])
+    images = [slices.load(i)[0] for i in picks]
+    cache = work / "model_cache"
+    encoders = {("torch", d): None for d in ("fp32", "bf16")}
+    encoders.update({("openvino", d): OpenVinoEncoder(backbone, d, cache) for d in ("fp32", "bf16")})
+    enc, embs = {}, {}
+    for rt, dtype in RUNTIME_PATHS:
+        encoder = encoders[(rt, dtype)]
+        enc[f"{rt}_{dtype}"] = _median_seconds(lambda: encode_images(backbone, images[:1], device, dtype, encoder),
+                                               cfg["encoder_slices"])
+        embs[(rt, dtype)] = [encode_images(backbone, [im], device, dtype, encoder) for im in images]
+        print(f"bench: encoder {rt} {dtype}: {enc[f'{rt}_{dtype}']:.3f} s/slice", flush=True)
+    agreement = {}
+    for path in RUNTIME_PATHS[1:]:
+        agree, dices = mask_agreement(backbone, slices, picks, embs[("torch", "fp32")], embs[path], device)
+        agreement[f"{path[0]}_{path[1]}"] = {"mask_agreement": agree, "dice_mean": float(np.mean(dices)),
+                                             "dice_min": float(np.min(dices))}
+    dec = bench_runtime_decoders(backbone, embs[("torch", "fp32")][0], cache, device)
+    rss = {rt: bench_runtime_rss(cfg, slices_dir, work, rt) for rt in ("torch", "openvino")}
+    return {"runtimes": {"encoder_seconds_per_slice": enc, "agreement_vs_torch_fp32": agreement,
+                         "decoder_seconds": dec, "task1_runs": rss, "threads": torch.get_num_threads(),
+                         "openvino_encoder_speedup_vs_torch_bf16": enc["torch_bf16"] / enc["openvino_bf16"],
+                         "openvino_encoder_speedup_vs_torch_fp32": enc["torch_fp32"] / enc["openvino_fp32"],
+                         "note": "median seconds over ENCODER_SLICES calls after a warm-up, batch 1; agreement = "
+                                 "equal pixels of bound-box masks (PyTorch fp32 decoder) / all pixels"}}
+
+
+def bench_runtime_decoders(backbone, embedding, cache: Path, device, repeats: int = 20) -> dict:
+    """Median seconds of one box and one point prompt per runtime and precision on one embedding."""
+    from sambtcv.openvino_runtime import OpenVinoDecoder
+
+    size = backbone.img_size
+    box = torch.tensor([[size * 0.3, size * 0.3, size * 0.6, size * 0.6]])
+    point, label = torch.tensor([[[size * 0.45, size * 0.45]]]), torch.ones(1, 1)
+    out = {}
+    for rt, dtype in RUNTIME_PATHS:
+        decoder = PromptedDecoder.from_backbone(backbone, copy_modules=True).eval()
+        if rt == "openvino":
+            decoder = OpenVinoDecoder(decoder, f"{backbone.key}-pretrained", dtype, cache)
+        with torch.no_grad(), autocast(device, dtype if rt == "torch" else "fp32"):
+            out[f"{rt}_{dtype}_box"] = _median_seconds(lambda: decoder(embedding, boxes=box), repeats)
+            out[f"{rt}_{dtype}_point"] = _median_seconds(
+                lambda: decoder(embedding, points=point, point_labels=label, multimask=True), repeats)
+    return out
+
+
+def bench_runtime_rss(cfg, slices_dir: Path, work: Path, runtime: str) -> dict:
+    """A Task 1 run (bound box) in a subprocess with `runtime` and a cold embedding cache: wall time, peak RSS."""
+    cold = work / f"runtime_{runtime}"
+    shutil.rmtree(cold, ignore_errors=True)
+    shutil.copytree(slices_dir, cold / "slices", ignore=shutil.ignore_patterns("embeddings"))
+    r = run_script("segmentation_task1.py", ["--slices", cold / "slices", "--results-dir", cold / "results",
+                                             "--model", cfg["model"], "--prompt", "bound_box", "--runtime", runtime,
+                                             "--encoder-dtype", "bf16", "--dtype", "bf16", "--device", "cpu"],
+                   cold / "log.txt")
+    return {"seconds": round(r["seconds"], 2), "peak_rss_mib": r["peak_rss_mib"], "encoder_dtype": "bf16"}
+
+
 def bench_encoder_batches(cfg, backbone, slices_dir: Path, device) -> dict:
     """Slices/s of the image encoder at each batch size of ENCODER_BATCHES, fp32 and bf16, the backbone's
     own memory format (encode_batch of the pages)."""
@@ -634,6 +716,27 @@ def scale_rows(res: dict) -> list:
          f"{vol['seconds_per_organ_volume']:.1f} s per organ-volume", f"= {t['volume_passes_per_visited_slice']:g}",
          _met(vol["passes_per_visited_slice"] == t["volume_passes_per_visited_slice"])],
     ]
+    rt = res.get("runtimes", {})
+    if "encoder_seconds_per_slice" in rt:
+        enc, dec, agree = rt["encoder_seconds_per_slice"], rt["decoder_seconds"], rt["agreement_vs_torch_fp32"]
+        ov = agree["openvino_bf16"]["mask_agreement"]
+        rows.append(["encoder: OpenVINO bf16 vs PyTorch bf16 (s/slice; mask agreement with PyTorch fp32)",
+                     f"{rt['openvino_encoder_speedup_vs_torch_bf16']:.2f}x ({enc['torch_bf16']:.3f} -> "
+                     f"{enc['openvino_bf16']:.3f} s; agreement {ov:.5f}); fp32 "
+                     f"{rt['openvino_encoder_speedup_vs_torch_fp32']:.2f}x",
+                     f">= {t['openvino_encoder_speedup']:g}x, agreement >= {t['openvino_agreement']:g}",
+                     _met(rt["openvino_encoder_speedup_vs_torch_bf16"] >= t["openvino_encoder_speedup"]
+                          and ov >= t["openvino_agreement"])])
+        speed = {p: dec[f"torch_{p}_box"] / dec[f"openvino_{p}_box"] for p in ("fp32", "bf16")}
+        rows.append(["decoder, one box: OpenVINO vs PyTorch, same precision",
+                     f"bf16 {speed['bf16']:.2f}x ({dec['torch_bf16_box'] * 1e3:.0f} -> "
+                     f"{dec['openvino_bf16_box'] * 1e3:.0f} ms); fp32 {speed['fp32']:.2f}x",
+                     f">= {t['openvino_decoder_speedup']:g}x", _met(speed["bf16"] >= t["openvino_decoder_speedup"])])
+        mem = rt["task1_runs"]
+        rows.append(["peak RSS of a Task 1 run (bf16), PyTorch vs OpenVINO",
+                     f"{mem['torch']['peak_rss_mib']:.0f} -> {mem['openvino']['peak_rss_mib']:.0f} MiB "
+                     f"({mem['torch']['seconds']:.0f} -> {mem['openvino']['seconds']:.0f} s)", "lower",
+                     _met(mem["openvino"]["peak_rss_mib"] < mem["torch"]["peak_rss_mib"])])
     view = res.get("viewer")
     if view:
         rows += [[f"viewer: prompt on an encoded slice, median of {view['prompts']} ({view['dtype']})",
@@ -689,6 +792,8 @@ def main(argv=None):
     res.update(timed("zero_shot", bench_zero_shot, cfg, backbone, sets["base"], device))
     print("bench: 2. image encoder fp32 / bf16", flush=True)
     res.update(timed("encoder", bench_encoder, cfg, backbone, sets["base"], device))
+    print("bench: 2b. runtimes: PyTorch and OpenVINO", flush=True)
+    res.update(timed("runtimes", bench_runtimes, cfg, backbone, sets["base"], work, device))
     if str(cfg["encoder_batches"]).strip() not in ("", "1"):
         res.update(timed("encoder_batches", bench_encoder_batches, cfg, backbone, sets["base"], device))
     print("bench: 3. decoder training", flush=True)

@@ -280,6 +280,19 @@ class OpenVinoEncoder:
         return torch.cat(out)
 
 
+@contextlib.contextmanager
+def _no_autocast():
+    """Tracing inside a caller's bf16 autocast would record autocast ops OpenVINO cannot convert; the graph
+    is traced in fp32 (autocast off, and the tracer's own autocast pass off) and OpenVINO applies the
+    precision itself."""
+    jit_mode = torch._C._jit_set_autocast_mode(False)
+    try:
+        with torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        torch._C._jit_set_autocast_mode(jit_mode)
+
+
 def _convert_encoder(encoder: nn.Module, size: int):
     """The encoder traced as it is (channels_last weights trace in 2/3 of the time of contiguous ones, same
     graph) on one zero image; a CPU copy in eval mode if it is training or on another device."""
@@ -288,9 +301,9 @@ def _convert_encoder(encoder: nn.Module, size: int):
     on_cpu = next(encoder.parameters()).device.type == "cpu"
     module = encoder if on_cpu and not encoder.training else copy.deepcopy(encoder).cpu().eval()
     example = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
+    with torch.no_grad(), _no_autocast():
         traced = torch.jit.trace(module, example, check_trace=False)
-    return ov.convert_model(traced, example_input=example, input=[ov.PartialShape([1, 3, size, size])])
+        return ov.convert_model(traced, example_input=example, input=[ov.PartialShape([1, 3, size, size])])
 
 
 # ---------------------------------------------------------------------------------------------- decoder
@@ -443,10 +456,11 @@ class OpenVinoDecoder:
                    "points": torch.rand(b, n, 2, generator=torch.Generator().manual_seed(0)) * self.size,
                    "point_labels": torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])}
         args = (torch.zeros(b, 256, *self.embed_hw), *(example[k] for k in names))
-        with torch.no_grad(), _traceable_prompts(module.prompt_encoder):
-            traced = torch.jit.trace(_Graph(module, names, multimask), args, check_trace=False)
         shapes = [ov.PartialShape([-1, 256, *self.embed_hw])] + [ov.PartialShape(INPUT_SHAPES[k]) for k in names]
-        return ov.convert_model(traced, example_input=args, input=shapes)
+        with torch.no_grad(), _no_autocast():
+            with _traceable_prompts(module.prompt_encoder):
+                traced = torch.jit.trace(_Graph(module, names, multimask), args, check_trace=False)
+            return ov.convert_model(traced, example_input=args, input=shapes)
 
     def __call__(self, embeddings, points=None, point_labels=None, boxes=None, multimask: bool = False):
         return self.forward(embeddings, points, point_labels, boxes, multimask)

@@ -89,6 +89,18 @@ def test_decoder_matches_prompted_decoder_for_boxes_and_points(litemedsam, ov_ca
     assert len(dec.graph("box", False).static) == 1 and len(dec.graph("points", True).static) == 2
 
 
+def test_decoder_first_called_inside_bf16_autocast_converts(litemedsam, tmp_path, phantom):
+    """A page decodes under its --dtype bf16 autocast, which is when a decoder graph is first converted:
+    the graph is still traced in fp32 (autocast ops have no OpenVINO conversion)."""
+    from sambtcv.device import autocast
+
+    dec = ovr.OpenVinoDecoder(PromptedDecoder.from_backbone(litemedsam).eval(), "autocast", "bf16", tmp_path,
+                              progress=False)
+    with torch.no_grad(), autocast("cpu", "bf16"):
+        masks, iou = dec(phantom["embedding"], boxes=phantom["boxes"][:1])
+    assert masks.shape == (1, 1, 256, 256) and dec.conversions == ["box"]
+
+
 class Toy(torch.nn.Module):
     def __init__(self):
         super().__init__()
