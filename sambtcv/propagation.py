@@ -231,13 +231,14 @@ class WalkState:
         return SliceCheck(failing, vals)
 
     def stop_reason(self, prev: SliceMask, new: SliceMask, image: np.ndarray) -> tuple[str | None, SliceCheck | None]:
-        """Why the walk ends at `new` (None: it goes on), and the slice's signals ('agree' only)."""
+        """Why the walk ends at `new` (None: it goes on), and the slice's signals (a kept slice with a failing
+        signal is marked unsure, whatever the rule)."""
         if new.area < MIN_AREA:
             return "vanished", None
+        check = self.check(prev, new, image)
         if self.rule == "agree":
-            check = self.check(prev, new, image)
             return ("+".join(check.failing) if len(check.failing) >= 2 else None), check
-        return stop_reason(self.rule, prev, new, image, self.organ_range), None
+        return stop_reason(self.rule, prev, new, image, self.organ_range), check
 
 
 def stop_reason(rule: str, prev: SliceMask, new: SliceMask, image: np.ndarray, organ_range) -> str | None:
@@ -278,10 +279,8 @@ def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule
         state = WalkState(dec.stack[start], first, rule, margin)
         prev, k, reason = first, start + step, None
         while lo <= k <= hi:
-            new = dec.decode(k, Prompt(box=next_box(prev.mask, margin, box_limit)))
+            new = _decode_box(dec, k, next_box(prev.mask, margin, box_limit), box_limit)
             out.visited += 1
-            if box_limit is not None:
-                new.mask &= box_mask(dec.hw, box_limit)
             reason, check = state.stop_reason(prev, new, dec.stack[k])
             if reason:
                 break
@@ -295,6 +294,13 @@ def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule
         out.stops.append(Stop(k - step, step, reason))
     out.unsure.sort(key=lambda u: u.k)
     return out
+
+
+def _decode_box(dec: VolumeDecoder, k: int, box, box_limit) -> SliceMask:
+    new = dec.decode(k, Prompt(box=box))
+    if box_limit is not None:
+        new.mask &= box_mask(dec.hw, box_limit)
+    return new
 
 
 def box_mask(hw, box) -> np.ndarray:

@@ -297,3 +297,42 @@ def test_3d_cache_locks_one_volume_not_the_whole_folder(litemedsam, tmp_path):
             a.embedding(0)
     a.embedding(0)
     assert a.encoder_passes == 1
+
+
+class _ScriptedDecoder:
+    """Masks given per slice (a stand-in for the model): an organ of bright pixels on a dark stack."""
+
+    def __init__(self, masks: dict, n: int = 8, side: int = 24):
+        self.masks, self.hw = masks, (side, side)
+        self.stack = np.full((n, side, side), 20, np.uint8)
+        for k, m in masks.items():
+            self.stack[k][m] = 200
+
+    def decode(self, k, prompt):
+        mask = self.masks.get(k, np.zeros(self.hw, bool))
+        return SliceMask(mask.copy(), np.where(mask, 1.0, -1.0), 0.9)
+
+
+def _square(lo, hi, side=24):
+    m = np.zeros((side, side), bool)
+    m[lo:hi, lo:hi] = True
+    return m
+
+
+def test_a_walk_says_where_and_why_it_stopped_and_where_it_was_unsure():
+    from sambtcv.volume import walk_report
+
+    masks = {k: _square(6, 14) for k in range(2, 7)}
+    masks[5] = _square(4, 20)  # kept (bright), but 4 times the area of its neighbour: unsure
+    dec = _ScriptedDecoder(masks)
+    dec.stack[7][_square(6, 14)] = 20  # slice 7: the mask lies on dark tissue, the organ has ended
+    masks[7] = _square(6, 14)
+    out = propagate(dec, 6, 3, dec.decode(3, None), "intensity", 1)
+    report = walk_report(out, len(dec.stack))
+    assert report["slices"] == [2, 6]
+    assert {(s["direction"], s["slice"], s["reason"]) for s in report["stops"]} == {
+        ("superior", 6, "intensity"), ("inferior", 2, "vanished")}
+    assert [u["slice"] for u in report["unsure"]] == [5, 6]  # jumps to 4x the area and back
+    assert all("area" in u["signals"] for u in report["unsure"])
+    edge = walk_report(propagate(dec, 6, 3, dec.decode(3, None), "vanish", 1), len(dec.stack))
+    assert {(s["slice"], s["reason"], s["at_volume_edge"]) for s in edge["stops"]} >= {(7, "edge", True)}
