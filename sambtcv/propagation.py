@@ -41,6 +41,9 @@ STOP_RULES = {
     "overlap": "the mask vanishes, or it overlaps the previous slice's mask by less than OVERLAP_FLOOR (IoU)",
     "adaptive": "the mask vanishes, or under half of its pixels lie in the organ's intensity range as the walk "
                 "has seen it on the last slices it kept",
+    "continuity": "as 'intensity', except where the mask keeps the previous one's shape and place (area within "
+                  "CONTINUITY_AREA, at least CONTINUITY_INSIDE of it inside the previous mask, predicted IoU at "
+                  "least AGREE_IOU_FLOOR): an organ whose look changes (a lesion) is followed, not dropped",
     "agree": "the mask vanishes, or at least two signals fail at once (intensity as 'adaptive', area change, "
              "overlap with the previous mask, predicted IoU); one failing signal marks the slice unsure",
 }
@@ -53,6 +56,8 @@ AREA_RATIO_LIMIT = 2.5  # 'agree': a mask this many times larger or smaller than
 INSIDE_FLOOR = 0.6  # 'agree': fraction of the new mask that must lie inside the previous mask (+ margin)
 AGREE_IOU_FLOOR = 0.6  # 'agree': predicted IoU under this fails
 SIGNALS = ("intensity", "area", "overlap", "iou")  # the signals 'agree' weighs
+CONTINUITY_AREA = (0.75, 1.33)  # 'continuity': area ratio (new / previous) of a mask that keeps its shape
+CONTINUITY_INSIDE = 0.85  # 'continuity': fraction of the new mask inside the previous mask (+ margin)
 
 
 @dataclass
@@ -238,6 +243,12 @@ class WalkState:
         check = self.check(prev, new, image)
         if self.rule == "agree":
             return ("+".join(check.failing) if len(check.failing) >= 2 else None), check
+        if self.rule == "continuity":
+            v = check.values
+            kept_shape = (CONTINUITY_AREA[0] <= v["area_ratio"] <= CONTINUITY_AREA[1]
+                          and v["inside_previous"] >= CONTINUITY_INSIDE and v["iou"] >= AGREE_IOU_FLOOR)
+            reason = stop_reason("intensity", prev, new, image, self.organ_range)
+            return (None if reason == "intensity" and kept_shape else reason), check
         return stop_reason(self.rule, prev, new, image, self.organ_range), check
 
 
