@@ -58,7 +58,7 @@ from sambtcv.volume import (
 IMAGE = None  # a CT volume (.nii.gz) to segment
 PROMPTS = None  # with --image: prompts.json (README: "Prompts file")
 LABEL = None  # with --image: a label map on the image's grid; one box per organ comes from it
-ORGANS = "all"  # with --label: organs to segment (comma list of names, or all)
+ORGANS = "all"  # with --label or --data-dir: organs to segment, where labelled (comma list of names, or all)
 OUT = None  # with --image: the predicted label map (.nii.gz) to write
 DATA_DIR = None  # evaluation: a dataset in one of the contract's layouts
 SPLIT = "val"  # evaluation: val | train
@@ -67,7 +67,7 @@ MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
 CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
 FINETUNED = None  # a Task 2 checkpoint whose decoder is used instead of the pretrained one
 CACHE_DIR = config.CACHE_DIR_3D  # image embeddings by (volume content, model, encoder dtype)
-STOP = "intensity"  # when the walk ends: intensity | vanish | iou | overlap (propagation.STOP_RULES)
+STOP = config.STOP  # when the walk ends (propagation.STOP_RULES): intensity | continuity | vanish | iou | overlap | ...
 MARGIN_MM = "auto"  # mm added on each side of the previous box to prompt the next slice, >= 0; auto: per model
 WINDOW_HU = config.WINDOW_HU  # HU window, as preprocess.py
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
@@ -142,14 +142,22 @@ def print_walks(walks: dict) -> None:
               flush=True)
 
 
-def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Results, models: Models) -> list:
-    """This process's share of the cases, evaluated; their label maps and figures written. Returns
-    [(name, scores, walks, encoder passes, visited slices)] of this rank, in case order."""
+def parse_organs(cfg) -> list[int]:
+    """--organs as BTCV ids."""
+    with flag("--organs"):
+        return [names.ORGAN_ID[n] for n in name_list(cfg["organs"], names.ORGANS, "organ")]
+
+
+def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Results, models: Models,
+                   organs: list[int]) -> list:
+    """This process's share of the cases, evaluated for `organs` (where labelled); their label maps and
+    figures written. Returns [(name, scores, walks, encoder passes, visited slices)] of this rank, in case
+    order."""
     out = []
     for name, image, label in env.mine(cases):
         case = load_case(name, image, label, window)
         dec = volume_decoder(case, models, cfg, env.device)
-        result = evaluate_case(case, dec, walk)
+        result = evaluate_case(case, dec, walk, organs)
         write_label_map(result.one_box, case, res.volumes / f"{case.name}.nii.gz")
         save_figure(views_figure(case, result.one_box), res.figure(f"volume_3d_{case.name}"))
         print(f"{name}: " + ", ".join(f"{o} {s['dice_one_box']:.3f}" for o, s in result.scores.items()), flush=True)
@@ -168,13 +176,14 @@ def evaluate_split(cfg, env: DistEnv, res: Results) -> dict | None:
         raise PipelineError(f"the {cfg['split']} split of {cfg['data_dir']} has no cases")
     with flag("--window-hu"):
         window = parse_window(cfg["window_hu"])
+    organs = parse_organs(cfg)
     for _, image, label in cases:  # every case readable and on its label's grid before any work
         check_geometry(image, label)
     walk = walk_settings(cfg)
     t0 = time.perf_counter()
     models = load_models(cfg, env.device)
     backbone = models.backbone
-    parts = env.gather(evaluate_cases(cases, window, walk, cfg, env, res, models))
+    parts = env.gather(evaluate_cases(cases, window, walk, cfg, env, res, models, organs))
     if not env.main:
         return None
     done = {name: rest for part in parts for name, *rest in part}
@@ -187,7 +196,8 @@ def evaluate_split(cfg, env: DistEnv, res: Results) -> dict | None:
               "mean": mean_scores(scores), "walks": walks}
     settings = {"model": backbone.name, "backbone": backbone.key, "checkpoint": backbone.checkpoint,
                 "finetuned": cfg["finetuned"], "data_dir": str(Path(cfg["data_dir"]).resolve()), "split": cfg["split"],
-                "stop": walk.stop, "margin_mm": walk.margin_mm, "window_hu": list(window), "dtype": cfg["dtype"],
+                "organs": [organ_name(o) for o in organs], "stop": walk.stop, "margin_mm": walk.margin_mm,
+                "window_hu": list(window), "dtype": cfg["dtype"],
                 "encoder_dtype": cfg["encoder_dtype"], "runtime": models.runtime.name, "cache_dir": cfg["cache_dir"]}
     records.write_record(res.root, "volume_3d", settings, result,
                          {"id": None, "data": f"{cfg['split']} split of {cfg['data_dir']}"})
@@ -215,8 +225,7 @@ def segment_image(cfg, device) -> None:
     image = check_input_file(cfg["image"], "--image")
     label = check_input_file(cfg["label"], "--label") if cfg["label"] else None
     check_out(cfg["out"], [image] + ([label] if label else []))
-    with flag("--organs"):
-        organs = [names.ORGAN_ID[n] for n in name_list(cfg["organs"], names.ORGANS, "organ")]
+    organs = parse_organs(cfg)
     specs = read_prompts_file(check_input_file(cfg["prompts"], "--prompts")) if cfg["prompts"] else None
     walk = walk_settings(cfg)
     with flag("--window-hu"):
@@ -244,8 +253,7 @@ def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
     walk_settings(cfg)
-    with flag("--organs"):
-        name_list(cfg["organs"], names.ORGANS, "organ")
+    parse_organs(cfg)
     if cfg["image"]:
         segment_image(cfg, device)
         return

@@ -33,7 +33,7 @@ from sambtcv.volume import WalkSettings, evaluate_case, every_slice_boxes, load_
 # ---------------------------------------------------------------------------------------------- config
 DATA_DIR = None  # a dataset in one of the contract's layouts; empty: a diseased phantom (SYNTHETIC_LESIONS)
 SPLIT = "val"  # val | train | all: the cases studied
-RULES = "intensity,adaptive,agree"  # stop rules to compare, comma list (propagation.STOP_RULES) or all
+RULES = "intensity,continuity,adaptive,agree"  # stop rules to compare, comma list (propagation.STOP_RULES) or all
 ORGANS = "spleen,right_kidney,left_kidney,liver"  # organs prompted where labelled (comma list or all)
 MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
 CHECKPOINT = None  # backbone weights (see segmentation_task1.py)

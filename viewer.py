@@ -40,7 +40,7 @@ PORT = 8765  # the port the page and the API are served on (>= 1)
 HOST = "127.0.0.1"  # the address to bind; another than 127.0.0.1 opens the viewer (it has no login) to the network
 MAX_UPLOAD_MB = 1024.0  # the largest CT or label file a client may upload, MB (>= 1)
 CACHE_DIR = config.CACHE_DIR_3D  # image embeddings by (volume content, model, encoder dtype); segment_volume.py's too
-STOP = "intensity"  # when the walk ends: intensity | vanish | iou | overlap | adaptive | agree (propagation.STOP_RULES)
+STOP = config.STOP  # when the walk ends (propagation.STOP_RULES): intensity | continuity | vanish | iou | overlap | ...
 MARGIN_MM = "auto"  # mm added on each side of the previous box to prompt the next slice, >= 0; auto: per model
 BACKGROUND_SLICES = 16  # slices on each side of the last prompted one encoded while the page is idle; 0: none (>= 0)
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)

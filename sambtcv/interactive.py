@@ -193,7 +193,7 @@ def walk_settings(stop: str, margin, model: str) -> WalkSettings:
 
 
 def load_engine(model: str = config.MODEL, checkpoint=None, finetuned=None, device=None, dtype: str = config.DTYPE,
-                encoder_dtype: str = config.DTYPE, cache_dir=config.CACHE_DIR_3D, stop: str = "intensity",
+                encoder_dtype: str = config.DTYPE, cache_dir=config.CACHE_DIR_3D, stop: str = config.STOP,
                 margin="auto", window=config.WINDOW_HU, backbone=None, runtime: str = config.RUNTIME) -> Engine:
     """The models and settings (as segment_volume.py loads them); `backbone` reuses a loaded one; `runtime`
     (auto | torch | openvino) runs the encoder and the decoder."""

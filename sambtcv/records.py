@@ -19,9 +19,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
@@ -103,8 +103,9 @@ def folder(root, stage: str) -> Path:
 def write_record(root, stage: str, settings: dict, result: dict, slices: dict | None = None) -> Record:
     """Write a new record of `stage` into the results folder `root` and return it."""
     assert stage in STAGES, stage
-    created = time.strftime("%Y-%m-%dT%H:%M:%S")
-    rid = f"{time.strftime('%Y%m%d-%H%M%S')}-{stage}-{uuid.uuid4().hex[:8]}"
+    now = datetime.now()
+    created = now.isoformat(timespec="microseconds")  # orders records written within one second
+    rid = f"{now.strftime('%Y%m%d-%H%M%S')}-{stage}-{uuid.uuid4().hex[:8]}"
     data = {"format": FORMAT, "id": rid, "stage": stage, "created": created, "command": [os.path.basename(sys.argv[0]),
             *sys.argv[1:]], "code": code_version(), "settings": plain(settings), "slices": plain(slices or {}),
             "result": plain(result)}

@@ -81,7 +81,7 @@ class Settings:
     dtype: str = config.DTYPE
     encoder_dtype: str = config.DTYPE
     cache_dir: str = config.CACHE_DIR_3D
-    stop: str = "intensity"
+    stop: str = config.STOP
     margin_mm: str = "auto"
     runtime: str = config.RUNTIME
     host: str = "127.0.0.1"

@@ -398,7 +398,7 @@ def test_inputs_that_would_corrupt_the_slices_are_refused(tmp_path, capsys, case
 # -------------------------------------------------------------------------------------------- 6. stale or changed state
 def test_zero_shot_table_of_other_slices_is_not_reused(tmp_path, monkeypatch):
     res = Results(tmp_path)
-    cfg = {"seed": 0, "dtype": "fp32", "encoder_dtype": "fp32", "decode_batch": 8}
+    cfg = {"seed": 0, "dtype": "fp32", "encoder_dtype": "fp32", "decode_batch": 8, "point_mask": "smallest"}
     stale = {"bound_box": {"liver": 0.123}}
     backbone = SimpleNamespace(name="litemedsam", key="litemedsam-abc", checkpoint="lite.pth")
     settings = evaluation_settings(backbone, None, "val", ["bound_box"], 0, "fp32", "fp32")

@@ -113,3 +113,14 @@ def test_profiles_are_applied_by_one_mechanism(tmp_path, capsys):
             parse_config(vars(finetune_task2), ["--profile", "typo"])
     finally:
         config.PROFILES_DIR = old
+
+
+def test_table4_says_why_frozen_masks_can_differ_under_openvino():
+    """Under OpenVINO the classifier and the plain decoder are two compiled graphs: a last-digit difference
+    in their mask mDice is said to be arithmetic; under PyTorch nothing is added (they must be equal)."""
+    view = {"mask_mdice_after_classification_training": 0.7731, "mask_mdice_before_classification_training": 0.7738}
+    said = tables.frozen_masks_note(dict(view, runtime="openvino"))
+    assert "0.7731 after" in said and "0.7738 before" in said and "two graphs" in said
+    assert "two graphs" not in tables.frozen_masks_note(dict(view, runtime="torch"))
+    same = dict(view, mask_mdice_before_classification_training=0.7731, runtime="openvino")
+    assert "two graphs" not in tables.frozen_masks_note(same)

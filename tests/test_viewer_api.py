@@ -113,7 +113,8 @@ def test_box_propagate_and_save_match_segment_volume(client, ct, tmp_path):
     engine = client.app.state.sessions.engine
     case = load_case(image.name, image, None, engine.window)
     spec = parse_prompts(loads(json.dumps({"spleen": {"slice": k, "box": box}})))
-    dec = segment_volume.volume_decoder(case, engine.backbone, engine.decoder, {
+    models = segment_volume.Models(engine.backbone, engine.decoder, engine.runtime)
+    dec = segment_volume.volume_decoder(case, models, {
         "cache_dir": engine.cache_dir, "dtype": engine.dtype, "encoder_dtype": engine.encoder_dtype}, engine.device)
     walk = segment_volume.walk_settings({"stop": "intensity", "margin_mm": "auto", "model": "litemedsam"})
     labels = merge(segment(dec, [case_prompt(sp, case) for sp in spec], walk, case.pixel_mm), case.stack.shape)
@@ -197,15 +198,15 @@ def test_correction_undo_erase(client, ct):
 
 
 def test_point_candidates_and_reference(client, ct):
-    """A point gives SAM's three candidates, the one with the highest predicted IoU first; another can
-    be chosen. A reference label opens for editing (Dice 1) or only scores (edit=0)."""
+    """A point gives SAM's three candidates, the one the point rule keeps (the smallest) first chosen;
+    another can be chosen. A reference label opens for editing (Dice 1) or only scores (edit=0)."""
     image, label, ref = ct
     vid = upload(client, image.read_bytes())
     k, box = largest(ref, SPLEEN)
     point = [(box[0] + box[2]) // 2, (box[1] + box[3]) // 2]
     p = client.post(f"/api/volumes/{vid}/organs/spleen/prompt", json={"slice": k, "points": [point]}).json()
     assert len(p["candidates"]) == 3
-    assert p["candidate"] == int(np.argmax([c["iou"] for c in p["candidates"]]))
+    assert p["candidate"] == int(np.argmin([c["area"] for c in p["candidates"]]))
     other = (p["candidate"] + 1) % 3
     r = client.post(f"/api/volumes/{vid}/organs/spleen/candidate", json={"index": other})
     assert r.status_code == 200 and r.json()["area"] == p["candidates"][other]["area"]

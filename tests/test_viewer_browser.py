@@ -90,6 +90,7 @@ def test_box_propagate_save_in_the_browser(phantom_ct, litemedsam, tmp_path):
             drawn = page.evaluate("viewer.nv.drawBitmap.reduce((n, v) => n + (v === %d), 0)" % SPLEEN)
 
             page.wait_for_function("document.getElementById('progress').hidden")  # Save's step has ended
+            assert not page.locator("#progress").is_visible()  # and its progress line is gone from the page
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.mouse.move(2, 2)
             page.screenshot(path=str(SCREENSHOT))
