@@ -21,7 +21,7 @@ Measured in one run, on slices generated here (`preprocess.py`'s phantom, PHANTO
    validation slices.
 6. 3D: `segment_volume.py`'s one-box propagation on the validation volumes (cold cache): seconds per
    organ-volume and encoder passes per visited slice.
-7. Baselines: training samples/s and inference slices/s of each Table 3 model (`baselines.measure_speed`).
+7. Baselines: training samples/s and inference slices/s of each Table 3 model (`sambtcv.baseline_nets.measure_speed`).
 8. The stage times of the last `./run.sh report` (REPORT_RESULTS/stages.json), if one ran.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ from sambtcv import config, records
 from sambtcv.backbones import encode_images, load_backbone
 from sambtcv.cli import flag, parse_config, run_main, start_run
 from sambtcv.data import parse_window
-from sambtcv.decoder import PromptedDecoder, decode_batch, load_decoder
+from sambtcv.decoder import PromptedDecoder, decode_batch, load_decoder, pick
 from sambtcv.device import autocast, sync
 from sambtcv.embeddings import EmbeddingCache, open_split
 from sambtcv.errors import PipelineError
@@ -93,13 +93,21 @@ TARGETS = {"viewer_prompt_median_s": 0.10, "viewer_prompt_first_s": 1.0, "openvi
            "zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.3, "encoder_bf16_mask_agreement": 0.99,
            "decoder_batched_speedup": 3.0, "peak_rss_ratio_4x": 1.2, "zero_shot_dice_max_abs_diff": 1e-4,
            "task1_linear_slack": 1.1, "volume_passes_per_visited_slice": 1.0, "report_minutes": 20}
-# A child Python that runs a script as __main__ and reports its own peak RSS (KiB on Linux) at exit
+# A child Python that runs a script as __main__ and reports its own peak RSS (KiB) at exit: VmHWM of
+# /proc/self/status, the high-water mark of this process's memory alone. (getrusage's ru_maxrss is not:
+# Linux carries the parent's peak into a child started by vfork + exec, as subprocess starts it.)
 _RSS_RUNNER = ("import json, resource, runpy, sys\n"
+               "def peak_kb():\n"
+               "    try:\n"
+               "        with open('/proc/self/status') as f:\n"
+               "            return int(next(v for v in f if v.startswith('VmHWM:')).split()[1])\n"
+               "    except (OSError, StopIteration, ValueError):\n"
+               "        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
                "sys.argv = json.loads(sys.argv[1])\n"
                "try:\n"
                "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
                "finally:\n"
-               "    print('BENCH_MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n")
+               "    print('BENCH_MAXRSS_KB', peak_kb(), flush=True)\n")
 
 
 def machine_info(device) -> dict:
@@ -225,8 +233,11 @@ def spread(n_total: int, n: int) -> list[int]:
     return np.unique(np.linspace(0, n_total - 1, n).round().astype(int)).tolist()
 
 
-def naive_predictor_loop(backbone, slices: SliceSet, items: list, prompt_type: str, seed: int, device):
-    """What users write around SamPredictor: set the image (re-encode) and predict, one prompt at a time.
+def naive_predictor_loop(backbone, slices: SliceSet, items: list, prompt_type: str, seed: int, device,
+                         point_mask: str = config.POINT_MASK):
+    """What users write around SamPredictor: set the image (re-encode) and predict, one prompt at a time;
+    a point keeps the mask `point_mask` keeps in the pipeline (sambtcv.decoder.pick on SamPredictor's
+    low-resolution logits, as the pipeline picks on its decoder's).
 
     The input tensor is the pipeline's `InputFrame.image` given through `set_torch_image`.
     Returns (per-item Dice, seconds, max |apply_coords - InputFrame.coords_to_input|)."""
@@ -247,8 +258,9 @@ def naive_predictor_loop(backbone, slices: SliceSet, items: list, prompt_type: s
             pts = prompt.points
             coord_diff = max(coord_diff, float(np.abs(predictor.transform.apply_coords(pts, image.shape)
                                                       - frame.coords_to_input(pts, image.shape)).max()))
-            masks, iou, _ = predictor.predict(point_coords=pts, point_labels=np.ones(len(pts)), multimask_output=True)
-            pred = masks[int(np.argmax(iou))]
+            masks, iou, low_res = predictor.predict(point_coords=pts, point_labels=np.ones(len(pts)),
+                                                    multimask_output=True)
+            pred = masks[int(pick(torch.from_numpy(low_res)[None], torch.from_numpy(iou)[None], point_mask)[0])]
         else:
             box = prompt.box
             coord_diff = max(coord_diff, float(np.abs(predictor.transform.apply_boxes(box, image.shape).reshape(4)
@@ -286,7 +298,7 @@ def bench_zero_shot(cfg, backbone, slices_dir: Path, device) -> dict:
     items = [slices.items[k] for k in spread(len(slices.items), cfg["naive_items"])]
     subset.update(items)
     table = evaluate(PromptedDecoder.from_backbone(backbone), data, prompts, cfg["seed"], device, "fp32",
-                     cfg["decode_batch"], on_batch=collect)
+                     cfg["decode_batch"], on_batch=collect, point_mask=config.POINT_MASK)
     sync(device)
     pipe_seconds = time.perf_counter() - t0
     n_pipe = len(slices.items) * len(prompts)
