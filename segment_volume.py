@@ -36,7 +36,7 @@ from sambtcv.distributed import DistEnv, init_distributed
 from sambtcv.errors import PipelineError
 from sambtcv.files import Results, save_figure
 from sambtcv.metrics import dice_score
-from sambtcv.names import NUM_ORGANS, SPLITS, check_choice, name_list, organ_name
+from sambtcv.names import NUM_ORGANS, SPLITS, check_choice, organ_name
 from sambtcv.prompts_file import read_prompts_file
 from sambtcv.propagation import STOP_RULES, VolumeDecoder, merge
 from sambtcv.volume import (
@@ -142,12 +142,6 @@ def print_walks(walks: dict) -> None:
               flush=True)
 
 
-def parse_organs(cfg) -> list[int]:
-    """--organs as BTCV ids."""
-    with flag("--organs"):
-        return [names.ORGAN_ID[n] for n in name_list(cfg["organs"], names.ORGANS, "organ")]
-
-
 def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Results, models: Models,
                    organs: list[int]) -> list:
     """This process's share of the cases, evaluated for `organs` (where labelled); their label maps and
@@ -166,7 +160,7 @@ def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Re
     return out
 
 
-def evaluate_split(cfg, env: DistEnv, res: Results) -> dict | None:
+def evaluate_split(cfg, env: DistEnv, res: Results, organs: list[int]) -> dict | None:
     """Every case of the split (shared out over the processes under torchrun); rank 0 writes the record
     and volume_3d.json / .md, in case order whatever the number of processes."""
     with flag("--split"):
@@ -176,7 +170,6 @@ def evaluate_split(cfg, env: DistEnv, res: Results) -> dict | None:
         raise PipelineError(f"the {cfg['split']} split of {cfg['data_dir']} has no cases")
     with flag("--window-hu"):
         window = parse_window(cfg["window_hu"])
-    organs = parse_organs(cfg)
     for _, image, label in cases:  # every case readable and on its label's grid before any work
         check_geometry(image, label)
     walk = walk_settings(cfg)
@@ -218,14 +211,13 @@ def check_input_file(path, name: str) -> Path:
         return files.check_input_file(path)
 
 
-def segment_image(cfg, device) -> None:
+def segment_image(cfg, device, organs: list[int]) -> None:
     """--image with --prompts or --label: write --out."""
     if bool(cfg["prompts"]) == bool(cfg["label"]):
         raise PipelineError("--image needs either --prompts PROMPTS.json or --label LABEL.nii.gz")
     image = check_input_file(cfg["image"], "--image")
     label = check_input_file(cfg["label"], "--label") if cfg["label"] else None
     check_out(cfg["out"], [image] + ([label] if label else []))
-    organs = parse_organs(cfg)
     specs = read_prompts_file(check_input_file(cfg["prompts"], "--prompts")) if cfg["prompts"] else None
     walk = walk_settings(cfg)
     with flag("--window-hu"):
@@ -253,9 +245,10 @@ def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
     walk_settings(cfg)
-    parse_organs(cfg)
+    with flag("--organs"):
+        organs = names.organ_ids_arg(cfg["organs"])
     if cfg["image"]:
-        segment_image(cfg, device)
+        segment_image(cfg, device, organs)
         return
     if not cfg["data_dir"]:
         raise PipelineError("give --image CT.nii.gz (with --prompts or --label, and --out) or --data-dir RAW "
@@ -263,7 +256,7 @@ def main(argv=None):
     res = Results(cfg["results_dir"])
     env = init_distributed(device)
     with results_folder(res.root):
-        view = evaluate_split(cfg, env, res)
+        view = evaluate_split(cfg, env, res, organs)
     if view is None:  # not rank 0
         return
     print(tables.volume_markdown(view), end="")

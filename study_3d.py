@@ -98,7 +98,7 @@ def run(cfg, device, res: Results) -> dict:
     with flag("--rules"):
         rules = names.name_list(cfg["rules"], list(STOP_RULES), "stop rule")
     with flag("--organs"):
-        organs = [names.ORGAN_ID[n] for n in names.name_list(cfg["organs"], names.ORGANS, "organ")]
+        organs = names.organ_ids_arg(cfg["organs"])
     with flag("--window-hu"):
         window = parse_window(cfg["window_hu"])
     cases = study_cases(cfg)

@@ -53,6 +53,11 @@ def prompt_types_arg(value: str) -> list[str]:
     return name_list(value, PROMPT_TYPES, "prompt type")
 
 
+def organ_ids_arg(value: str) -> list[int]:
+    """'all' or a comma list of organ names -> their BTCV ids, in id order."""
+    return [ORGAN_ID[n] for n in name_list(value, ORGANS, "organ")]
+
+
 def one_prompt_type(value: str) -> str:
     """Exactly one prompt type (Task 3 and the classifier's check are trained on one)."""
     prompts = prompt_types_arg(value)
