@@ -126,7 +126,7 @@ def check_inputs(cfg) -> Inputs:
 
 def run_models(cfg, inp: Inputs, res: Results, device, resume: dict) -> None:
     """Train and score each model; one record per model."""
-    data = {"id": inp.val.signature, "data": tables.data_description(inp.val.params)}
+    data = tables.slices_of(inp.val)
     for key in inp.keys:
         s, name = inp.settings[key], BASELINES[key].name
         run = train_model(key, s, inp.train, inp.val, res, device, resume[key], cfg["eval_batch"])

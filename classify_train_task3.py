@@ -33,7 +33,7 @@ from sambtcv.errors import PipelineError
 from sambtcv.evaluation import EVAL_EPOCH, PromptDataset
 from sambtcv.files import Results, load_checkpoint
 from sambtcv.names import NUM_ORGANS, check_choice, one_prompt_type
-from sambtcv.tables import data_description
+from sambtcv.tables import slices_of
 from sambtcv.training import check_some_to_resume, fit, precheck_resume, run_batches, setup_training
 
 # ---------------------------------------------------------------------------------------------- config
@@ -151,7 +151,7 @@ def train(cfg: dict, device, res: Results, prompt_type: str, finetuned: str | No
     run["class_weights"] = weights.tolist()
     run["main"] = setup.env.main
     run["config"] = dict(cfg, prompt=prompt_type, backbone=setup.backbone.key, finetuned_path=finetuned)
-    run["slices"] = {"id": setup.val.slices.signature, "data": data_description(setup.train.slices.params)}
+    run["slices"] = slices_of(setup.val.slices, setup.train.slices)
     return run
 
 

@@ -139,12 +139,10 @@ def write_outputs(res: Results, out: dict) -> list:
     """The Task 3 record, Table 4 built from it, the confusion matrix and Figure 3."""
     result, samples, slices = out["result"], out["samples"], out["slices"]
     records.write_record(res.root, "task3", out["settings"], result,
-                         {"id": slices.signature, "data": tables.data_description(slices.params)})
+                         tables.slices_of(slices))
     view = tables.write_table4(res.root)
-    accuracy, counts = view["accuracy"], view["n"]
-    rows = [[o.replace("_", " "), accuracy[o], counts[o]] for o in accuracy]
-    rows.append(["**Weighted Average**", view["weighted_average"], sum(counts.values())])
-    present = {i + 1 for i, o in enumerate(ORGANS) if o in counts}
+    rows = tables.table4_rows(view)
+    present = {i + 1 for i, o in enumerate(ORGANS) if o in view["n"]}
     save_figure(confusion_figure(np.array(result["confusion"]), present), res.figure("confusion"))
     # Figure 3: the smallest misclassified region, else the smallest region
     areas = [slices.records[i]["organs"][str(organ)]["area"] for (i, organ), _ in samples]

@@ -183,7 +183,7 @@ def evaluate_runs(setup, cfg: dict, res: Results, runs: dict, prompts, rt) -> li
     device, backbone = setup.env.device, setup.backbone
     pretrained = PromptedDecoder.from_backbone(backbone)
     zero = zero_shot(cfg, res, backbone, rt.decoder(pretrained, "pretrained"), setup.val, device, prompts, rt.name)
-    slices = {"id": setup.val.slices.signature, "data": tables.data_description(setup.train.slices.params)}
+    slices = tables.slices_of(setup.val.slices, setup.train.slices)
     written = []
     for prompt_type in prompts:
         finetuned, run = DiceTable(), runs[prompt_type]

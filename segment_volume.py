@@ -22,32 +22,39 @@ and figures/volume_3d_<case>.png (three orthogonal views).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sambtcv import config, files, names, records, tables
-from sambtcv.backbones import load_backbone
-from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
+from sambtcv import config, names, records, tables
+from sambtcv.cli import (
+    Models,
+    flag,
+    input_file,
+    label_map_out,
+    load_models,
+    parse_config,
+    results_folder,
+    run_main,
+    start_run,
+    volume_decoder,
+    walk_settings,
+)
 from sambtcv.data import check_geometry, find_cases, parse_window
-from sambtcv.decoder import load_decoder
 from sambtcv.distributed import DistEnv, init_distributed
 from sambtcv.errors import PipelineError
 from sambtcv.files import Results, save_figure
 from sambtcv.metrics import dice_score
 from sambtcv.names import NUM_ORGANS, SPLITS, check_choice, organ_name
 from sambtcv.prompts_file import read_prompts_file
-from sambtcv.propagation import STOP_RULES, VolumeDecoder, merge
+from sambtcv.propagation import merge
 from sambtcv.volume import (
     Case,
     WalkSettings,
     case_prompt,
-    check_label_map_path,
     evaluate_case,
     label_prompts,
     load_case,
-    margin_mm,
     mean_scores,
     segment,
     walk_report,
@@ -103,36 +110,6 @@ def views_figure(case: Case, pred: np.ndarray):
     return fig
 
 
-def walk_settings(cfg) -> WalkSettings:
-    with flag("--stop"):
-        check_choice(cfg["stop"], STOP_RULES, "stop rule")
-    with flag("--margin-mm"):
-        return WalkSettings(cfg["stop"], margin_mm(cfg["margin_mm"], cfg["model"]))
-
-
-@dataclass
-class Models:
-    """The backbone, its (finetuned) decoder and the runtime that runs them."""
-
-    backbone: object
-    decoder: object
-    runtime: object
-
-
-def load_models(cfg, device) -> Models:
-    """A bad model, --finetuned or --runtime fails here, before any CT is read."""
-    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
-    rt = make_runtime(cfg, backbone, device)
-    with flag("--finetuned"):
-        decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
-    return Models(backbone, rt.decoder(decoder, "finetuned" if cfg["finetuned"] else "pretrained"), rt)
-
-
-def volume_decoder(case: Case, models: Models, cfg, device) -> VolumeDecoder:
-    return VolumeDecoder(case.stack, models.backbone, models.decoder, cfg["cache_dir"], device, cfg["dtype"],
-                         cfg["encoder_dtype"], models.runtime)
-
-
 def print_walks(walks: dict) -> None:
     """The log's lines of where each organ's walk stopped and why, and where it was unsure."""
     for organ, w in walks.items():
@@ -160,7 +137,7 @@ def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Re
     return out
 
 
-def evaluate_split(cfg, env: DistEnv, res: Results, organs: list[int]) -> dict | None:
+def evaluate_split(cfg, env: DistEnv, res: Results, organs: list[int], walk: WalkSettings) -> dict | None:
     """Every case of the split (shared out over the processes under torchrun); rank 0 writes the record
     and volume_3d.json / .md, in case order whatever the number of processes."""
     with flag("--split"):
@@ -172,7 +149,6 @@ def evaluate_split(cfg, env: DistEnv, res: Results, organs: list[int]) -> dict |
         window = parse_window(cfg["window_hu"])
     for _, image, label in cases:  # every case readable and on its label's grid before any work
         check_geometry(image, label)
-    walk = walk_settings(cfg)
     t0 = time.perf_counter()
     models = load_models(cfg, env.device)
     backbone = models.backbone
@@ -202,24 +178,17 @@ def check_out(out, inputs: list[Path]) -> Path:
     """--out: a new or replaceable .nii/.nii.gz file in a writable folder, never one of the inputs."""
     if not out:
         raise PipelineError("--image needs --out PRED.nii.gz (where the label map goes)")
-    with flag("--out"):
-        return check_label_map_path(out, inputs)
+    return label_map_out(out, inputs)
 
 
-def check_input_file(path, name: str) -> Path:
-    with flag(name):
-        return files.check_input_file(path)
-
-
-def segment_image(cfg, device, organs: list[int]) -> None:
+def segment_image(cfg, device, organs: list[int], walk: WalkSettings) -> None:
     """--image with --prompts or --label: write --out."""
     if bool(cfg["prompts"]) == bool(cfg["label"]):
         raise PipelineError("--image needs either --prompts PROMPTS.json or --label LABEL.nii.gz")
-    image = check_input_file(cfg["image"], "--image")
-    label = check_input_file(cfg["label"], "--label") if cfg["label"] else None
+    image = input_file(cfg["image"], "--image")
+    label = input_file(cfg["label"], "--label") if cfg["label"] else None
     check_out(cfg["out"], [image] + ([label] if label else []))
-    specs = read_prompts_file(check_input_file(cfg["prompts"], "--prompts")) if cfg["prompts"] else None
-    walk = walk_settings(cfg)
+    specs = read_prompts_file(input_file(cfg["prompts"], "--prompts")) if cfg["prompts"] else None
     with flag("--window-hu"):
         window = parse_window(cfg["window_hu"])
     models = load_models(cfg, device)
@@ -244,11 +213,11 @@ def segment_image(cfg, device, organs: list[int]) -> None:
 def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
-    walk_settings(cfg)
+    walk = walk_settings(cfg)
     with flag("--organs"):
         organs = names.organ_ids_arg(cfg["organs"])
     if cfg["image"]:
-        segment_image(cfg, device, organs)
+        segment_image(cfg, device, organs, walk)
         return
     if not cfg["data_dir"]:
         raise PipelineError("give --image CT.nii.gz (with --prompts or --label, and --out) or --data-dir RAW "
@@ -256,7 +225,7 @@ def main(argv=None):
     res = Results(cfg["results_dir"])
     env = init_distributed(device)
     with results_folder(res.root):
-        view = evaluate_split(cfg, env, res, organs)
+        view = evaluate_split(cfg, env, res, organs, walk)
     if view is None:  # not rank 0
         return
     print(tables.volume_markdown(view), end="")

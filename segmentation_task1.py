@@ -23,9 +23,8 @@ import time
 import numpy as np
 
 from sambtcv import config, tables
-from sambtcv.backbones import load_backbone
-from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
-from sambtcv.decoder import POINT_MASK_RULES, load_decoder
+from sambtcv.cli import flag, load_models, parse_config, results_folder, run_main, start_run
+from sambtcv.decoder import POINT_MASK_RULES
 from sambtcv.distributed import DistEnv, init_distributed
 from sambtcv.embeddings import open_split
 from sambtcv.evaluation import evaluate, evaluation_settings
@@ -103,11 +102,8 @@ def run(cfg: dict, env: DistEnv, res: Results) -> dict | None:
     device = env.device
     prompts = prompt_types_arg(cfg["prompt"])
     t_start = time.perf_counter()
-    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
-    rt = make_runtime(cfg, backbone, device)
-    with flag("--finetuned"):
-        decoder = rt.decoder(load_decoder(backbone, cfg["finetuned"]).to(device),
-                             "finetuned" if cfg["finetuned"] else "pretrained")
+    models = load_models(cfg, device)
+    backbone, decoder, rt = models.backbone, models.decoder, models.runtime
     data = open_split(cfg["slices"], cfg["split"], backbone, cfg["encoder_dtype"], device, cfg["encode_batch"], env,
                       rt)
     slices = data.slices
@@ -142,7 +138,7 @@ def run(cfg: dict, env: DistEnv, res: Results) -> dict | None:
                                    cfg["encoder_dtype"], rt.name, cfg["point_mask"])
     settings.update(decode_batch=cfg["decode_batch"], encode_batch=cfg["encode_batch"])
     write_record(res.root, "task1", settings, result,
-                 {"id": slices.signature, "data": tables.data_description(slices.params)})
+                 tables.slices_of(slices))
     view = tables.write_table1(res.root)
     for p, preds in overlays.items():
         save_figure(overlay_figure(slices, picks, preds, p), res.overlay(p))

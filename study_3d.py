@@ -21,13 +21,11 @@ import time
 from pathlib import Path
 
 from sambtcv import config, names, records
-from sambtcv.backbones import load_backbone
-from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
+from sambtcv.cli import flag, load_models, parse_config, results_folder, run_main, start_run, volume_decoder
 from sambtcv.data import check_geometry, find_cases, parse_window
-from sambtcv.decoder import load_decoder
 from sambtcv.errors import PipelineError
 from sambtcv.files import Results, markdown_table, write_json, write_text
-from sambtcv.propagation import STOP_RULES, VolumeDecoder, merge
+from sambtcv.propagation import STOP_RULES, merge
 from sambtcv.volume import WalkSettings, evaluate_case, every_slice_boxes, load_case, margin_mm
 
 # ---------------------------------------------------------------------------------------------- config
@@ -106,19 +104,15 @@ def run(cfg, device, res: Results) -> dict:
         raise PipelineError("no cases to study; check --data-dir and --split")
     for _, image, label in cases:
         check_geometry(image, label)
-    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
-    rt = make_runtime(cfg, backbone, device)
-    with flag("--finetuned"):
-        decoder = rt.decoder(load_decoder(backbone, cfg["finetuned"]).to(device),
-                             "finetuned" if cfg["finetuned"] else "pretrained")
+    models = load_models(cfg, device)
+    backbone = models.backbone
     with flag("--margin-mm"):
         margin = margin_mm(cfg["margin_mm"], backbone.name)
     t0, out, walks = time.perf_counter(), {}, {}
     for name, image, label in cases:
         case = load_case(name, image, label, window)
         present = [o for o in organs if (case.label == o).any()]
-        dec = VolumeDecoder(case.stack, backbone, decoder, cfg["cache_dir"], device, cfg["dtype"], cfg["encoder_dtype"],
-                            rt)
+        dec = volume_decoder(case, models, cfg, device)
         every = merge(every_slice_boxes(dec, case, present), case.stack.shape)
         out[name], walks[name] = {}, {}
         for rule in rules:
@@ -133,7 +127,7 @@ def run(cfg, device, res: Results) -> dict:
               "cases": out, "walks": walks, "mean": mean, "seconds": round(time.perf_counter() - t0, 1)}
     settings = {"model": backbone.name, "backbone": backbone.key, "finetuned": cfg["finetuned"], "rules": rules,
                 "organs": result["organs"], "margin_mm": margin, "window_hu": list(window), "dtype": cfg["dtype"],
-                "encoder_dtype": cfg["encoder_dtype"], "runtime": rt.name,
+                "encoder_dtype": cfg["encoder_dtype"], "runtime": models.runtime.name,
                 "cases": [[n, str(i), str(lab)] for n, i, lab in cases]}
     rec = records.write_record(res.root, "study_3d", settings, result,
                                {"id": None, "data": cfg["data_dir"] or "diseased phantom"})

@@ -19,15 +19,13 @@ import socket
 import sys
 from pathlib import Path
 
-from sambtcv import config, files
-from sambtcv.cli import flag, parse_config, run_main, start_run
+from sambtcv import config
+from sambtcv.cli import flag, input_file, label_map_out, parse_config, run_main, start_run, walk_settings
 from sambtcv.data import find_cases
 from sambtcv.errors import PipelineError
 from sambtcv.names import check_choice
-from sambtcv.propagation import STOP_RULES
 from sambtcv.runtime import RUNTIMES
 from sambtcv.server import LOOPBACK, Settings, create_app
-from sambtcv.volume import check_label_map_path, margin_mm
 
 # ---------------------------------------------------------------------------------------------- config
 IMAGE = None  # a CT (.nii.gz / .nii) to open; empty: the synthetic phantom's validation CT
@@ -78,17 +76,6 @@ def check_port(host: str, port: int) -> None:
                             f"another --port or --host") from None
 
 
-def check_input_file(path, name: str) -> Path:
-    with flag(name):
-        return files.check_input_file(path)
-
-
-def check_out(out, inputs: list[Path]) -> Path:
-    """--out: a new or replaceable .nii/.nii.gz file in a writable folder, never one of the inputs."""
-    with flag("--out"):
-        return check_label_map_path(out, inputs)
-
-
 def settings_of(cfg) -> Settings:
     """Every flag checked, files first, before any model or CT is loaded."""
     if cfg["host"] not in LOOPBACK:
@@ -104,19 +91,16 @@ def settings_of(cfg) -> Settings:
               f"{phantom_label} to open its label and see Dice)", flush=True)
         label = None
     else:
-        image = check_input_file(cfg["image"], "--image")
-        label = check_input_file(cfg["label"], "--label") if cfg["label"] else None
-    out = check_out(cfg["out"], [image] + ([label] if label else [])) if cfg["out"] else None
+        image = input_file(cfg["image"], "--image")
+        label = input_file(cfg["label"], "--label") if cfg["label"] else None
+    out = label_map_out(cfg["out"], [image] + ([label] if label else [])) if cfg["out"] else None
     with flag("--model"):
         from sambtcv.backbones import check_model_name
 
         check_model_name(cfg["model"])
-    with flag("--stop"):
-        check_choice(cfg["stop"], STOP_RULES, "stop rule")
+    walk_settings(cfg)
     with flag("--runtime"):
         check_choice(cfg["runtime"], RUNTIMES, "runtime")
-    with flag("--margin-mm"):
-        margin_mm(cfg["margin_mm"], cfg["model"])
     check_port(cfg["host"], cfg["port"])
     return Settings(image=image, label=label, out=out, model=cfg["model"], checkpoint=cfg["checkpoint"],
                     finetuned=cfg["finetuned"], device=cfg["device"], dtype=cfg["dtype"],

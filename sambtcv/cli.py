@@ -23,6 +23,7 @@ import math
 import re
 import sys
 import tokenize
+from dataclasses import dataclass
 from pathlib import Path
 
 from sambtcv import config
@@ -193,6 +194,66 @@ def make_runtime(cfg, backbone, device):
 
     with flag("--runtime"):
         return runtime.make(cfg["runtime"], backbone, device, cfg["encoder_dtype"], cfg.get("dtype", "fp32"))
+
+
+def input_file(path, name: str) -> Path:
+    """An existing, readable input file given by the flag `name` (`sambtcv.files.check_input_file`)."""
+    from sambtcv import files
+
+    with flag(name):
+        return files.check_input_file(path)
+
+
+def label_map_out(out, inputs: list[Path]) -> Path:
+    """--out: a new or replaceable .nii/.nii.gz file in a writable folder, never one of the inputs."""
+    from sambtcv.volume import check_label_map_path
+
+    with flag("--out"):
+        return check_label_map_path(out, inputs)
+
+
+def walk_settings(cfg):
+    """STOP and MARGIN_MM (for MODEL) as a `sambtcv.volume.WalkSettings`."""
+    from sambtcv.names import check_choice
+    from sambtcv.propagation import STOP_RULES
+    from sambtcv.volume import WalkSettings, margin_mm
+
+    with flag("--stop"):
+        check_choice(cfg["stop"], STOP_RULES, "stop rule")
+    with flag("--margin-mm"):
+        return WalkSettings(cfg["stop"], margin_mm(cfg["margin_mm"], cfg["model"]))
+
+
+@dataclass
+class Models:
+    """The backbone of MODEL / CHECKPOINT, its decoder (FINETUNED's, else the pretrained one) wrapped by
+    the runtime, and the runtime (RUNTIME) that runs them."""
+
+    backbone: object
+    decoder: object
+    runtime: object
+
+
+def load_models(cfg, device) -> Models:
+    """A page's models for inference; a bad model, --finetuned or --runtime fails here, before any data
+    is read."""
+    from sambtcv.backbones import load_backbone
+    from sambtcv.decoder import load_decoder
+
+    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
+    rt = make_runtime(cfg, backbone, device)
+    with flag("--finetuned"):
+        decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
+    return Models(backbone, rt.decoder(decoder, "finetuned" if cfg["finetuned"] else "pretrained"), rt)
+
+
+def volume_decoder(case, models: Models, cfg, device):
+    """`sambtcv.propagation.VolumeDecoder` of a loaded CT (`sambtcv.volume.Case`) with the page's models,
+    CACHE_DIR, DTYPE and ENCODER_DTYPE."""
+    from sambtcv.propagation import VolumeDecoder
+
+    return VolumeDecoder(case.stack, models.backbone, models.decoder, cfg["cache_dir"], device, cfg["dtype"],
+                         cfg["encoder_dtype"], models.runtime)
 
 
 

@@ -46,14 +46,15 @@ from sambtcv import config
 from sambtcv.data import check_geometry, orientation_change, parse_window, read_header
 from sambtcv.errors import PipelineError
 from sambtcv.metrics import dice_score
-from sambtcv.names import ORGAN_ID, ORGANS, check_choice, organ_name
-from sambtcv.prompts import Prompt, bound_box
+from sambtcv.names import ORGAN_ID, check_choice, organ_name
+from sambtcv.prompts import Prompt, bound_box, present_organs
 from sambtcv.prompts_file import parse_spec
-from sambtcv.propagation import STOP_RULES, OrganMasks, SliceMask, VolumeDecoder, merge, propagate
+from sambtcv.propagation import STOP_RULES, Candidates, OrganMasks, SliceMask, VolumeDecoder, merge, propagate
 from sambtcv.volume import (
     WalkSettings,
     affine_spacing,
     label_map_bytes,
+    label_stack,
     load_case,
     margin_mm,
     organ_prompt,
@@ -75,14 +76,6 @@ class Busy(PipelineError):
 
 class NotFound(PipelineError):
     """No such volume (HTTP 404)."""
-
-
-def default_candidate(candidates: list[SliceMask], prompt: Prompt) -> int:
-    """Which of SAM's candidate masks a prompt shows first (the user can cycle through the others): the
-    one `VolumeDecoder.decode` keeps, by config.POINT_MASK (sambtcv.decoder.POINT_MASK_RULES)."""
-    if config.POINT_MASK == "smallest":
-        return int(np.argmin([c.area for c in candidates]))
-    return int(np.argmax([c.iou for c in candidates]))
 
 
 def rle(mask: np.ndarray) -> list[int]:
@@ -153,7 +146,7 @@ class SessionDecoder(VolumeDecoder):
             self.watch(k, out)
         return out
 
-    def candidates(self, k: int, prompt: Prompt) -> list[SliceMask]:
+    def candidates(self, k: int, prompt: Prompt) -> Candidates:
         with self.gate.use():
             return super().candidates(k, prompt)
 
@@ -365,8 +358,8 @@ class VolumeSession:
             self._check_idle()
             self.touch(op.k)
             t0 = time.perf_counter()
-            cands = self.dec.candidates(op.k, op.prompt)
-            pick = default_candidate(cands, op.prompt)
+            found = self.dec.candidates(op.k, op.prompt)  # shown first: the mask decode() would keep
+            cands, pick = found.masks, found.kept
             old = self.organs.get(op.organ)
             if old is None or not old.propagated:  # a new organ, or one not walked yet: this slice anew
                 new = OrganState(op.organ, {op.k: cands[pick]}, op.k, pending=op.k, candidates=tuple(cands),
@@ -491,24 +484,22 @@ class VolumeSession:
     def open_reference(self, label: Path, edit: bool = True) -> dict:
         """A label map on the CT's grid: the reference for Dice and, with `edit`, the organs' masks."""
         check_geometry(self.case.image_path, label)
-        ref = load_case(self.case.name, self.case.image_path, label, self.engine.window).label
+        ref = label_stack(label)  # the CT is loaded already
         with self.lock:
             self._check_idle()
             self.case.label = ref
             self._cache.clear()
-            changed = []
+            changed, found = [], present_organs(ref)
             if edit:
-                for organ in range(1, len(ORGANS) + 1):
+                for organ in found:
                     present = np.flatnonzero((ref == organ).any(axis=(1, 2)))
-                    if not len(present):
-                        continue
                     logits = np.broadcast_to(np.float32(REFERENCE_LOGIT), ref.shape[1:])  # one value, no copies
                     slices = {int(k): SliceMask(ref[k] == organ, logits, 1.0) for k in present}
                     anchor = max(slices, key=lambda k: slices[k].area)
                     self._commit(organ, OrganState(organ, slices, anchor, propagated=True, from_reference=True))
                     changed += [int(present[0]), int(present[-1])]
             self.version += 1
-            return {"organs": [organ_name(o) for o in range(1, len(ORGANS) + 1) if (ref == o).any()],
+            return {"organs": [organ_name(o) for o in found],
                     "changed": [min(changed), max(changed)] if changed else None, "version": self.version}
 
     def dice(self) -> dict | None:
@@ -518,7 +509,7 @@ class VolumeSession:
         key = ("dice", self.version)
         if key not in self._cache:
             labels, ref = self.labels(), self.case.label
-            organs = sorted(set(self.organs) | {o for o in range(1, len(ORGANS) + 1) if (ref == o).any()})
+            organs = sorted(set(self.organs) | set(present_organs(ref)))
             self._cache[key] = {organ_name(o): round(float(dice_score(labels == o, ref == o)), 4) for o in organs}
         return self._cache[key]
 

@@ -74,6 +74,15 @@ class SliceMask:
 
 
 @dataclass
+class Candidates:
+    """SAM's masks for one prompt on one slice (`VolumeDecoder.candidates`) and the index of the one
+    `VolumeDecoder.decode` keeps (by config.POINT_MASK; 0 for a box)."""
+
+    masks: list  # [SliceMask]
+    kept: int
+
+
+@dataclass
 class Stop:
     """Where and why a walk ended in one direction: `k` is the last slice it kept (the start slice when it
     kept none), `direction` +1 (superior) or -1 (inferior), `reason` one of STOP_REASONS."""
@@ -170,12 +179,14 @@ class VolumeDecoder:
         return SliceMask(mask=logits > 0, logits=logits, iou=float(iou[0, keep]))
 
     @torch.no_grad()
-    def candidates(self, k: int, prompt: Prompt) -> list[SliceMask]:
+    def candidates(self, k: int, prompt: Prompt) -> Candidates:
         """Every mask the decoder gives for one prompt on slice k, in its order (points: SAM's three,
-        boxes: one), each with its predicted IoU (the viewer lets a user pick among them)."""
+        boxes: one), each with its predicted IoU (the viewer lets a user pick among them), and the one
+        `decode` keeps."""
         masks, iou = self._outputs(k, prompt)
         logits = self.frame.to_slice(masks[0], self.hw).cpu().numpy()
-        return [SliceMask(mask=lg > 0, logits=lg, iou=float(v)) for lg, v in zip(logits, iou[0])]
+        return Candidates([SliceMask(mask=lg > 0, logits=lg, iou=float(v)) for lg, v in zip(logits, iou[0])],
+                          int(pick(masks, iou)[0]))
 
 
 def main_part(mask: np.ndarray) -> np.ndarray:
@@ -241,35 +252,19 @@ class WalkState:
         if new.area < MIN_AREA:
             return "vanished", None
         check = self.check(prev, new, image)
+        v = check.values
         if self.rule == "agree":
             return ("+".join(check.failing) if len(check.failing) >= 2 else None), check
+        intensity_fails = v["intensity"] < INTENSITY_FLOOR
         if self.rule == "continuity":
-            v = check.values
             kept_shape = (CONTINUITY_AREA[0] <= v["area_ratio"] <= CONTINUITY_AREA[1]
                           and v["inside_previous"] >= CONTINUITY_INSIDE and v["iou"] >= AGREE_IOU_FLOOR)
-            reason = stop_reason("intensity", prev, new, image, self.organ_range)
-            return (None if reason == "intensity" and kept_shape else reason), check
-        return stop_reason(self.rule, prev, new, image, self.organ_range), check
-
-
-def stop_reason(rule: str, prev: SliceMask, new: SliceMask, image: np.ndarray, organ_range) -> str | None:
-    """Why the walk ends at `new` (on slice `image`) by a one-signal `rule`, or None when it goes on."""
-    if new.area < MIN_AREA:
-        return "vanished"
-    if rule == "iou" and new.iou < IOU_FLOOR:
-        return "iou"
-    if rule == "overlap" and float(iou_score(new.mask, prev.mask)) < OVERLAP_FLOOR:
-        return "overlap"
-    if rule in ("intensity", "adaptive"):
-        values = image[new.mask]
-        if float(((values >= organ_range[0]) & (values <= organ_range[1])).mean()) < INTENSITY_FLOOR:
-            return "intensity"
-    return None
-
-
-def should_stop(rule: str, prev: SliceMask, new: SliceMask, image: np.ndarray, organ_range) -> bool:
-    """Whether the walk ends at `new` (on slice `image`), by a one-signal `rule` (STOP_RULES)."""
-    return stop_reason(rule, prev, new, image, organ_range) is not None
+            return ("intensity" if intensity_fails and not kept_shape else None), check
+        fails = {"iou": v["iou"] < IOU_FLOOR, "overlap": v["overlap_iou"] < OVERLAP_FLOOR,
+                 "intensity": intensity_fails, "adaptive": intensity_fails}  # 'vanish': only the empty mask
+        if fails.get(self.rule, False):
+            return ("intensity" if self.rule == "adaptive" else self.rule), check
+        return None, check
 
 
 def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule: str, margin: float,

@@ -71,13 +71,18 @@ class Record:
         return {**ident, "slices_id": self.slices.get("id")}
 
 
+def files_digest(paths, root: Path = ROOT) -> str:
+    """16 hex digits of sha256 over the files' paths (relative to `root`) and contents, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @lru_cache(maxsize=1)
 def code_version() -> dict:
     """The code that made a record: a hash of the package and the pages, and the git commit when the
     project is a git checkout (with "+changes" when files differ from it)."""
-    digest = hashlib.sha256()
-    for path in sorted([*ROOT.glob("*.py"), *(ROOT / "sambtcv").glob("*.py")]):
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     git = None
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -88,7 +93,7 @@ def code_version() -> dict:
             git = head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"version": digest.hexdigest()[:16], "git": git}
+    return {"version": files_digest([*ROOT.glob("*.py"), *(ROOT / "sambtcv").glob("*.py")]), "git": git}
 
 
 def plain(obj):
@@ -135,19 +140,6 @@ def latest(root, stage: str, where=None) -> Record | None:
     """The newest record of `stage` (for which `where(record)` holds, when given), or None."""
     found = [r for r in records(root, stage) if where is None or where(r)]
     return found[-1] if found else None
-
-
-def by_id(root, rid: str) -> Record:
-    """The record `rid` of the results folder `root` (its stage is part of its id)."""
-    matches = list((Path(root) / RECORDS_DIR).glob(f"*/{rid}.json"))
-    if not matches:
-        raise PipelineError(f"record {rid} is not in {Path(root) / RECORDS_DIR}")
-    return read(matches[0])
-
-
-def ids_in(root) -> set[str]:
-    """The ids of every record in the results folder (for telling which records a stage wrote)."""
-    return {p.stem for p in (Path(root) / RECORDS_DIR).glob("*/*.json")}
 
 
 def reusable(root, stage: str, settings: dict, slices_id: str, covers: tuple = ()) -> Record | None:

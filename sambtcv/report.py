@@ -92,14 +92,13 @@ Reproduction of the study's Tables 1-4 and Figures 1-3 with `python run_report.p
 """
 
 
-def table_sections(found: StageRecords, skip: set) -> str:
-    """Tables 1-4 with their figures, each from this report's records."""
-    t1 = found.one("task 1: zero-shot", "task1")
-    others = [r for name in found.stages if name.startswith("task 1: zero-shot, ") for r in found.of(name, "task1")]
+def table_sections(found: StageRecords, skip: set, t1: dict | None, others: list[dict]) -> str:
+    """Tables 1-4 with their figures, each from this report's records; `t1` is Table 1's view (None when
+    its stage wrote no record), `others` the views of the models beside it."""
     md = ""
     if t1 is not None:
-        md += tables.side_by_side([tables.table1_view(r) for r in [t1, *others]])
-    md += _section(t1 and tables.table1_markdown(tables.table1_view(t1)), "Table 1")
+        md += tables.side_by_side([t1, *others])
+    md += _section(t1 and tables.table1_markdown(t1), "Table 1")
     md += "Overlays (ground truth against prediction), bound box prompt:\n\n"
     md += f"![overlay](figures/{Results(found.root).overlay('bound_box').name})\n\n"
     runs = found.of("task 2: finetune", "task2")
@@ -144,9 +143,10 @@ def write_report(root, report: rec.Record) -> Path:
     """REPORT.md of the results folder `root` from the report record and the records it lists."""
     found = StageRecords(root, report)
     skip = set(report.settings.get("skip", []))
-    t1 = found.one("task 1: zero-shot", "task1")
+    r1 = found.one("task 1: zero-shot", "task1")
+    t1 = r1 and tables.table1_view(r1)
     others = [tables.table1_view(r) for name in found.stages if name.startswith("task 1: zero-shot, ")
               for r in found.of(name, "task1")]
-    md = (header(report, t1 and tables.table1_view(t1), others) + table_sections(found, skip)
-          + volume_section(found, skip) + timing_section(report))
+    md = (header(report, t1, others) + table_sections(found, skip, t1, others) + volume_section(found, skip)
+          + timing_section(report))
     return write_text(Results(root).report, md)

@@ -40,12 +40,8 @@ def code_id(root: Path = ROOT) -> str:
     """Content key of what stages run: the package, the pages (but run_report.py and bench.py) and the
     profiles. A default or profile changed in code makes the stages stale even when their commands are
     the same."""
-    digest = hashlib.sha256()
     files = [*root.glob("*.py"), *(root / "sambtcv").glob("*.py"), *(root / "profiles").glob("*.toml")]
-    for path in sorted(files):
-        if path.name not in ("run_report.py", "bench.py"):
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+    return rec.files_digest([p for p in files if p.name not in ("run_report.py", "bench.py")], root)
 
 
 def _die_with_parent(parent: int):

@@ -36,9 +36,10 @@ def data_description(params: dict) -> str:
     return f"CT volumes from {params['data_dir']}"
 
 
-def run_name(record: rec.Record) -> str:
-    """A short name of a record for a table cell: its stage folder and the end of its id."""
-    return record.id.rsplit("-", 1)[-1]
+def slices_of(identity, described=None) -> dict:
+    """A record's "slices": the identity (signature) of the slice set `identity` and a line naming the data
+    of `described` (default: the same set; training runs name their training slices, keyed by validation's)."""
+    return {"id": identity.signature, "data": data_description((described or identity).params)}
 
 
 # ---------------------------------------------------------------------------------------------- Table 1
@@ -72,13 +73,10 @@ def table1_markdown(view: dict) -> str:
 
 def write_table1(root) -> dict | None:
     """Rebuild table1_zero_shot.json / .md / .csv from the newest Task 1 record of `root`."""
-    r = rec.latest(root, "task1")
-    if r is None:
+    view = _write_newest(root, "task1", "table1", table1_view, table1_markdown)
+    if view is None:
         return None
-    res, view = Results(root), table1_view(r)
-    write_json(res.table("table1", "json"), view)
-    write_text(res.table("table1", "md"), table1_markdown(view))
-    write_csv(res.table("table1", "csv"), ["prompt", "organ", "slice_dice", "volume_dice"],
+    write_csv(Results(root).table("table1", "csv"), ["prompt", "organ", "slice_dice", "volume_dice"],
               [[p, o, d, view["volume_dice"][p].get(o)] for p in view["per_organ"]
                for o, d in view["per_organ"][p].items()])
     return view
@@ -335,13 +333,17 @@ def frozen_masks_note(view: dict) -> str:
     return note + "."
 
 
-def table4_markdown(view: dict) -> str:
+def table4_rows(view: dict) -> list[list]:
+    """Table 4's rows (organ, accuracy, n), then the weighted average over all samples."""
     accuracy, counts = view["accuracy"], view["n"]
-    n = sum(counts.values())
     rows = [[o.replace("_", " "), accuracy[o], counts[o]] for o in accuracy]
-    rows.append(["**Weighted Average**", view["weighted_average"], n])
+    return rows + [["**Weighted Average**", view["weighted_average"], sum(counts.values())]]
+
+
+def table4_markdown(view: dict) -> str:
+    n = sum(view["n"].values())
     return (f"## Table 4: classification accuracy of different organs ({view['prompt'].replace('_', ' ')} "
-            f"prompts, {view['split']} split)\n\n" + markdown_table(["organ", "accuracy", "n"], rows)
+            f"prompts, {view['split']} split)\n\n" + markdown_table(["organ", "accuracy", "n"], table4_rows(view))
             + f"\nWeighted average = accuracy over all {n} (slice, organ) samples (weights = counts). "
               f"{frozen_masks_note(view)} Record: {view['record']}.\n")
 

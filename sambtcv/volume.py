@@ -86,6 +86,13 @@ def affine_spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
 
 
+def label_stack(label: Path, orientation: str = config.ORIENTATION) -> np.ndarray:
+    """A label map through the one MONAI path, cut into (K, H, W) axial slices of BTCV ids (its grid is the
+    caller's to check: `sambtcv.data.check_geometry`)."""
+    lv = load_label(label, orientation)
+    return np.stack([axial_slice(lv, k) for k in range(lv.shape[2])])
+
+
 def load_case(name: str, image: Path, label: Path | None, window,
               orientation: str = config.ORIENTATION) -> Case:
     """A CT (and its label, on the same grid) through the one MONAI path, cut into axial slices."""
@@ -96,10 +103,7 @@ def load_case(name: str, image: Path, label: Path | None, window,
         check_geometry(image, label)
     vol = to_uint8(load_image(image, orientation, window))
     stack = np.stack([axial_slice(vol, k) for k in range(vol.shape[2])])
-    lab = None
-    if label is not None:
-        lv = load_label(label, orientation)
-        lab = np.stack([axial_slice(lv, k) for k in range(lv.shape[2])])
+    lab = label_stack(label, orientation) if label is not None else None
     ornt = nib.orientations.io_orientation(header.affine)
     canon = np.empty(3)
     canon[ornt[:, 0].astype(int)] = affine_spacing(header.affine)  # along the reoriented axes (i, j, k)

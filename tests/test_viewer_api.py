@@ -15,10 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import segment_volume
 import viewer
 from conftest import fails
-from sambtcv import interactive
+from sambtcv import cli, interactive
 from sambtcv.data import find_cases
 from sambtcv.metrics import dice_score
 from sambtcv.names import ORGAN_ID
@@ -113,10 +112,10 @@ def test_box_propagate_and_save_match_segment_volume(client, ct, tmp_path):
     engine = client.app.state.sessions.engine
     case = load_case(image.name, image, None, engine.window)
     spec = parse_prompts(loads(json.dumps({"spleen": {"slice": k, "box": box}})))
-    models = segment_volume.Models(engine.backbone, engine.decoder, engine.runtime)
-    dec = segment_volume.volume_decoder(case, models, {
+    models = cli.Models(engine.backbone, engine.decoder, engine.runtime)
+    dec = cli.volume_decoder(case, models, {
         "cache_dir": engine.cache_dir, "dtype": engine.dtype, "encoder_dtype": engine.encoder_dtype}, engine.device)
-    walk = segment_volume.walk_settings({"stop": "intensity", "margin_mm": "auto", "model": "litemedsam"})
+    walk = cli.walk_settings({"stop": "intensity", "margin_mm": "auto", "model": "litemedsam"})
     labels = merge(segment(dec, [case_prompt(sp, case) for sp in spec], walk, case.pixel_mm), case.stack.shape)
     out = write_label_map(labels, case, tmp_path / "sv.nii.gz")
     theirs, ours = np.asarray(nib.load(str(out)).dataobj), np.asarray(got.dataobj)
