@@ -33,9 +33,9 @@ trains nothing and only scores.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
-from sambtcv import config, records, tables
+from sambtcv import config, precision, records, tables
 from sambtcv.baseline_nets import (
     BASELINES,
     SIZE_MULTIPLE,
@@ -66,7 +66,7 @@ LR = 1e-3  # AdamW learning rate (>= 0)
 SAMPLES_PER_EPOCH = 0  # training slices per epoch; 0: all of them (>= 0)
 VAL_SLICES = 0  # evenly spread validation slices for the per-epoch validation; 0: all (>= 0)
 INPUT_SIZE = 512  # side of the square model input in pixels, a multiple of 32 (>= 32)
-DTYPE = "fp32"  # fp32 | bf16 autocast of training and inference
+DTYPE = "fp32"  # auto | fp32 | bf16 autocast of training and inference
 WEIGHT_DECAY = config.BASELINE_WEIGHT_DECAY  # AdamW weight decay (>= 0)
 EVAL_BATCH = 8  # slices per forward pass when scoring (>= 1)
 EVAL_SLICES = None  # also score each best checkpoint on the val split of this slices folder (e.g. real CT)
@@ -93,9 +93,7 @@ def resolve_settings(cfg, key: str) -> Settings:
         raise PipelineError(f"--input-size must be a multiple of {SIZE_MULTIPLE} (SwinUNETR's patch merging), "
                             f"got {values['input_size']}")
     with flag("--dtype"):
-        from sambtcv.device import check_precision
-
-        check_precision(values["dtype"])
+        precision.check_setting(values["dtype"])
     return Settings(**values)
 
 
@@ -108,20 +106,31 @@ class Inputs:
     train: SliceSet
     val: SliceSet
     other: SliceSet | None  # --eval-slices' val split
+    precision: dict  # key -> how its DTYPE was chosen ({"used", "asked", "reason"})
 
 
-def check_inputs(cfg) -> Inputs:
-    """Every user error of the command line, as one line, before the results folder is touched."""
+def check_inputs(cfg, device) -> Inputs:
+    """Every user error of the command line, as one line, before the results folder is touched. A model's
+    DTYPE "auto" becomes the precision `device` computes natively (`sambtcv.precision`)."""
     with flag("--model"):
         keys = model_keys(cfg["model"])
     settings = {k: resolve_settings(cfg, k) for k in keys}
+    page_choice = precision.noted().get("dtype")  # start_run's choice for the page's own DTYPE
+    found = precision.support(device) if any(s.dtype == precision.AUTO for s in settings.values()) else None
+    choices = {}
+    for k, s in settings.items():
+        if s.dtype == cfg["dtype"] and page_choice is not None:
+            choices[k] = page_choice  # the page's DTYPE, as start_run resolved it
+        else:  # a per-model setting
+            choices[k] = asdict(precision.resolve(s.dtype, found))
+        settings[k] = replace(s, dtype=choices[k]["used"])
     check_packages(keys)
     train = nonempty_split(cfg["slices"], "train", "the baselines need training cases")
     val = nonempty_split(cfg["slices"], "val", "the baselines are chosen and scored on validation cases")
     other = None
     if cfg["eval_slices"]:
         other = nonempty_split(cfg["eval_slices"], "val", "--eval-slices scores its val split")
-    return Inputs(keys, settings, train, val, other)
+    return Inputs(keys, settings, train, val, other, choices)
 
 
 def run_models(cfg, inp: Inputs, res: Results, device, resume: dict) -> None:
@@ -144,12 +153,13 @@ def run_models(cfg, inp: Inputs, res: Results, device, resume: dict) -> None:
             print(f"{name} on {cfg['eval_slices']}: mDice {result['eval_slices']['entry']['mdice']:.4f}", flush=True)
         settings = {k: v for k, v in run_config(key, s, inp.train, resume[key]).items() if k != "resume"}
         settings.update(profile=cfg["profile"], eval_batch=cfg["eval_batch"])
-        records.write_record(res.root, "baselines", settings, result, data)
+        records.write_record(res.root, "baselines", settings, result, data, precision={"dtype": inp.precision[key]})
 
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
-    inp = check_inputs(cfg)
+    device = start_run(cfg)
+    inp = check_inputs(cfg, device)
     res = Results(cfg["results_dir"])
     with results_folder(res.root):
         resume = {k: cfg["resume"] and precheck_resume(res.baseline_run(k), "baseline",
@@ -157,7 +167,6 @@ def main(argv=None):
                   for k in inp.keys}
         if cfg["resume"]:
             check_some_to_resume(resume, {k: res.baseline_run(k) for k in inp.keys})
-        device = start_run(dict(cfg, dtype=inp.settings[inp.keys[0]].dtype))
         run_models(cfg, inp, res, device, resume)
         view = tables.write_baselines(res.root)
         tables.write_table3(res.root)

@@ -2,6 +2,7 @@
 
     python bench.py --profile quick       # under 10 minutes on a quiet 2-core CPU (sizes: profiles/quick.toml [bench])
     python bench.py                       # larger sizes (tens of minutes on a 2-core CPU)
+    python bench.py --profile quick --sections encoder,training,precision   # fp32 vs bf16 here, in minutes
 
 Measured in one run, on slices generated here (`preprocess.py`'s phantom, PHANTOM_SHAPE voxels):
 
@@ -15,6 +16,8 @@ Measured in one run, on slices generated here (`preprocess.py`'s phantom, PHANTO
    channels_last inputs, and the fraction of pixels whose bound-box mask (decoded in fp32 from the best
    fp32 and the best bf16 embeddings) agrees.
 3. Decoder training: samples per second, TRAIN_BATCH samples per SGD step against one at a time.
+3b. Precision: fp32 against bf16 for the encoder and one decoder training step, and what ``auto`` picks
+   on this machine (`sambtcv.precision`); met when it picks the faster.
 4. Memory: peak RSS of one Task 2 epoch (a `finetune_task2.py` subprocess) with N and 4N training
    slices (the 4N set repeats the N set's volumes under new case names).
 5. Scaling: wall time of Task 1 (a `segmentation_task1.py` subprocess, cold cache) on 1x, 2x, 4x
@@ -32,15 +35,17 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sambtcv import config, records
+from sambtcv import config, precision, records
 from sambtcv.backbones import encode_images, load_backbone
 from sambtcv.cli import flag, parse_config, run_main, start_run
 from sambtcv.data import parse_window
@@ -51,8 +56,8 @@ from sambtcv.errors import PipelineError
 from sambtcv.evaluation import EVAL_EPOCH, PromptDataset, evaluate
 from sambtcv.files import Results, check_replaceable, markdown_table, write_json, write_text
 from sambtcv.metrics import dice_score
-from sambtcv.names import POINT_PROMPTS, organ_name, prompt_types_arg
-from sambtcv.prompts import make_prompt, present_organs, prompt_rng
+from sambtcv.names import ORGAN_ID, POINT_PROMPTS, organ_name, prompt_types_arg
+from sambtcv.prompts import bound_box, make_prompt, present_organs, prompt_rng
 from sambtcv.propagation import VolumeDecoder
 from sambtcv.slices import SliceSet
 from sambtcv.training import epoch_order, mask_losses
@@ -73,7 +78,8 @@ NAIVE_ITEMS = 60  # (slice, organ) items per prompt type run through the naive S
 DECODE_BATCH = config.DECODE_BATCH  # prompts per decoder pass in the pipeline (>= 1)
 ENCODER_SLICES = 16  # slices timed through the image encoder, per dtype (>= 1)
 ENCODER_BATCHES = "1"  # slices per encoder pass to time (comma list; a GPU profits from more than 1)
-VIEWER_DTYPE = "bf16"  # fp32 | bf16: encoder and decoder precision of the viewer measurement
+VIEWER_POINT_MODEL = "mobilesam"  # the model that answers the viewer measurement's clicks; empty: MODEL
+VIEWER_DTYPE = "auto"  # auto | fp32 | bf16: encoder and decoder precision of the viewer measurement
 TRAIN_PROMPT = "bound_box"  # prompt type of the decoder-training samples
 TRAIN_BATCH = 32  # samples per SGD step in the batched measurement (>= 1)
 TRAIN_SAMPLES = 128  # samples timed per mode (batched, one at a time) and dtype (>= 1)
@@ -84,11 +90,13 @@ TASK1_PROMPT = "all"  # --prompt of the Task 1 runs
 BASELINE_SAMPLES = 16  # training slices timed per baseline model (>= 1)
 BASELINE_BATCH = 4  # batch of those timed training steps and forward passes (>= 1)
 REPORT_RESULTS = "results"  # results folder of the last ./run.sh report, whose stage times are recorded
+SECTIONS = "all"  # all, or a comma list of SECTION_NAMES (e.g. encoder,training,precision for a short run)
 # -----------------------------------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
 WORK_MARKER = "bench_work.json"  # marks WORK_DIR as bench.py's, so that it may be rebuilt
-TARGETS = {"viewer_prompt_median_s": 0.10, "viewer_prompt_first_s": 1.0, "openvino_encoder_speedup": 1.8,
+TARGETS = {"viewer_prompt_median_s": 0.10, "viewer_click_median_s": 0.10, "viewer_prompt_first_s": 1.0,
+           "openvino_encoder_speedup": 1.8,
            "openvino_agreement": 0.999, "openvino_decoder_speedup": 1.5,
            "zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.3, "encoder_bf16_mask_agreement": 0.99,
            "decoder_batched_speedup": 3.0, "peak_rss_ratio_4x": 1.2, "zero_shot_dice_max_abs_diff": 1e-4,
@@ -124,6 +132,8 @@ def machine_info(device) -> dict:
             "device": str(device), "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    found = precision.support(device)
+    info["bf16"] = {"native": found.native, "detail": found.detail}
     return info
 
 
@@ -178,6 +188,25 @@ def build_data(cfg: dict) -> dict:
         sets[f"task1_x{s}"] = make_set(work, f"task1_x{s}", volumes, [], val * s, cfg["seed"], shape)
     sets["val_volumes"] = [volumes[v] for v in val]  # (image, label) NIfTI paths for the 3D measurement
     return sets
+
+
+SECTION_NAMES = {  # in the order they run
+    "zero_shot": "1. zero-shot, pipeline against SamPredictor", "encoder": "2. image encoder fp32 / bf16",
+    "runtimes": "2b. runtimes: PyTorch and OpenVINO", "training": "3. decoder training",
+    "precision": "3b. fp32 against bf16, and what auto picks (needs encoder and training)",
+    "memory": "4. memory of a Task 2 epoch", "task1_scaling": "5. Task 1 scaling", "volume_3d": "6. 3D propagation",
+    "viewer": "6b. the viewer's server", "baselines": "7. baselines"}
+
+
+def sections_arg(text: str) -> list[str]:
+    """--sections: all, or a comma list of SECTION_NAMES."""
+    names = [v.strip() for v in str(text).split(",") if v.strip()]
+    if names == ["all"]:
+        return list(SECTION_NAMES)
+    unknown = [n for n in names if n not in SECTION_NAMES]
+    if unknown or not names:
+        raise PipelineError(f"--sections must be all or a comma list of {', '.join(SECTION_NAMES)}, got {text!r}")
+    return names
 
 
 def scales_arg(text: str) -> list[int]:
@@ -557,6 +586,27 @@ def bench_training(cfg, backbone, data, device) -> dict:
                         "before timing; one warm-up step per run not timed"}}
 
 
+# ---------------------------------------------------------------------------------------------- 3b. precision
+def bench_precision(res: dict, device) -> dict:
+    """fp32 against bf16 on this machine (the encoder's seconds per slice, one decoder training step of
+    TRAIN_BATCH samples) beside what DTYPE = "auto" picks here (`sambtcv.precision`)."""
+    enc, tr = res.get("encoder"), res.get("decoder_training")
+    found = {rt: precision.support(device, rt) for rt in ("torch", "openvino")}
+    out = {"auto": {rt: {"picks": "bf16" if f.native else "fp32", "why": f.detail} for rt, f in found.items()}}
+    faster = {}
+    if enc:
+        out["encoder_seconds_per_slice"] = {d: 1.0 / enc[f"{d}_slices_per_second"] for d in ("fp32", "bf16")}
+        faster["encoder"] = min(out["encoder_seconds_per_slice"], key=out["encoder_seconds_per_slice"].get)
+    if tr:
+        out["decoder_step_seconds"] = {d: tr["batch"] / tr[f"{d}_samples_per_second_batched"] for d in ("fp32", "bf16")}
+        faster["decoder_step"] = min(out["decoder_step_seconds"], key=out["decoder_step_seconds"].get)
+    out["faster"] = faster
+    out["auto_picks_the_faster"] = all(v == out["auto"]["torch"]["picks"] for v in faster.values())
+    print(f"bench: precision auto picks {out['auto']['torch']['picks']} ({found['torch'].detail}); faster: {faster}",
+          flush=True)
+    return {"precision": out}
+
+
 # ---------------------------------------------------------------------------------------------- 4. memory
 def bench_memory(cfg, backbone, sets: dict, device, work: Path) -> dict:
     base_train = EmbeddingCache.for_split(SliceSet(sets["base"], "train"), backbone, "fp32")
@@ -641,18 +691,69 @@ def bench_volume(cfg, backbone, sets: dict, work: Path, device) -> dict:
                                   "cold cache; includes loading each volume"}}
 
 
+def measure_viewer(backbone, image: Path, label: Path, cache_dir: Path, device="cpu", organ: str = "spleen",
+                   repeats: int = 20, dtype: str = config.DTYPE, encoder_dtype: str = config.DTYPE,
+                   point_backbone=None) -> dict:
+    """What bench.py reports for the viewer (server side, no HTTP, no background encoding), in a new
+    `cache_dir`: the first prompt of the process (cold start: also the decoder's first run), the first
+    prompt on an unencoded slice once warm, the median of `repeats` prompts on that encoded slice, and a
+    walk from a cold cache: encoder passes per visited slice. `label` gives the organ's tight box on its
+    largest slice."""
+    import torch
+
+    from sambtcv.interactive import load_engine
+    from sambtcv.sessions import Sessions
+
+    engine = load_engine(device=torch.device(device), dtype=dtype, encoder_dtype=encoder_dtype, cache_dir=cache_dir,
+                         backbone=backbone, point_backbone=point_backbone)
+    sessions = Sessions(engine, background_slices=0, root=Path(cache_dir) / "sessions")
+    try:
+        session = sessions.open_bytes(Path(image).read_bytes(), Path(image).name)
+        ref = load_case("ref", session.case.image_path, Path(label), engine.window).label
+        gt = ref == ORGAN_ID[organ]
+        k = int(np.argmax(gt.sum(axis=(1, 2))))
+        box = bound_box(gt[k]).tolist()
+        cold = session.prompt(organ, {"slice": (k + session.n_slices // 2) % session.n_slices, "box": box})["seconds"]
+        first = session.prompt(organ, {"slice": k, "box": box})["seconds"]
+        times = [session.prompt(organ, {"slice": k, "box": box})["seconds"] for _ in range(repeats)]
+        ys, xs = np.nonzero(gt[k])
+        inside = [float(xs[len(xs) // 2]), float(ys[len(ys) // 2])]
+        outside = [float(max(box[0] - 3, 0)), float(max(box[1] - 3, 0))]
+        session.prompt(organ, {"slice": k, "points": [inside], "labels": [1]})  # the point model's first use
+        clicks = [session.prompt(organ, {"slice": k, "points": [outside if i % 2 else inside], "labels": [i % 2 ^ 1]})
+                  ["seconds"] for i in range(repeats)]
+        joint = [session.prompt(organ, {"slice": k, "box": box, "points": [inside, outside], "labels": [1, 0],
+                                        "mode": "new"})["seconds"] for _ in range(repeats)]
+    finally:
+        sessions.shutdown()
+    walks = Sessions(replace(engine, cache_dir=Path(cache_dir) / "cold"), background_slices=0,
+                     root=Path(cache_dir) / "sessions-cold")
+    try:  # a walk from a cold cache (another cache folder): the prompted slice's pass, then the walk's
+        s2 = walks.open_bytes(Path(image).read_bytes(), Path(image).name)
+        s2.prompt(organ, {"slice": k, "box": box})
+        res = s2.propagate(ORGAN_ID[organ])
+    finally:
+        walks.shutdown()
+    passes = res["encoder_passes"] + 1
+    return {"prompt_encoded_median_s": statistics.median(times), "prompt_first_s": first, "prompt_cold_start_s": cold,
+            "click_median_s": statistics.median(clicks), "box_and_points_median_s": statistics.median(joint),
+            "prompts": repeats, "slice": k, "shape": list(ref.shape), "walk_visited": res["visited"],
+            "walk_encoder_passes": passes, "walk_passes_per_visited_slice": passes / max(res["visited"], 1),
+            "walk_seconds": res["seconds"]}
+
+
 def bench_viewer(cfg, backbone, sets: dict, work: Path, device) -> dict:
     """The viewer's server side (no HTTP): a prompt on an encoded slice (median of 20), the first prompt
     on an unencoded slice, and a walk's encoder passes per visited slice (`sambtcv.interactive`)."""
-    from sambtcv.interactive import measure_speed
-
     image, label = sets["val_volumes"][0]
-    out = measure_speed(backbone, image, label, work / "viewer", device, organ="spleen", repeats=20,
-                        dtype=cfg["viewer_dtype"], encoder_dtype=cfg["viewer_dtype"])
+    dtype = precision.resolve(cfg["viewer_dtype"], precision.support(device, "torch")).used
+    point = load_backbone(cfg["viewer_point_model"], None, device) if cfg["viewer_point_model"] else None
+    out = measure_viewer(backbone, image, label, work / "viewer", device, organ="spleen", repeats=20,
+                         dtype=dtype, encoder_dtype=dtype, point_backbone=point)
     print(f"bench: viewer prompt median {out['prompt_encoded_median_s']:.3f} s, first {out['prompt_first_s']:.3f} s, "
           f"{out['walk_passes_per_visited_slice']:.2f} passes per visited slice", flush=True)
-    return {"viewer": {**out, "dtype": cfg["viewer_dtype"], "model": backbone.name,
-                       "note": "sambtcv.interactive.measure_speed: server-side seconds of VolumeSession.prompt, no "
+    return {"viewer": {**out, "dtype": dtype, "model": backbone.name,
+                       "note": "bench.measure_viewer: server-side seconds of VolumeSession.prompt, no "
                                "HTTP, no background encoding; first = warm process, slice not yet encoded"}}
 
 
@@ -661,7 +762,8 @@ def bench_baselines(cfg, sets: dict, device) -> dict:
     from sambtcv.baseline_nets import BASELINES, measure_speed
 
     quick = config.load_profile("quick")
-    size, dtype = quick["baselines"]["input_size"], quick["all"]["dtype"]
+    size = quick["baselines"]["input_size"]
+    dtype = precision.resolve(quick["all"]["dtype"], precision.support(device)).used  # as the quick report runs
     speeds = measure_speed(list(BASELINES), sets["base"], device, cfg["baseline_samples"], cfg["baseline_batch"],
                            size, dtype, cfg["seed"])
     return {"baselines": {"input_size": size, "dtype": dtype, "batch": cfg["baseline_batch"],
@@ -688,7 +790,35 @@ def _met(ok: bool) -> str:
 
 
 def speed_rows(res: dict) -> list:
-    t, zs, enc, tr = TARGETS, res["zero_shot"], res["encoder"], res["decoder_training"]
+    rows = []
+    if "zero_shot" in res:
+        rows += zero_shot_rows(res)
+    if "encoder" in res:
+        rows += encoder_rows(res)
+    if "decoder_training" in res:
+        rows += training_rows(res)
+    if "precision" in res:
+        rows += precision_rows(res)
+    return rows
+
+
+def precision_rows(res: dict) -> list:
+    p = res["precision"]
+    parts = []
+    if "encoder_seconds_per_slice" in p:
+        e = p["encoder_seconds_per_slice"]
+        parts.append(f"encoder {e['fp32']:.3f} / {e['bf16']:.3f} s per slice")
+    if "decoder_step_seconds" in p:
+        d = p["decoder_step_seconds"]
+        parts.append(f"decoder training step {d['fp32']:.2f} / {d['bf16']:.2f} s")
+    auto = p["auto"]["torch"]
+    return [["precision fp32 / bf16 here; what `auto` picks", f"{'; '.join(parts)}; auto: {auto['picks']} "
+             f"({auto['why']}; OpenVINO: {p['auto']['openvino']['picks']})", "auto picks the faster",
+             _met(p["auto_picks_the_faster"])]]
+
+
+def zero_shot_rows(res: dict) -> list:
+    t, zs = TARGETS, res["zero_shot"]
     return [
         ["zero-shot speed-up (naive SamPredictor s/prompt / pipeline s/prompt)",
          f"{res['zero_shot_speedup']:.1f}x ({zs['naive_seconds_per_prompt']:.3f} vs "
@@ -696,14 +826,24 @@ def speed_rows(res: dict) -> list:
          _met(res["zero_shot_speedup"] >= t["zero_shot_speedup"])],
         ["zero-shot Dice max abs diff (per organ, per prompt type)", f"{res['zero_shot_dice_max_abs_diff']:.2e}",
          f"<= {t['zero_shot_dice_max_abs_diff']:g}",
-         _met(res["zero_shot_dice_max_abs_diff"] <= t["zero_shot_dice_max_abs_diff"])],
+         _met(res["zero_shot_dice_max_abs_diff"] <= t["zero_shot_dice_max_abs_diff"])]]
+
+
+def encoder_rows(res: dict) -> list:
+    t, enc = TARGETS, res["encoder"]
+    return [
         [f"image encoder bf16 speed-up, {enc['model']} (mask agreement)",
          f"{res['encoder_bf16_speedup']:.2f}x ({enc['fp32_slices_per_second']:.2f} {enc['best_format']['fp32']} -> "
          f"{enc['bf16_slices_per_second']:.2f} {enc['best_format']['bf16']} slices/s; agreement "
          f"{res['encoder_bf16_mask_agreement']:.4f})",
          f">= {t['encoder_bf16_speedup']:g}x, agreement >= {t['encoder_bf16_mask_agreement']:g}",
          _met(res["encoder_bf16_speedup"] >= t["encoder_bf16_speedup"]
-              and res["encoder_bf16_mask_agreement"] >= t["encoder_bf16_mask_agreement"])],
+              and res["encoder_bf16_mask_agreement"] >= t["encoder_bf16_mask_agreement"])]]
+
+
+def training_rows(res: dict) -> list:
+    t, tr = TARGETS, res["decoder_training"]
+    return [
         [f"decoder training, batch {tr['batch']} vs 1 (fp32)",
          f"{res['decoder_batched_speedup']:.2f}x ({tr['fp32_samples_per_second_one_at_a_time']:.1f} -> "
          f"{tr['fp32_samples_per_second_batched']:.1f} samples/s; bf16 {tr['bf16_batched_speedup']:.2f}x)",
@@ -712,22 +852,27 @@ def speed_rows(res: dict) -> list:
 
 
 def scale_rows(res: dict) -> list:
-    t, sc, mem = TARGETS, res["task1_seconds_by_scale"], res["memory"]["runs"]
-    lo, hi = min(sc, key=int), max(sc, key=int)
-    linear_ok = sc[hi] <= t["task1_linear_slack"] * (int(hi) / int(lo)) * sc[lo]
-    vol = res["volume_3d"]
-    rows = [
-        ["peak RSS of a Task 2 epoch, 4N / N training slices",
-         f"{res['peak_rss_ratio_4x']:.3f} ({mem['1x']['peak_rss_mib']:.0f} -> {mem['4x']['peak_rss_mib']:.0f} MiB; "
-         f"N = {mem['1x']['train_slices']})", f"<= {t['peak_rss_ratio_4x']:g}",
-         _met(res["peak_rss_ratio_4x"] <= t["peak_rss_ratio_4x"])],
-        ["Task 1 wall time by scale (cold cache)", ", ".join(f"{k}x: {v:.1f} s" for k, v in sc.items()),
-         f"linear ({hi}x <= {t['task1_linear_slack']:.1f} x {int(hi) // int(lo)} x {lo}x)", _met(linear_ok)],
-        ["3D: encoder passes per visited slice (one box per organ, cold cache)",
-         f"{vol['passes_per_visited_slice']:.2f} ({vol['encoder_passes']} / {vol['visited_slices']}); "
-         f"{vol['seconds_per_organ_volume']:.1f} s per organ-volume", f"= {t['volume_passes_per_visited_slice']:g}",
-         _met(vol["passes_per_visited_slice"] == t["volume_passes_per_visited_slice"])],
-    ]
+    t, rows = TARGETS, []
+    if "memory" in res:
+        mem = res["memory"]["runs"]
+        rows.append(["peak RSS of a Task 2 epoch, 4N / N training slices",
+                     f"{res['peak_rss_ratio_4x']:.3f} ({mem['1x']['peak_rss_mib']:.0f} -> "
+                     f"{mem['4x']['peak_rss_mib']:.0f} MiB; N = {mem['1x']['train_slices']})",
+                     f"<= {t['peak_rss_ratio_4x']:g}", _met(res["peak_rss_ratio_4x"] <= t["peak_rss_ratio_4x"])])
+    if "task1_seconds_by_scale" in res:
+        sc = res["task1_seconds_by_scale"]
+        lo, hi = min(sc, key=int), max(sc, key=int)
+        linear_ok = sc[hi] <= t["task1_linear_slack"] * (int(hi) / int(lo)) * sc[lo]
+        rows.append(["Task 1 wall time by scale (cold cache)", ", ".join(f"{k}x: {v:.1f} s" for k, v in sc.items()),
+                     f"linear ({hi}x <= {t['task1_linear_slack']:.1f} x {int(hi) // int(lo)} x {lo}x)",
+                     _met(linear_ok)])
+    if "volume_3d" in res:
+        vol = res["volume_3d"]
+        rows.append(["3D: encoder passes per visited slice (one box per organ, cold cache)",
+                     f"{vol['passes_per_visited_slice']:.2f} ({vol['encoder_passes']} / {vol['visited_slices']}); "
+                     f"{vol['seconds_per_organ_volume']:.1f} s per organ-volume",
+                     f"= {t['volume_passes_per_visited_slice']:g}",
+                     _met(vol["passes_per_visited_slice"] == t["volume_passes_per_visited_slice"])])
     rt = res.get("runtimes", {})
     if "encoder_seconds_per_slice" in rt:
         enc, dec, agree = rt["encoder_seconds_per_slice"], rt["decoder_seconds"], rt["agreement_vs_torch_fp32"]
@@ -754,6 +899,12 @@ def scale_rows(res: dict) -> list:
         rows += [[f"viewer: prompt on an encoded slice, median of {view['prompts']} ({view['dtype']})",
                   f"{view['prompt_encoded_median_s']:.3f} s", f"<= {t['viewer_prompt_median_s']:g} s",
                   _met(view["prompt_encoded_median_s"] <= t["viewer_prompt_median_s"])],
+                 ["viewer: a click on an encoded slice (median; the point model's local correction)",
+                  f"{view['click_median_s']:.3f} s", f"<= {t['viewer_click_median_s']:g} s",
+                  _met(view["click_median_s"] <= t["viewer_click_median_s"])],
+                 ["viewer: a box with + and - points on an encoded slice, decoded together (median)",
+                  f"{view['box_and_points_median_s']:.3f} s", f"<= {t['viewer_click_median_s']:g} s",
+                  _met(view["box_and_points_median_s"] <= t["viewer_click_median_s"])],
                  ["viewer: first prompt on an unencoded slice", f"{view['prompt_first_s']:.3f} s",
                   f"<= {t['viewer_prompt_first_s']:g} s", _met(view["prompt_first_s"] <= t["viewer_prompt_first_s"])],
                  ["viewer: a walk's encoder passes per visited slice",
@@ -761,7 +912,7 @@ def scale_rows(res: dict) -> list:
                   f"({view['walk_encoder_passes']} / {view['walk_visited']})",
                   f"<= {t['volume_passes_per_visited_slice']:g}",
                   _met(view["walk_passes_per_visited_slice"] <= t["volume_passes_per_visited_slice"])]]
-    for model in res["baselines"]["models"].values():
+    for model in res.get("baselines", {}).get("models", {}).values():
         rows.append([f"baseline {model['name']}: training / inference speed",
                      f"{model['train_samples_per_second']:.1f} samples/s / "
                      f"{model['infer_slices_per_second']:.1f} slices/s",
@@ -779,13 +930,16 @@ def report(res: dict) -> str:
     m = res["machine"]
     return ("## Benchmarks (`python bench.py" + (f" --profile {res['profile']}" if res["profile"] else "") + "`)\n\n"
             + markdown_table(["measure", "measured", "target", "met"], rows)
-            + f"\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}; phantom slices "
+            + f"\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}, bf16 "
+              f"{'native' if m['bf16']['native'] else 'not native'} ({m['bf16']['detail']}); phantom slices "
               f"{res['phantom_shape']}. Full numbers in bench.json.\n")
 
 
 def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
+    with flag("--sections"):
+        wanted = sections_arg(cfg["sections"])
     t_start = time.perf_counter()
     res = {"machine": machine_info(device), "profile": cfg["profile"], "model": cfg["model"],
            "phantom_shape": cfg["phantom_shape"]}
@@ -800,34 +954,41 @@ def main(argv=None):
 
     sets = timed("data", build_data, cfg)
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
-    print("bench: 1. zero-shot, pipeline against SamPredictor", flush=True)
-    res.update(timed("zero_shot", bench_zero_shot, cfg, backbone, sets["base"], device))
-    print("bench: 2. image encoder fp32 / bf16", flush=True)
-    res.update(timed("encoder", bench_encoder, cfg, backbone, sets["base"], device))
-    print("bench: 2b. runtimes: PyTorch and OpenVINO", flush=True)
-    res.update(timed("runtimes", bench_runtimes, cfg, backbone, sets["base"], work, device))
-    if str(cfg["encoder_batches"]).strip() not in ("", "1"):
-        res.update(timed("encoder_batches", bench_encoder_batches, cfg, backbone, sets["base"], device))
-    print("bench: 3. decoder training", flush=True)
-    train = timed("train_cache_fill", open_split, sets["base"], "train", backbone, "fp32", device)
-    res.update(timed("decoder_training", bench_training, cfg, backbone, train, device))
-    print("bench: 4. memory of a Task 2 epoch", flush=True)
-    res.update(timed("memory", bench_memory, cfg, backbone, sets, device, work))
-    print("bench: 5. Task 1 scaling", flush=True)
-    res.update(timed("task1_scaling", bench_task1_scaling, cfg, sets, work))
-    print("bench: 6. 3D propagation", flush=True)
-    res.update(timed("volume_3d", bench_volume, cfg, backbone, sets, work, device))
-    print("bench: 6b. the viewer's server", flush=True)
-    res.update(timed("viewer", bench_viewer, cfg, backbone, sets, work, device))
-    print("bench: 7. baselines", flush=True)
-    res.update(timed("baselines", bench_baselines, cfg, sets, device))
+    train = None
+    for name in SECTION_NAMES:
+        if name not in wanted:
+            continue
+        print(f"bench: {name}: {SECTION_NAMES[name]}", flush=True)
+        if name == "zero_shot":
+            res.update(timed(name, bench_zero_shot, cfg, backbone, sets["base"], device))
+        elif name == "encoder":
+            res.update(timed(name, bench_encoder, cfg, backbone, sets["base"], device))
+        elif name == "runtimes":
+            res.update(timed(name, bench_runtimes, cfg, backbone, sets["base"], work, device))
+            if str(cfg["encoder_batches"]).strip() not in ("", "1"):
+                res.update(timed("encoder_batches", bench_encoder_batches, cfg, backbone, sets["base"], device))
+        elif name == "training":
+            train = timed("train_cache_fill", open_split, sets["base"], "train", backbone, "fp32", device)
+            res.update(timed(name, bench_training, cfg, backbone, train, device))
+        elif name == "precision":
+            res.update(timed(name, bench_precision, res, device))
+        elif name == "memory":
+            res.update(timed(name, bench_memory, cfg, backbone, sets, device, work))
+        elif name == "task1_scaling":
+            res.update(timed(name, bench_task1_scaling, cfg, sets, work))
+        elif name == "volume_3d":
+            res.update(timed(name, bench_volume, cfg, backbone, sets, work, device))
+        elif name == "viewer":
+            res.update(timed(name, bench_viewer, cfg, backbone, sets, work, device))
+        elif name == "baselines":
+            res.update(timed(name, bench_baselines, cfg, sets, device))
     res.update(report_stages(cfg))
     res["section_seconds"] = sections
     res["bench_seconds"] = round(time.perf_counter() - t_start, 1)
     res["config"] = cfg
     keys = ["zero_shot_speedup", "zero_shot_dice_max_abs_diff", "encoder_bf16_speedup", "encoder_bf16_mask_agreement",
             "decoder_batched_speedup", "peak_rss_ratio_4x", "task1_seconds_by_scale", "machine"]
-    res = {**{k: res[k] for k in keys}, **{k: v for k, v in res.items() if k not in keys}}
+    res = {**{k: res[k] for k in keys if k in res}, **{k: v for k, v in res.items() if k not in keys}}
     out = Results(cfg["results_dir"])
     md = report(res)
     write_json(out.table("bench", "json"), res)

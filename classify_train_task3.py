@@ -53,8 +53,8 @@ SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoc
 VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation (>= 0)
 SEED = config.SEED  # prompts and training order (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
 RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder that fills the cache (training: torch)
 RESUME = False  # continue from RESULTS_DIR/classifier/last.pt
 ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)

@@ -61,8 +61,8 @@ SAMPLES_PER_EPOCH = 0  # 0: every (slice, organ) of the training split each epoc
 VAL_SAMPLES = 0  # 0: every validation sample for the per-epoch validation (>= 0)
 SEED = config.SEED  # prompts and training order (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder (training and validation)
-ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder (training and validation)
+ENCODER_DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
 RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 RESUME = False  # continue each prompt's run from its last.pt (a prompt without one starts fresh)
 POINT_MASK = config.POINT_MASK  # which of SAM's three masks a point keeps: smallest | iou (the highest predicted IoU)

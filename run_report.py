@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sambtcv import config, names, records
+from sambtcv import config, names, precision, records
 from sambtcv.backbones import check_model_name
 from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
 from sambtcv.errors import PipelineError
@@ -46,10 +46,10 @@ PHANTOM_SHAPE = "160,160,32"  # without DATA_DIR: voxels of each phantom volume
 SEED = config.SEED  # phantom, prompts and training order (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 FORCE = False  # redo every stage
-SKIP = ""  # stages to leave out, comma list of: baselines, 3d (their report sections then say so)
+SKIP = ""  # stages to leave out, comma list of: baselines, 3d, interactive (their report sections then say so)
 # -----------------------------------------------------------------------------------------------------
 
-OPTIONAL_STAGES = ("baselines", "3d")
+OPTIONAL_STAGES = ("baselines", "3d", "interactive")
 
 
 def optional_stages(cfg) -> list[str]:
@@ -111,6 +111,10 @@ def run_stages(cfg, res: Results, device, others: list[str], skip: list[str]) ->
         stages.run("3D: one box per organ", ["segment_volume.py", "--data-dir", str(raw), "--split", "val",
                                              "--results-dir", str(res.root), *model, *common, "--cache-dir",
                                              str(Path(cfg["work_dir"]) / "embeddings_3d")], slices)
+    if "interactive" not in skip:
+        stages.run("Table 5: interactive 3D (box + 5 clicks)",
+                   ["interactive_eval.py", "--data-dir", str(raw), "--split", "val", "--results-dir", str(res.root),
+                    *common, "--cache-dir", str(Path(cfg["work_dir"]) / "embeddings_3d")], slices)
     stages.slices = slices
     return stages
 
@@ -133,7 +137,7 @@ def main(argv=None):
                                         "phantom_shape")}
         settings.update(compare_models=others, skip=skip, device=str(device))
         result = {"stages": stages.times, "seconds": round(sum(v["seconds"] for v in stages.times.values()), 1),
-                  "profile": config.load_profile(cfg["profile"]),
+                  "profile": config.load_profile(cfg["profile"]), "machine": precision.machine(device),
                   "data": {k: params[k] for k in ("synthetic", "data_dir", "split_source", "counts", "hu_window",
                                                   "orientation")}}
         report = records.write_record(res.root, "report", settings, result, {"id": params["created_id"],

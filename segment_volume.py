@@ -79,8 +79,8 @@ MARGIN_MM = "auto"  # mm added on each side of the previous box to prompt the ne
 WINDOW_HU = config.WINDOW_HU  # HU window, as preprocess.py
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image encoder
+DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the image encoder
 RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 # -----------------------------------------------------------------------------------------------------
 

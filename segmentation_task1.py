@@ -44,8 +44,8 @@ SPLIT = "val"  # val | train
 PROMPT = "all"  # all, or prompt types as a comma list
 SEED = config.SEED  # seeds the random point prompts (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
+DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the image-encoder pass that fills the embedding cache
 RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 POINT_MASK = config.POINT_MASK  # which of SAM's three masks a point keeps: smallest | iou (the highest predicted IoU)
 ENCODE_BATCH = config.ENCODE_BATCH  # slices per image-encoder pass (>= 1)

@@ -46,8 +46,8 @@ SYNTHETIC_SHAPE = "160,160,32"  # without DATA_DIR: voxels of each phantom volum
 WINDOW_HU = config.WINDOW_HU  # HU window, as preprocess.py
 SEED = config.SEED  # the phantom's seed (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image encoder
+DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the image encoder
 RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 # -----------------------------------------------------------------------------------------------------
 

@@ -31,7 +31,9 @@ from sambtcv.server import LOOPBACK, Settings, create_app
 IMAGE = None  # a CT (.nii.gz / .nii) to open; empty: the synthetic phantom's validation CT
 LABEL = None  # with --image: a label map on its grid, opened for editing; the page shows each organ's Dice against it
 OUT = None  # with --image: Save also writes the label map (.nii.gz or .nii) here
-MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h
+MODEL = "litemedsam"  # boxes and walks: litemedsam (box-trained, best on real CT: MEASUREMENTS 10) | mobilesam | vit_*
+POINT_MODEL = "mobilesam"  # the model that answers clicks; empty: MODEL
+CLICK = "local"  # how a click changes its slice: local (near the click) | joint (the slice's whole prompt decoded)
 CHECKPOINT = None  # backbone weights (see segmentation_task1.py)
 FINETUNED = None  # a Task 2 checkpoint whose decoder is used instead of the pretrained one
 PORT = 8765  # the port the page and the API are served on (>= 1)
@@ -43,8 +45,8 @@ MARGIN_MM = "auto"  # mm added on each side of the previous box to prompt the ne
 BACKGROUND_SLICES = 16  # slices on each side of the last prompted one encoded while the page is idle; 0: none (>= 0)
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
-DTYPE = config.DTYPE  # fp32 | bf16 autocast of the decoder
-ENCODER_DTYPE = config.DTYPE  # fp32 | bf16 autocast of the image encoder
+DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder
+ENCODER_DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the image encoder
 RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 # -----------------------------------------------------------------------------------------------------
 
@@ -94,15 +96,22 @@ def settings_of(cfg) -> Settings:
         image = input_file(cfg["image"], "--image")
         label = input_file(cfg["label"], "--label") if cfg["label"] else None
     out = label_map_out(cfg["out"], [image] + ([label] if label else [])) if cfg["out"] else None
-    with flag("--model"):
-        from sambtcv.backbones import check_model_name
+    from sambtcv.backbones import check_model_name
+    from sambtcv.editor import CLICK_RULES
 
+    with flag("--model"):
         check_model_name(cfg["model"])
+    if cfg["point_model"]:
+        with flag("--point-model"):
+            check_model_name(cfg["point_model"])
+    with flag("--click"):
+        check_choice(cfg["click"], CLICK_RULES, "click rule")
     walk_settings(cfg)
     with flag("--runtime"):
         check_choice(cfg["runtime"], RUNTIMES, "runtime")
     check_port(cfg["host"], cfg["port"])
-    return Settings(image=image, label=label, out=out, model=cfg["model"], checkpoint=cfg["checkpoint"],
+    return Settings(image=image, label=label, out=out, model=cfg["model"], point_model=cfg["point_model"],
+                    click=cfg["click"], checkpoint=cfg["checkpoint"],
                     finetuned=cfg["finetuned"], device=cfg["device"], dtype=cfg["dtype"],
                     encoder_dtype=cfg["encoder_dtype"], cache_dir=cfg["cache_dir"], stop=cfg["stop"],
                     margin_mm=cfg["margin_mm"], host=cfg["host"], port=cfg["port"],
@@ -123,8 +132,9 @@ def main(argv=None):
     app = create_app(settings)  # loads the model and the CT: a bad file fails here, before serving
     import uvicorn
 
-    print(f"sam-btcv viewer ({settings.model}, {device}): open {url(settings.host, settings.port)}  (Ctrl+C stops)",
-          flush=True)
+    clicks = settings.point_model or settings.model
+    print(f"sam-btcv viewer ({settings.model} boxes, {clicks} clicks, {device}): open "
+          f"{url(settings.host, settings.port)}  (Ctrl+C stops)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 

@@ -250,23 +250,115 @@ def load_models(cfg, device) -> Models:
 def volume_decoder(case, models: Models, cfg, device):
     """`sambtcv.propagation.VolumeDecoder` of a loaded CT (`sambtcv.volume.Case`) with the page's models,
     CACHE_DIR, DTYPE and ENCODER_DTYPE."""
+    return stack_decoder(case.stack, models, cfg, device)
+
+
+def stack_decoder(stack, models: Models, cfg, device):
+    """`sambtcv.propagation.VolumeDecoder` of a (K, H, W) uint8 slice stack with the page's models,
+    CACHE_DIR, DTYPE and ENCODER_DTYPE."""
     from sambtcv.propagation import VolumeDecoder
 
-    return VolumeDecoder(case.stack, models.backbone, models.decoder, cfg["cache_dir"], device, cfg["dtype"],
+    return VolumeDecoder(stack, models.backbone, models.decoder, cfg["cache_dir"], device, cfg["dtype"],
                          cfg["encoder_dtype"], models.runtime)
 
+
+@dataclass
+class EditorModels:
+    """MODEL's models (boxes and walks) and POINT_MODEL's (clicks; None when it is MODEL)."""
+
+    box: Models
+    point: Models | None
+
+
+def load_editor_models(cfg, device) -> EditorModels:
+    """MODEL and POINT_MODEL (empty: MODEL) for `editor`; a bad name fails here, before any data is read."""
+    from sambtcv.backbones import check_model_name
+
+    box = load_models(cfg, device)
+    name = cfg.get("point_model") or cfg["model"]
+    with flag("--point-model"):
+        check_model_name(name)
+    if name == cfg["model"]:
+        return EditorModels(box, None)
+    return EditorModels(box, load_models({**cfg, "model": name, "checkpoint": None, "finetuned": None}, device))
+
+
+def edit_rules(cfg, pixel_mm: float, in_range: bool):
+    """STOP, MARGIN_MM (for MODEL; `in_range`: walks inside a 3D box's slices), MASK_INPUT, CLICK and
+    AFTER_CLICK as `sambtcv.editor.EditRules` for a CT of in-plane pixel size `pixel_mm`."""
+    from sambtcv.editor import AFTER_CLICK, CLICK_RULES, EditRules
+    from sambtcv.names import check_choice
+    from sambtcv.propagation import STOP_RULES
+    from sambtcv.volume import margin_mm
+    from sambtcv.walks import WalkRules
+
+    with flag("--stop"):
+        check_choice(cfg["stop"], STOP_RULES, "stop rule")
+    with flag("--margin-mm"):
+        margin = margin_mm(cfg["margin_mm"], cfg["model"], in_range)
+    with flag("--click"):
+        check_choice(cfg["click"], CLICK_RULES, "click rule")
+    with flag("--after-click"):
+        check_choice(cfg["after_click"], AFTER_CLICK, "after-click rule")
+    return EditRules(WalkRules(cfg["stop"], margin / pixel_mm), bool(cfg["mask_input"]), cfg["click"],
+                     cfg["after_click"])
+
+
+def editor(stack, models: EditorModels, cfg, device, pixel_mm: float, in_range: bool = True):
+    """The engine (`sambtcv.editor.Editor`) on a (K, H, W) slice stack with the page's models and rules."""
+    from sambtcv.editor import Editor
+
+    point = stack_decoder(stack, models.point, cfg, device) if models.point is not None else None
+    return Editor(stack_decoder(stack, models.box, cfg, device), edit_rules(cfg, pixel_mm, in_range), point)
+
+
+
+PRECISION_FLAGS = ("dtype", "encoder_dtype")  # DTYPE / ENCODER_DTYPE: auto | fp32 | bf16
 
 
 def start_run(cfg: dict):
     """What every page does first: check the precision flags (before any work), allocator tuning,
-    seeds, device. Returns the torch.device."""
+    seeds, device, and `resolve_precision`. Returns the torch.device."""
     from sambtcv import device as dev
+    from sambtcv import precision
 
-    for key in ("dtype", "encoder_dtype"):
+    for key in PRECISION_FLAGS:
         if key in cfg:
             with flag("--" + key.replace("_", "-")):
-                dev.check_precision(cfg[key])
+                precision.check_setting(cfg[key])
     dev.tune_allocator()
     dev.seed_everything(cfg["seed"])
     with flag("--device"):
-        return dev.pick_device(cfg.get("device"))
+        device = dev.pick_device(cfg.get("device"))
+    resolve_precision(cfg, device)
+    return device
+
+
+def resolve_precision(cfg: dict, device) -> dict:
+    """Replace ``auto`` in cfg's DTYPE / ENCODER_DTYPE by the precision that the device (and the page's
+    RUNTIME) computes natively (`sambtcv.precision`); note the choices for the records, print them once.
+    Returns {"dtype": Choice, ...}."""
+    from sambtcv import precision
+
+    keys = [k for k in PRECISION_FLAGS if k in cfg]
+    found = None
+    if any(cfg[k] == precision.AUTO for k in keys):
+        found = precision.support(device, _runtime_name(cfg, device))
+    choices = {k: precision.resolve(cfg[k], found) for k in keys}
+    for k, choice in choices.items():
+        cfg[k] = choice.used
+    precision.note(choices)
+    if found is not None:
+        used = sorted({c.used for c in choices.values()})
+        print(f"precision: {'/'.join(used)} (auto: {found.detail})", flush=True)
+    return choices
+
+
+def _runtime_name(cfg: dict, device) -> str:
+    """The runtime that runs the page's inference ("torch" for pages without RUNTIME)."""
+    if "runtime" not in cfg:
+        return "torch"
+    from sambtcv import runtime
+
+    with flag("--runtime"):
+        return runtime.resolve(cfg["runtime"], device)

@@ -36,10 +36,11 @@ class PromptedDecoder(nn.Module):
             return cls(copy.deepcopy(sam.prompt_encoder), copy.deepcopy(sam.mask_decoder))
         return cls(sam.prompt_encoder, sam.mask_decoder)
 
-    def embed_prompts(self, points=None, point_labels=None, boxes=None):
-        """points (B, N, 2) + labels (B, N) and/or boxes (B, 4), input frame -> sparse, dense."""
+    def embed_prompts(self, points=None, point_labels=None, boxes=None, mask_input=None):
+        """points (B, N, 2) + labels (B, N) and/or boxes (B, 4), input frame, and optionally the previous
+        low-res mask logits (B, 1, LOWRES, LOWRES) as SAM's dense mask prompt -> sparse, dense."""
         pts = None if points is None else (points, point_labels)
-        return self.prompt_encoder(points=pts, boxes=boxes, masks=None)
+        return self.prompt_encoder(points=pts, boxes=boxes, masks=mask_input)
 
     def run_tokens(self, transformer, embeddings, sparse, dense, tokens_first):
         """Two-way transformer over [tokens_first, sparse prompt tokens] and each sample's embedding.
@@ -56,9 +57,11 @@ class PromptedDecoder(nn.Module):
         hs, src = transformer(src, pos, tokens)
         return hs, src.transpose(1, 2).reshape(b, c, h, w)  # a channels_last view, no copy
 
-    def forward(self, embeddings, points=None, point_labels=None, boxes=None, multimask: bool = False):
-        """-> (low-res mask logits (B, K, LOWRES, LOWRES), IoU predictions (B, K)); K = 3 if multimask else 1."""
-        sparse, dense = self.embed_prompts(points, point_labels, boxes)
+    def forward(self, embeddings, points=None, point_labels=None, boxes=None, multimask: bool = False,
+                mask_input=None):
+        """-> (low-res mask logits (B, K, LOWRES, LOWRES), IoU predictions (B, K)); K = 3 if multimask else 1.
+        `mask_input` (B, 1, LOWRES, LOWRES): a previous prediction's low-res logits (SAM's refinement input)."""
+        sparse, dense = self.embed_prompts(points, point_labels, boxes, mask_input)
         return self.mask_outputs(embeddings, sparse, dense, multimask)
 
     def mask_outputs(self, embeddings, sparse, dense, multimask: bool):

@@ -349,7 +349,7 @@ class Results:
 
     TABLES = {"table1": "table1_zero_shot", "table2": "table2_finetune", "table3": "table3_comparison",
               "table4": "table4_classification", "volume_3d": "volume_3d", "bench": "bench",
-              "baselines": "baselines", "study_3d": "study_3d"}
+              "baselines": "baselines", "study_3d": "study_3d", "interactive_3d": "interactive_3d"}
     FIGURES = {"fig1": "fig1_curve_one_central_point.png", "fig2": "fig2_curve_bound_box.png",
                "fig3": "fig3_classification_example.png", "confusion": "confusion_matrix.png"}
     CURVES = {"one_central_point": "fig1", "bound_box": "fig2"}  # Figures 1 and 2: training curves per prompt

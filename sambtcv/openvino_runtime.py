@@ -124,6 +124,11 @@ def _version() -> str:
     return load_openvino().__version__
 
 
+def cpu_capabilities() -> list[str]:
+    """The CPU plugin's OPTIMIZATION_CAPABILITIES (``BF16`` where it computes bf16 natively)."""
+    return [str(c) for c in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
 def threads() -> int:
     """Inference threads: PyTorch's own number (all cores by default; OMP_NUM_THREADS or
     ``torch.set_num_threads`` change both runtimes at once, so torchrun's ranks do not oversubscribe)."""
@@ -384,7 +389,8 @@ class _DecoderGraph:
 
 PROMPT_INPUTS = {"box": ("boxes",), "points": ("points", "point_labels"),
                  "points-box": ("points", "point_labels", "boxes")}
-INPUT_SHAPES = {"points": [-1, -1, 2], "point_labels": [-1, -1], "boxes": [-1, 4]}
+PROMPT_INPUTS.update({f"{kind}-mask": (*names, "mask_input") for kind, names in list(PROMPT_INPUTS.items())})
+INPUT_SHAPES = {"points": [-1, -1, 2], "point_labels": [-1, -1], "boxes": [-1, 4], "mask_input": [-1, 1, -1, -1]}
 
 
 def _weights_digest(module: nn.Module) -> str:
@@ -452,9 +458,11 @@ class OpenVinoDecoder:
         names = PROMPT_INPUTS[kind]
         module = self.decoder
         b, n = 2, 3
+        lowres = 4 * self.embed_hw[0]
         example = {"boxes": torch.tensor([[8.0, 16.0, 100.0, 120.0], [40.0, 30.0, 200.0, 210.0]]) * self.size / 256,
                    "points": torch.rand(b, n, 2, generator=torch.Generator().manual_seed(0)) * self.size,
-                   "point_labels": torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])}
+                   "point_labels": torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]),
+                   "mask_input": torch.randn(b, 1, lowres, lowres, generator=torch.Generator().manual_seed(0))}
         args = (torch.zeros(b, 256, *self.embed_hw), *(example[k] for k in names))
         shapes = [ov.PartialShape([-1, 256, *self.embed_hw])] + [ov.PartialShape(INPUT_SHAPES[k]) for k in names]
         with torch.no_grad(), _no_autocast():
@@ -462,16 +470,19 @@ class OpenVinoDecoder:
                 traced = torch.jit.trace(_Graph(module, names, multimask), args, check_trace=False)
             return ov.convert_model(traced, example_input=args, input=shapes)
 
-    def __call__(self, embeddings, points=None, point_labels=None, boxes=None, multimask: bool = False):
-        return self.forward(embeddings, points, point_labels, boxes, multimask)
+    def __call__(self, embeddings, points=None, point_labels=None, boxes=None, multimask: bool = False,
+                 mask_input=None):
+        return self.forward(embeddings, points, point_labels, boxes, multimask, mask_input)
 
-    def forward(self, embeddings, points=None, point_labels=None, boxes=None, multimask: bool = False):
+    def forward(self, embeddings, points=None, point_labels=None, boxes=None, multimask: bool = False,
+                mask_input=None):
         if points is not None and point_labels is None:
             raise ValueError("points need point_labels")
         if points is None and boxes is None:
             raise ValueError("the OpenVINO decoder needs points or boxes")
         kind = "box" if points is None else ("points" if boxes is None else "points-box")
-        given = {"points": points, "point_labels": point_labels, "boxes": boxes}
+        kind += "" if mask_input is None else "-mask"
+        given = {"points": points, "point_labels": point_labels, "boxes": boxes, "mask_input": mask_input}
         inputs = [_array(embeddings)] + [_array(given[k]) for k in PROMPT_INPUTS[kind]]
         if inputs[0].ndim != 4 or inputs[0].shape[1:] != (256, *self.embed_hw):
             raise ValueError(f"expected (B, 256, {self.embed_hw[0]}, {self.embed_hw[1]}) embeddings, "

@@ -182,3 +182,56 @@ def read_prompts_file(path) -> list[Spec]:
         return parse_prompts(spec)
     except PipelineError as exc:
         raise PipelineError(f"prompts file {path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- the viewer's
+SLICE_KEYS = ("slice", "box", "points", "labels", "mode")
+SLICE_MODES = ("add", "new")
+
+
+@dataclass
+class SlicePromptRequest:
+    """What one viewer request gives on one slice: a box and/or points, added to the slice's prompt (mode
+    "add", the default) or starting it afresh ("new")."""
+
+    slice: int
+    box: list | None
+    points: list
+    labels: list
+    mode: str
+
+
+def parse_slice_prompt(spec, what: str = "the prompt") -> SlicePromptRequest:
+    """``{"slice", "box"?, "points"?, "labels"?, "mode"?}`` checked field by field (not yet against a CT).
+    Unlike a prompts file, a box and points may come together, and - points alone are allowed: they add to
+    what the slice already holds."""
+    if not isinstance(spec, dict):
+        raise PipelineError(f"{what} must be an object with slice and a box and/or points")
+    unknown = [k for k in spec if k not in SLICE_KEYS]
+    if unknown:
+        raise PipelineError(f"{what} has an unknown key {_short(unknown[0])}; use {', '.join(SLICE_KEYS)}")
+    if "slice" not in spec:
+        raise PipelineError(f"{what} needs 'slice' (the slice index of its box or points)")
+    if "box" not in spec and "points" not in spec:
+        raise PipelineError(f"{what} needs a 'box' [x0, y0, x1, y1] and/or 'points' [[x, y], ...]")
+    if "labels" in spec and "points" not in spec:
+        raise PipelineError(f"{what}: 'labels' goes with 'points'")
+    mode = spec.get("mode", "add")
+    if mode not in SLICE_MODES:
+        raise PipelineError(f"{what}['mode'] must be one of {', '.join(SLICE_MODES)}, got {_short(mode)}")
+    k = _whole(spec["slice"], f"{what}['slice']")
+    box = None
+    if "box" in spec:
+        box = [_number(v, f"{what}['box'] values") for v in _list(spec["box"], 4, f"{what}['box']")]
+    points, labels = [], []
+    if "points" in spec:
+        raw = _list(spec["points"], None, f"{what}['points']")
+        if not 1 <= len(raw) <= MAX_POINTS:
+            raise PipelineError(f"{what}['points'] must hold 1 to {MAX_POINTS} points, got {len(raw)}")
+        points = [[_number(v, f"{what}['points'] coordinates") for v in _list(p, 2, f"{what}['points'] items")]
+                  for p in raw]
+        labels = _list(spec.get("labels", [1] * len(points)), len(points), f"{what}['labels'] (one per point)")
+        if any(isinstance(v, bool) or v not in (0, 1) for v in labels):
+            raise PipelineError(f"{what}['labels'] must be one 0 (background) or 1 (organ) per point, "
+                                f"got {_short(labels)}")
+    return SlicePromptRequest(k, box, points, list(labels), mode)

@@ -11,6 +11,9 @@ reoriented volume). The rule, from an organ's prompted slice outward in both dir
   SAM outline *something* even where the organ has ended);
 * overlaps between organs go to the organ whose mask logit is highest at that pixel.
 
+The walk itself (between anchors, with z ranges and convergence) is `sambtcv.walks`; this module holds
+its parts: the decoder of one volume, the next slice's box, the stop rules, the merge.
+
 Each slice is encoded at most once per run, lazily (only slices the walk reaches), through an
 `cache.EmbeddingCache` keyed by the volume's content, the model and the encoder dtype, in a folder of its
 own (``CACHE_DIR/<model>-<dtype>/<volume>/``), so a run only locks the volume it is encoding.
@@ -62,11 +65,14 @@ CONTINUITY_INSIDE = 0.85  # 'continuity': fraction of the new mask inside the pr
 
 @dataclass
 class SliceMask:
-    """One organ's prediction on one slice: binary mask and mask logits (H, W), predicted IoU."""
+    """One organ's prediction on one slice: binary mask and mask logits (H, W), predicted IoU, and the
+    decoder's low-res logits (LOWRES, LOWRES) it came from (None for a mask not decoded: painted, a
+    reference label), which SAM takes back as `mask_input` to refine it."""
 
     mask: np.ndarray
     logits: np.ndarray
     iou: float
+    lowres: np.ndarray | None = None
 
     @property
     def area(self) -> int:
@@ -152,41 +158,43 @@ class VolumeDecoder:
         return torch.from_numpy(self.cache.read(k))[None].to(self.device)
 
     @torch.no_grad()
-    def _outputs(self, k: int, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
+    def _outputs(self, k: int, prompt: Prompt, mask_input=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's low-res masks (1, M, L, L) and predicted IoUs (1, M) for one prompt on slice k.
-        Points: multimask output (M = 3); boxes: single mask (M = 1)."""
+        Points alone: multimask output (M = 3); a box, with or without points: single mask (M = 1).
+        `mask_input` (L, L): earlier low-res logits of this slice, SAM's dense prompt."""
         p = self.frame.prompt(prompt, self.hw)
         emb = self.embedding(k)
 
         def batch(a) -> torch.Tensor:
             return torch.tensor(np.asarray(a)[None], dtype=torch.float32, device=self.device)
 
+        extra = {} if mask_input is None else {"mask_input": batch(np.asarray(mask_input)[None])}
+        points = {} if p.points is None else {"points": batch(p.points), "point_labels": batch(prompt.point_labels())}
         with autocast(self.device, self.dtype):
-            if p.points is not None:
-                masks, iou = self.decoder(emb, points=batch(p.points), point_labels=batch(prompt.point_labels()),
-                                          multimask=True)
+            if p.box is not None:
+                masks, iou = self.decoder(emb, boxes=batch(p.box), **points, **extra)
             else:
-                masks, iou = self.decoder(emb, boxes=batch(p.box))
+                masks, iou = self.decoder(emb, multimask=True, **points, **extra)
         return masks.float(), iou.float()
 
     @torch.no_grad()
-    def decode(self, k: int, prompt: Prompt) -> SliceMask:
-        """The mask of one prompt (slice frame) on slice k. Points: multimask output, the mask that
-        config.POINT_MASK keeps (`sambtcv.decoder.pick`); boxes: single mask."""
-        masks, iou = self._outputs(k, prompt)
+    def decode(self, k: int, prompt: Prompt, mask_input=None) -> SliceMask:
+        """The mask of one prompt (slice frame) on slice k. Points alone: multimask output, the mask that
+        config.POINT_MASK keeps (`sambtcv.decoder.pick`); a box (with or without points): single mask."""
+        masks, iou = self._outputs(k, prompt, mask_input)
         keep = int(pick(masks, iou)[0])
         logits = self.frame.to_slice(masks[:, keep], self.hw)[0].cpu().numpy()
-        return SliceMask(mask=logits > 0, logits=logits, iou=float(iou[0, keep]))
+        return SliceMask(mask=logits > 0, logits=logits, iou=float(iou[0, keep]), lowres=masks[0, keep].cpu().numpy())
 
     @torch.no_grad()
-    def candidates(self, k: int, prompt: Prompt) -> Candidates:
+    def candidates(self, k: int, prompt: Prompt, mask_input=None) -> Candidates:
         """Every mask the decoder gives for one prompt on slice k, in its order (points: SAM's three,
         boxes: one), each with its predicted IoU (the viewer lets a user pick among them), and the one
         `decode` keeps."""
-        masks, iou = self._outputs(k, prompt)
+        masks, iou = self._outputs(k, prompt, mask_input)
         logits = self.frame.to_slice(masks[0], self.hw).cpu().numpy()
-        return Candidates([SliceMask(mask=lg > 0, logits=lg, iou=float(v)) for lg, v in zip(logits, iou[0])],
-                          int(pick(masks, iou)[0]))
+        return Candidates([SliceMask(mask=lg > 0, logits=lg, iou=float(v), lowres=low.cpu().numpy())
+                           for lg, v, low in zip(logits, iou[0], masks[0])], int(pick(masks, iou)[0]))
 
 
 def main_part(mask: np.ndarray) -> np.ndarray:
@@ -265,48 +273,6 @@ class WalkState:
         if fails.get(self.rule, False):
             return ("intensity" if self.rule == "adaptive" else self.rule), check
         return None, check
-
-
-def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule: str, margin: float,
-              k_range=None, box_limit=None, directions=(1, -1)) -> OrganMasks:
-    """Walk from slice `start` (whose mask is `first`) through the volume in `directions` (+1 superior, -1
-    inferior): each slice is prompted with the previous slice's box enlarged by `margin` pixels; stops by
-    `rule`, at the volume's ends or outside `k_range` (inclusive). With `box_limit` (XYXY) boxes and masks
-    stay inside it. The result holds `start` and the slices kept beyond it, and a `Stop` per direction."""
-    lo, hi = k_range if k_range is not None else (0, len(dec.stack) - 1)
-    out = OrganMasks(organ, {}, 1)
-    if box_limit is not None:
-        first.mask &= box_mask(dec.hw, box_limit)
-    if first.area < MIN_AREA:
-        out.stops = [Stop(start, d, "empty") for d in directions]
-        return out
-    out.slices[start] = first
-    for step in directions:
-        state = WalkState(dec.stack[start], first, rule, margin)
-        prev, k, reason = first, start + step, None
-        while lo <= k <= hi:
-            new = _decode_box(dec, k, next_box(prev.mask, margin, box_limit), box_limit)
-            out.visited += 1
-            reason, check = state.stop_reason(prev, new, dec.stack[k])
-            if reason:
-                break
-            if check is not None and check.failing:
-                out.unsure.append(Unsure(k, check.failing))
-            out.slices[k] = new
-            state.keep(dec.stack[k], new)
-            prev, k = new, k + step
-        if reason is None:
-            reason = "range" if k_range is not None and 0 <= k < len(dec.stack) else "edge"
-        out.stops.append(Stop(k - step, step, reason))
-    out.unsure.sort(key=lambda u: u.k)
-    return out
-
-
-def _decode_box(dec: VolumeDecoder, k: int, box, box_limit) -> SliceMask:
-    new = dec.decode(k, Prompt(box=box))
-    if box_limit is not None:
-        new.mask &= box_mask(dec.hw, box_limit)
-    return new
 
 
 def box_mask(hw, box) -> np.ndarray:

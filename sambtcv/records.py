@@ -25,13 +25,15 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from sambtcv import precision as precision_choices
 from sambtcv.config import ROOT
 from sambtcv.errors import PipelineError
 from sambtcv.files import write_json
 
 FORMAT = "sam-btcv-record-1"
 RECORDS_DIR = "records"
-STAGES = ("task1", "task2", "baselines", "task3_train", "task3", "volume_3d", "report", "bench", "study_3d")
+STAGES = ("task1", "task2", "baselines", "task3_train", "task3", "volume_3d", "report", "bench", "study_3d",
+          "interactive_3d")
 # settings that say where or how fast a run went, never what it computed: not part of a run's identity
 NOT_RESULT_SETTINGS = frozenset({"results_dir", "device", "decode_batch", "encode_batch", "eval_batch",
                                  "overlay_slices", "resume", "cache_dir", "slices", "profile"})
@@ -105,8 +107,11 @@ def folder(root, stage: str) -> Path:
     return Path(root) / RECORDS_DIR / stage
 
 
-def write_record(root, stage: str, settings: dict, result: dict, slices: dict | None = None) -> Record:
-    """Write a new record of `stage` into the results folder `root` and return it."""
+def write_record(root, stage: str, settings: dict, result: dict, slices: dict | None = None,
+                 precision: dict | None = None) -> Record:
+    """Write a new record of `stage` into the results folder `root` and return it. `precision` says how its
+    DTYPE / ENCODER_DTYPE were chosen ({"dtype": {"used", "asked", "reason"}}; default: what this process's
+    `sambtcv.cli.start_run` chose)."""
     assert stage in STAGES, stage
     now = datetime.now()
     created = now.isoformat(timespec="microseconds")  # orders records written within one second
@@ -114,6 +119,9 @@ def write_record(root, stage: str, settings: dict, result: dict, slices: dict | 
     data = {"format": FORMAT, "id": rid, "stage": stage, "created": created, "command": [os.path.basename(sys.argv[0]),
             *sys.argv[1:]], "code": code_version(), "settings": plain(settings), "slices": plain(slices or {}),
             "result": plain(result)}
+    chosen = precision_choices.noted() if precision is None else precision
+    if chosen:  # how this run's precision was chosen (settings hold the precision used, never "auto")
+        data["precision"] = chosen
     path = folder(root, stage) / f"{rid}.json"
     assert not path.exists(), path  # ids are unique: a record is never rewritten
     write_json(path, data)

@@ -68,6 +68,16 @@ def profile_text(profile: dict) -> str:
     return "; ".join(f"{k} {json.dumps(profile[k])}" for k in keys if k in profile)
 
 
+def machine_line(report: rec.Record, t1: dict | None) -> str:
+    """The CPU, whether it computes bf16 natively, and the precision Task 1 ran in (the others' tables say theirs)."""
+    m = report.result.get("machine")
+    if not m:
+        return ""
+    native = "native" if m["bf16_native"] else "not native"
+    used = f" Precision of Task 1: {t1['precision']}." if t1 and t1.get("precision") else ""
+    return f"- **Machine**: {m['cpu']}, {m['cores']} cores; bf16 {native} ({m['bf16']}).{used}\n"
+
+
 def header(report: rec.Record, t1: dict | None, others: list[dict]) -> str:
     s, data = report.settings, report.result["data"]
     counts = data["counts"]
@@ -87,7 +97,7 @@ Reproduction of the study's Tables 1-4 and Figures 1-3 with `python run_report.p
 - **Profile**: `{s['profile']}` (`profiles/{s['profile']}.toml`): {profile_text(report.result['profile'])};
   device {s['device']}.
 - **Seeds**: {s['seed']} (phantom, prompts, training order).
-- **Versions**: {vers}; {platform.platform()}.
+{machine_line(report, t1)}- **Versions**: {vers}; {platform.platform()}.
 
 """
 
@@ -131,6 +141,16 @@ def volume_section(found: StageRecords, skip: set) -> str:
     return tables.volume_markdown(view).strip() + "\n\n" + figures + "\n\n"
 
 
+def interactive_section(found: StageRecords, skip: set) -> str:
+    """Table 5: the challenge's interactive protocol on the validation cases."""
+    if "interactive" in skip:
+        return "## Table 5: interactive 3D (box + 5 clicks)\n\n" + skipped_note("interactive")
+    r = found.one("Table 5: interactive 3D (box + 5 clicks)", "interactive_3d")
+    if r is None:
+        return "_Table 5 is missing: its stage wrote no record._\n\n"
+    return tables.interactive_markdown(tables.interactive_view(r)).strip() + "\n\n"
+
+
 def timing_section(report: rec.Record) -> str:
     stages = report.result["stages"]
     rows = "\n".join(f"| {k} | {v['seconds']:.0f} | {'skipped (up to date)' if v['skipped'] else 'ran'} |"
@@ -148,5 +168,5 @@ def write_report(root, report: rec.Record) -> Path:
     others = [tables.table1_view(r) for name in found.stages if name.startswith("task 1: zero-shot, ")
               for r in found.of(name, "task1")]
     md = (header(report, t1, others) + table_sections(found, skip, t1, others) + volume_section(found, skip)
-          + timing_section(report))
+          + interactive_section(found, skip) + timing_section(report))
     return write_text(Results(root).report, md)

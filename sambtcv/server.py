@@ -1,4 +1,4 @@
-"""The viewer's HTTP server: FastAPI over `sambtcv.interactive`, the page (web/) and NiiVue's module.
+"""The viewer's HTTP server: FastAPI over `sambtcv.sessions`, the page (web/) and NiiVue's module.
 
 `create_app(settings)` builds the app; viewer.py serves it with uvicorn. The API (docs/CONTRACT.md,
 "Viewer"; coordinates in the slice frame of the prompts file, organs by BTCV name):
@@ -13,9 +13,12 @@ GET    /api/volumes/{id}/image.nii.gz                 the CT reoriented to the s
                                                          voxel (i, j, k) = pixel (x = i, y = j) of slice k
 GET    /api/volumes/{id}/labels.nii.gz                the label map (BTCV ids) in the uploaded file's geometry
 GET    /api/volumes/{id}/labels.raw?first=&last=&live= slices first..last of the label map, uint8 (n, H, W) C order
-POST   /api/volumes/{id}/organs/{organ}/prompt        {slice, box} | {slice, points, labels} -> {slice, area, iou,
-                                                         seconds, candidate, candidates, mask {shape, order, counts},
-                                                         changed, propagated, version}
+POST   /api/volumes/{id}/organs/{organ}/prompt        {slice, box?, points?, labels?, mode? add|new} -> {slice, area,
+                                                         iou, seconds, candidate, candidates, prompt (what the
+                                                         slice holds), mask {shape, order, counts}, changed,
+                                                         propagated, version}; adds to the slice's prompt
+POST   /api/volumes/{id}/organs/{organ}/paint         {slice, mask {counts}} -> as prompt (a painted slice: an anchor)
+DELETE /api/volumes/{id}/organs/{organ}/slices/{k}    -> {organ, changed, version} (slice k's prompt and mask cleared)
 POST   /api/volumes/{id}/organs/{organ}/candidate     {index} -> as prompt (another of SAM's masks for the last prompt)
 POST   /api/volumes/{id}/organs/{organ}/propagate     {} -> {slices [first, last], voxels, encoder_passes, visited,
                                                          seconds, stops, unsure, changed, version}
@@ -51,9 +54,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sambtcv import config
 from sambtcv.errors import PipelineError
-from sambtcv.interactive import ID_PATTERN, Busy, NotFound, Sessions, job_result, load_engine
+from sambtcv.interactive import load_engine
 from sambtcv.names import ORGAN_ID, ORGANS
 from sambtcv.prompts_file import loads
+from sambtcv.sessions import ID_PATTERN, Busy, NotFound, Sessions, job_result
 from sambtcv.volume import write_label_map
 
 WEB_DIR = config.ROOT / "web"
@@ -63,6 +67,7 @@ STATIC = {"/": ("index.html", HTML), "/index.html": ("index.html", HTML), "/app.
           "/style.css": ("style.css", CSS), f"/{NIIVUE}": (NIIVUE, JS)}  # the only files served
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_JSON_BYTES = 64 * 1024
+MAX_PAINT_BYTES = 8 * 2 ** 20  # a painted slice's run lengths (a 1024 x 1024 slice of single pixels fits)
 RAW_GZIP_LEVEL = 1
 ID_RE = re.compile(ID_PATTERN)
 
@@ -75,6 +80,8 @@ class Settings:
     label: Path | None = None  # with image: a reference label, opened for editing
     out: Path | None = None  # with image: Save also writes the label map here
     model: str = config.MODEL
+    point_model: str = ""  # the model that answers clicks; empty: model
+    click: str = "local"  # sambtcv.editor.CLICK_RULES
     checkpoint: str | None = None
     finetuned: str | None = None
     device: str = config.DEVICE
@@ -124,7 +131,8 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
         if engine is None:
             engine = load_engine(settings.model, settings.checkpoint, settings.finetuned, settings.device or None,
                                  settings.dtype, settings.encoder_dtype, settings.cache_dir, settings.stop,
-                                 settings.margin_mm, runtime=settings.runtime)
+                                 settings.margin_mm, runtime=settings.runtime, point_model=settings.point_model,
+                                 click=settings.click)
         sessions = Sessions(engine, settings.max_volumes, settings.background_slices)
     startup = None
     if settings.image is not None:
@@ -216,9 +224,9 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def json_body(request: Request, allow_empty: bool = False):
+    async def json_body(request: Request, allow_empty: bool = False, max_bytes: int = MAX_JSON_BYTES):
         kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        data = await body_bytes(request, MAX_JSON_BYTES, "the request body")
+        data = await body_bytes(request, max_bytes, "the request body")
         if not data.strip() and allow_empty:
             return {}
         if kind != "application/json":
@@ -263,6 +271,7 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
     @app.get("/api/config")
     async def api_config():
         return {"volume": startup, "organs": ORGANS, "model": sessions.engine.model,
+                "point_model": sessions.engine.point_model,
                 "out": str(settings.out) if settings.out else None, "max_upload_mb": settings.max_upload_mb,
                 "stop": sessions.engine.walk.stop, "margin_mm": sessions.engine.walk.margin_mm,
                 "orientation": config.ORIENTATION}
@@ -313,6 +322,19 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
         session, _ = session_of(vid), organ_of(organ)
         body = await json_body(request)
         return await run_in_threadpool(session.prompt, organ, body)
+
+    @app.post("/api/volumes/{vid}/organs/{organ}/paint")
+    async def paint(vid: str, organ: str, request: Request):
+        session, oid = session_of(vid), organ_of(organ)
+        body = await json_body(request, max_bytes=MAX_PAINT_BYTES)
+        return await run_in_threadpool(session.paint, oid, body)
+
+    @app.delete("/api/volumes/{vid}/organs/{organ}/slices/{k}")
+    async def clear_slice(vid: str, organ: str, k: int):
+        session, oid = session_of(vid), organ_of(organ)
+        if not 0 <= k < session.n_slices:
+            raise ApiError(422, f"slice must be 0..{session.n_slices - 1}, got {k}")
+        return await run_in_threadpool(session.clear_slice, oid, k)
 
     @app.post("/api/volumes/{vid}/organs/{organ}/candidate")
     async def candidate(vid: str, organ: str, request: Request):

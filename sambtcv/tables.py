@@ -10,6 +10,8 @@ functions, on the records of one report.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from sambtcv import records as rec
 from sambtcv.files import Results, fixed, markdown_table, write_csv, write_json, write_text
 from sambtcv.metrics import per_organ_markdown
@@ -42,6 +44,15 @@ def slices_of(identity, described=None) -> dict:
     return {"id": identity.signature, "data": data_description((described or identity).params)}
 
 
+def precision_text(r: rec.Record) -> str:
+    """The precision a record's run used, and why when ``auto`` chose it: "encoder bf16, decoder bf16 (auto:
+    ...)"."""
+    s, chosen = r.settings, r.data.get("precision") or {}
+    used = [f"{label} {s[key]}" for key, label in (("encoder_dtype", "encoder"), ("dtype", "decoder")) if key in s]
+    why = next((c["reason"] for c in chosen.values() if c.get("asked") == "auto"), None)
+    return ", ".join(used) + (f" (auto: {why})" if why else "")
+
+
 # ---------------------------------------------------------------------------------------------- Table 1
 def table1_view(r: rec.Record) -> dict:
     """table1_zero_shot.json of one Task 1 record."""
@@ -52,7 +63,7 @@ def table1_view(r: rec.Record) -> dict:
             "volume_dice": res["volume_dice"], "n_per_organ": res["n_per_organ"], "seed": s["seed"],
             "dtype": s["dtype"], "encoder_dtype": s["encoder_dtype"], "runtime": s.get("runtime", "torch"),
             "device": res.get("device"), "point_prompt_mask": res.get("point_prompt_mask"),
-            "box_prompt_mask": res.get("box_prompt_mask"), "record": r.id}
+            "box_prompt_mask": res.get("box_prompt_mask"), "precision": precision_text(r), "record": r.id}
 
 
 def table1_markdown(view: dict) -> str:
@@ -64,7 +75,7 @@ def table1_markdown(view: dict) -> str:
           + f"\nPoint prompts: {view['point_prompt_mask']} (the study's SamPredictor keeps the highest predicted "
             "IoU). "
             "Boxes: single-mask output. Dice at each slice's own resolution; mDice = mean over organs present. "
-            f"Record: {view['record']}.\n\n")
+            f"Precision: {view['precision']}. Record: {view['record']}.\n\n")
     md += per_organ_markdown(view["per_organ"], "### Per-organ slice Dice") + "\n"
     md += per_organ_markdown(view["volume_dice"], "### Per-organ volume Dice (stacked slices, mean over cases)")
     md += f"\nSlices scored per organ: {view['n_per_organ']}\n"
@@ -126,6 +137,7 @@ def table2_view(runs: list[rec.Record], left_out: int = 0) -> dict:
         if len({repr(row[k]) for row in out["rows"]}) == 1:
             out[k] = out["rows"][0][k]
     out["data"] = runs[0].slices.get("data")
+    out["precision"] = "; ".join(dict.fromkeys(precision_text(r) for r in runs))
     out["slices_id"] = runs[0].slices.get("id")
     out["left_out_other_data"] = left_out
     return out
@@ -144,7 +156,7 @@ def table2_markdown(view: dict) -> str:
                              rows, "{:.4f}")
             + f"\nData: {view['data']}. Each row is one finetuning run; its epochs, batch size and learning rate are "
               "its own. Dice at each slice's own resolution. Best checkpoint by validation Dice; best epoch 0 "
-              f"means no epoch beat the starting weights, which were kept.{note}\n\n"
+              f"means no epoch beat the starting weights, which were kept. Precision: {view['precision']}.{note}\n\n"
             + per_organ_markdown(view["per_organ_finetuned"], "### Per-organ Dice after finetuning"))
 
 
@@ -181,7 +193,7 @@ def baselines_group_view(group: list[rec.Record]) -> dict:
     first = group[0]
     return {"data": first.slices.get("data"), "slices_id": first.slices.get("id"),
             "n_val_slices": first.result["n_val_slices"], "seed": first.settings["seed"],
-            "profile": first.settings.get("profile"),
+            "profile": first.settings.get("profile"), "precision_note": baselines_precision(group),
             "models": {r.result["name"]: {**r.result["entry"], "record": r.id} for r in group}}
 
 
@@ -203,6 +215,12 @@ def _settings_text(s: dict) -> str:
             f"{s['dtype']}, input {s['input_size']}")
 
 
+def baselines_precision(group: list[rec.Record]) -> str:
+    """Why the baselines' precision, when ``auto`` chose it (one line for the group)."""
+    why = {c["reason"] for r in group for c in (r.data.get("precision") or {}).values() if c.get("asked") == "auto"}
+    return f" Precision chosen by auto: {'; '.join(sorted(why))}." if why else ""
+
+
 def baselines_group_markdown(group: dict, title: str) -> str:
     models = group["models"]
     rows = [[n, m["mdice"], f"{m['params'] / 1e6:.2f} M", fixed(m["train_seconds"], 0), fixed(m["infer_seconds"], 1),
@@ -213,7 +231,7 @@ def baselines_group_markdown(group: dict, title: str) -> str:
                               "inference slices/s", "best epoch", "settings (epochs x samples)", "run (record)"],
                              rows, "{:.4f}")
             + "\nPredictions resized back to each slice's own size; per-organ Dice over the slices where the organ "
-              "is present.\n\n"
+              f"is present.{group.get('precision_note', '')}\n\n"
             + per_organ_markdown({n: m["per_organ"] for n, m in models.items()}, "### Per-organ Dice"))
 
 
@@ -319,7 +337,7 @@ def write_table3(root) -> dict:
 
 # ---------------------------------------------------------------------------------------------- Table 4
 def table4_view(r: rec.Record) -> dict:
-    return {**r.result, "runtime": r.settings.get("runtime", "torch"), "record": r.id}
+    return {**r.result, "runtime": r.settings.get("runtime", "torch"), "precision": precision_text(r), "record": r.id}
 
 
 def frozen_masks_note(view: dict) -> str:
@@ -345,7 +363,7 @@ def table4_markdown(view: dict) -> str:
     return (f"## Table 4: classification accuracy of different organs ({view['prompt'].replace('_', ' ')} "
             f"prompts, {view['split']} split)\n\n" + markdown_table(["organ", "accuracy", "n"], table4_rows(view))
             + f"\nWeighted average = accuracy over all {n} (slice, organ) samples (weights = counts). "
-              f"{frozen_masks_note(view)} Record: {view['record']}.\n")
+              f"{frozen_masks_note(view)} Precision: {view['precision']}. Record: {view['record']}.\n")
 
 
 def _write_newest(root, stage: str, table: str, view_of, markdown) -> dict | None:
@@ -370,7 +388,7 @@ def write_table4(root) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- 3D
 def volume_view(r: rec.Record) -> dict:
-    return {**r.result, "record": r.id}
+    return {**r.result, "precision": precision_text(r), "record": r.id}
 
 
 def volume_markdown(view: dict) -> str:
@@ -388,8 +406,69 @@ def volume_markdown(view: dict) -> str:
             + f"\nOne box = a tight box on the organ's largest slice, propagated slice by slice"
               f"{f' ({stop_text} ends the walk)' if stop_text else ''}. Upper bound = a ground-truth box on each "
               f"slice. {view['encoder_passes']} encoder passes for {view['visited_slices']} visited slices, "
-              f"{view['seconds']:.0f} s. Record: {view['record']}.\n")
+              f"{view['seconds']:.0f} s. Precision: {view['precision']}. Record: {view['record']}.\n")
 
 
 def write_volume(root) -> dict | None:
     return _write_newest(root, "volume_3d", "volume_3d", volume_view, volume_markdown)
+
+
+# ---------------------------------------------------------------------------------------------- Table 5
+def interactive_means(cases: dict) -> dict:
+    """Means over every (case, organ) of interactive_eval.py's result: DSC and NSD per step, AUCs, final
+    values, seconds per step (mean and largest), and the largest fall of DSC from one step to the next."""
+    rows = [s for c in cases.values() for s in c["organs"].values()]
+    if not rows:
+        return {}
+    steps = len(rows[0]["dsc"])
+
+    def mean(key):
+        return float(np.mean([r[key] for r in rows]))
+    falls = [max(0.0, r["dsc"][i] - r["dsc"][i + 1]) for r in rows for i in range(steps - 1)]
+    mean_falls = [float(np.mean([r["dsc"][i] - r["dsc"][i + 1] for r in rows])) for i in range(steps - 1)]
+    return {"dsc": [float(np.mean([r["dsc"][i] for r in rows])) for i in range(steps)],
+            "nsd": [float(np.mean([r["nsd"][i] for r in rows])) for i in range(steps)],
+            "dsc_auc": mean("dsc_auc"), "nsd_auc": mean("nsd_auc"), "dsc_final": mean("dsc_final"),
+            "nsd_final": mean("nsd_final"),
+            "seconds_mean": [float(np.mean([r["seconds"][i] for r in rows])) for i in range(steps)],
+            "seconds_max": [float(np.max([r["seconds"][i] for r in rows])) for i in range(steps)],
+            "largest_fall": max(falls, default=0.0), "mean_fall_per_step": mean_falls, "organ_cases": len(rows)}
+
+
+def interactive_view(r: rec.Record) -> dict:
+    s = r.settings
+    return {**r.result, "data": r.slices.get("data"), "click": s["click"], "after_click": s["after_click"],
+            "mask_input": s["mask_input"], "runtime": s["runtime"], "precision": precision_text(r), "record": r.id}
+
+
+def interactive_markdown(view: dict) -> str:
+    m = view["mean"]
+    if not m:
+        return "## Table 5: interactive 3D (box + 5 clicks)\n\nNo labelled organ to measure.\n"
+    n = len(m["dsc"])
+    steps = ["box"] + [f"+{i} click{'s' if i > 1 else ''}" for i in range(1, n)]
+    rows = [[f"{case} {organ}", *o["dsc"], o["dsc_auc"], o["nsd_final"], max(o["seconds"][1:], default=None)]
+            for case, c in view["cases"].items() for organ, o in c["organs"].items()]
+    rows.append(["**mean**", *m["dsc"], m["dsc_auc"], m["nsd_final"], max(m["seconds_max"][1:], default=None)])
+    return (f"## Table 5: interactive 3D (box + {n - 1} clicks; {view['model']} boxes, {view['point_model']} "
+            f"clicks)\n\n" + markdown_table(["case, organ", *[f"DSC {s}" for s in steps], "DSC AUC (clicks)",
+                                               "NSD final", "s per click step"], rows, "{:.4f}")
+            + f"\nData: {view['data']}. The challenge's protocol (SEGFM3D, CVPR 2025): a 3D box per organ (its z "
+              "range and a jittered 2D box on its middle slice), then one click per step at the centre of the "
+              "organ's largest 26-connected error. NSD at 2 mm (MONAI's surface Dice). "
+              f"Mean NSD per step: {', '.join(f'{v:.4f}' for v in m['nsd'])}; NSD AUC {m['nsd_auc']:.4f}; largest "
+              f"fall of DSC from one step to the next {m['largest_fall']:.4f}; seconds per step and organ (mean): "
+              f"{', '.join(f'{v:.1f}' for v in m['seconds_mean'])}. Clicks: rule '{view['click']}', after a click "
+              f"'{view['after_click']}'. Precision: {view['precision']}; runtime {view['runtime']}. "
+              f"Record: {view['record']}.\n")
+
+
+def write_interactive(root) -> dict | None:
+    view = _write_newest(root, "interactive_3d", "interactive_3d", interactive_view, interactive_markdown)
+    if view is None:
+        return None
+    write_csv(Results(root).table("interactive_3d", "csv"),
+              ["case", "organ", "step", "dsc", "nsd", "seconds", "click"],
+              [[case, organ, i + 1, o["dsc"][i], o["nsd"][i], o["seconds"][i], (None if i == 0 else o["clicks"][i - 1])]
+               for case, c in view["cases"].items() for organ, o in c["organs"].items() for i in range(len(o["dsc"]))])
+    return view

@@ -33,22 +33,27 @@ from sambtcv.files import check_can_create, remove_dead_temps, write_bytes
 from sambtcv.metrics import dice_score, hd95
 from sambtcv.names import ORGANS, organ_name
 from sambtcv.prompts import Prompt, bound_box, present_organs
-from sambtcv.propagation import OrganMasks, VolumeDecoder, merge, propagate
+from sambtcv.propagation import OrganMasks, VolumeDecoder, merge
+from sambtcv.walks import propagate
 
 # The margin each model propagated best with (docs/MEASUREMENTS.md, section 6): box-trained LiteMedSAM
 # gains from a looser box, SAM's decoder (MobileSAM) from a tighter one.
 MARGIN_MM_BY_MODEL = {"litemedsam": 6.0, "mobilesam": 4.0}
+# inside a 3D box's slices (no stop rule ends the walk there) LiteMedSAM walked best with a looser box
+# (docs/MEASUREMENTS.md, section 10)
+RANGE_MARGIN_MM_BY_MODEL = {"litemedsam": 9.0, "mobilesam": 4.0}
 DEFAULT_MARGIN_MM = 4.0
 AUTO = "auto"
 NIFTI_GZIP_LEVEL = 6
 DECIMAL = re.compile(r"^\s*[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")  # a plain number: no '_', no inf/nan
 
 
-def margin_mm(text, model: str) -> float:
-    """The margin in mm: a finite number >= 0 (0 included), or the model's own margin for "auto"."""
+def margin_mm(text, model: str, in_range: bool = False) -> float:
+    """The margin in mm: a finite number >= 0 (0 included), or for "auto" the model's own margin (of walks
+    inside a 3D box's slices with `in_range`)."""
     text = str(text).strip().lower()
     if text == AUTO:
-        return MARGIN_MM_BY_MODEL.get(model, DEFAULT_MARGIN_MM)
+        return (RANGE_MARGIN_MM_BY_MODEL if in_range else MARGIN_MM_BY_MODEL).get(model, DEFAULT_MARGIN_MM)
     value = float(text) if DECIMAL.match(text) else math.nan
     if not (math.isfinite(value) and value >= 0):
         raise PipelineError(f"{{subject}} must be auto or a number of mm >= 0, got {text!r}", "margin")
@@ -57,7 +62,7 @@ def margin_mm(text, model: str) -> float:
 
 @dataclass(frozen=True)
 class WalkSettings:
-    """How an organ is followed through the volume (`sambtcv.propagation.propagate`)."""
+    """How an organ is followed through the volume (`sambtcv.walks.propagate`)."""
 
     stop: str  # propagation.STOP_RULES
     margin_mm: float  # added on each side of the previous slice's box

@@ -228,7 +228,7 @@ def test_bad_precision_fails_before_any_work(cold_slices, tmp_path, capsys):
     for flag, value in (("--encoder-dtype", "bf17"), ("--dtype", "fp16")):
         line = fails(capsys, segmentation_task1.main, ["--slices", cold_slices, "--results-dir", tmp_path / "r",
                                                       flag, value])
-        assert line == f"error: unknown {flag} '{value}'; use fp32 or bf16"
+        assert line == f"error: unknown {flag} '{value}'; use auto, fp32, bf16"
     line = fails(capsys, classify_train_task3.main, ["--slices", cold_slices, "--results-dir", tmp_path / "r",
                                                      "--select-by", "macro"])
     assert "unknown --select-by 'macro'" in line

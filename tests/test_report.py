@@ -50,31 +50,44 @@ def test_report_on_real_ct_with_vit_b(tmp_path):
 
 
 def test_smoke_report_on_the_embedded_default(tmp_path):
-    """`run_report.py` on the phantom and the default models, as a clean clone runs it (no ../shared)."""
+    """`run_report.py` on the phantom and the default models, as a clean clone runs it (no ../shared), on a
+    CPU without native bf16 (oneDNN capped at AVX2, as an AVX2-only CPU has it): every stage runs in fp32
+    and says why."""
     results = tmp_path / "results"
     args = ["run_report.py", "--profile", "smoke", "--results-dir", results, "--work-dir", tmp_path / "work",
             "--device", "cpu"]
-    res = run_script(args)
+    no_bf16 = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    res = run_script(args, env=no_bf16)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = (results / "REPORT.md").read_text()
+    assert "bf16 not native (ONEDNN_MAX_CPU_ISA=AVX2" in report
+    for stage in ("task1", "task2", "baselines", "task3", "volume_3d", "interactive_3d"):
+        for r in (results / "records" / stage).glob("*.json"):
+            data = json.loads(r.read_text())
+            assert data["settings"]["dtype"] == "fp32", (stage, data["settings"])
+            assert all(c["used"] == "fp32" for c in data["precision"].values()), (stage, data["precision"])
+    assert "Precision: encoder fp32, decoder fp32 (auto: ONEDNN_MAX_CPU_ISA=AVX2" in report
     side_by_side = report.split("## Table 1: zero-shot mDice of the models side by side")[1].split("##")[0]
     assert "mobilesam (here)" in side_by_side and "litemedsam (here)" in side_by_side and "SAM ViT-H" in side_by_side
     t1 = json.loads((results / "table1_zero_shot.json").read_text())
     other = json.loads((results / "zero_shot_litemedsam" / "table1_zero_shot.json").read_text())
     assert t1["model"] == "mobilesam" and other["model"] == "litemedsam"
     assert t1["slices_id"] == other["slices_id"] and t1["n_slices"] == other["n_slices"]  # the same slices
-    for needle in ("Table 2", "Table 3", "Table 4", "3D: one box per organ", "A synthetic abdominal CT phantom"):
+    for needle in ("Table 2", "Table 3", "Table 4", "3D: one box per organ", "A synthetic abdominal CT phantom",
+                   "Table 5: interactive 3D (box + 2 clicks"):
         assert needle in report
+    t5 = json.loads((results / "interactive_3d.json").read_text())
+    assert t5["cases"] and all(len(o["dsc"]) == 3 for c in t5["cases"].values() for o in c["organs"].values())
     vol = json.loads((results / "volume_3d.json").read_text())
     assert vol["model"] == "mobilesam" and vol["cases"]
     for case in vol["cases"]:
         assert (results / "volumes" / f"{case}.nii.gz").is_file() and f"volume_3d_{case}.png" in report
     # a second run reuses every completed stage; with --skip 3d the report says so instead of showing the
     # first run's 3D table
-    again = run_script([*args, "--skip", "3d"])
+    again = run_script([*args, "--skip", "3d"], env=no_bf16)
     assert again.returncode == 0, again.stderr[-2000:]
     stages = json.loads((results / "stages.json").read_text())
-    assert len(stages) == 8 and again.stdout.count("up to date, skipped") == len(stages) - 1
+    assert len(stages) == 9 and again.stdout.count("up to date, skipped") == len(stages) - 1
     assert "[3D: one box per organ]" not in again.stdout and "report:" in again.stdout
     report = (results / "REPORT.md").read_text()
     assert "left out of this run (`--skip 3d`)" in report and "volume_3d_" not in report

@@ -17,7 +17,7 @@ import pytest
 
 import viewer
 from conftest import fails
-from sambtcv import cli, interactive
+from sambtcv import cli, editor, interactive, sessions
 from sambtcv.data import find_cases
 from sambtcv.metrics import dice_score
 from sambtcv.names import ORGAN_ID
@@ -96,7 +96,7 @@ def test_box_propagate_and_save_match_segment_volume(client, ct, tmp_path):
     assert r.status_code == 200, r.text
     p = r.json()
     assert p["slice"] == k and p["area"] > 20 and 0 < p["iou"] <= 1.5 and p["seconds"] >= 0 and p["changed"] == [k, k]
-    mask = interactive.unrle(p["mask"]["counts"], p["mask"]["shape"])
+    mask = sessions.unrle(p["mask"]["counts"], p["mask"]["shape"])
     assert mask.sum() == p["area"] and dice_score(mask, ref[k] == SPLEEN) > 0.8
     assert (raw_slices(client, vid, k, k)[0] == SPLEEN).sum() == p["area"]
     r = client.post(f"/api/volumes/{vid}/organs/spleen/propagate", json={})
@@ -153,8 +153,9 @@ def test_any_stored_orientation_round_trips(client, ct, tmp_path):
 
 def test_correction_undo_erase(client, ct):
     """Spoil a slice beyond the prompted one, propagate (the walk goes on from the bad mask), correct it
-    with the right box: its Dice rises and the slices on the prompted side stay as they were. Undo walks
-    back step by step; erase removes the organ and undo brings it back."""
+    with the right box: its Dice rises, and the walk from it stops at the first prompted slice (an anchor),
+    so the slices on that side stay as they were. Undo walks back step by step; erase removes the organ
+    and undo brings it back."""
     image, _, ref = ct
     vid = upload(client, image.read_bytes())
     k, box = largest(ref, SPLEEN)
@@ -173,11 +174,13 @@ def test_correction_undo_erase(client, ct):
     spoiled = raw_slices(client, vid, 0, len(ref) - 1)
     d_spoiled = dice_score(spoiled[c] == SPLEEN, ref[c] == SPLEEN)
     status = client.get(f"/api/volumes/{vid}").json()["organs"]["spleen"]
-    assert status["anchor"] == k and status["pending"] is None
+    assert [a["slice"] for a in status["anchors"]] == sorted([k, c]) and status["pending"] is None
+    assert {a["given"] for a in status["anchors"]} == {"box"}
     r = client.post(f"{url}/prompt", json={"slice": c, "box": bound_box(ref[c] == SPLEEN).astype(int).tolist()})
     assert r.status_code == 200 and client.get(f"/api/volumes/{vid}").json()["organs"]["spleen"]["pending"] == c
     w_ = client.post(f"{url}/propagate", json={}).json()
-    assert w_["directions"] == ["superior" if c > k else "inferior"]
+    assert {"reason": "anchor", "slice": c, "direction": "inferior" if c > k else "superior",
+            "at_volume_edge": c in (0, len(ref) - 1)} in w_["stops"]
     fixed = raw_slices(client, vid, 0, len(ref) - 1)
     assert dice_score(fixed[c] == SPLEEN, ref[c] == SPLEEN) > d_spoiled + 0.3
     side = [j for j in range(len(ref)) if (j - c) * (c - k) < 0]  # the prompted side of c
@@ -293,8 +296,13 @@ def test_bad_requests_are_one_line_4xx(client, ct):
         (client.post(f"{url}/prompt", json={"slice": True, "box": box}), 422, "whole number"),
         (client.post(f"{url}/prompt", json={"slice": k, "points": [[5, 5]], "lables": [1]}), 422, "unknown key"),
         (client.post(f"{url}/prompt", json={"slice": k, "points": [[5, 5]], "labels": [0]}), 422, "organ point"),
-        (client.post(f"{url}/prompt", json={"slice": k, "box": box, "points": [[5, 5]]}), 422, "one of"),
-        (client.post(f"{url}/prompt", json={"box3d": [0, 0, 0, 5, 5, 5]}), 422, "not box3d"),
+        (client.post(f"{url}/prompt", json={"slice": k, "box": box, "mode": "replace"}), 422, "mode"),
+        (client.post(f"{url}/prompt", json={"slice": k, "box": box, "labels": [1]}), 422, "goes with 'points'"),
+        (client.post(f"{url}/prompt", json={"box3d": [0, 0, 0, 5, 5, 5]}), 422, "unknown key 'box3d'"),
+        (client.post(f"{url}/paint", json={"slice": k, "mask": {"counts": [1, 2]}}), 422, "add up to 3"),
+        (client.post(f"{url}/paint", json={"slice": k, "mask": {"counts": [-1]}}), 422, ">= 0"),
+        (client.post(f"{url}/paint", json={"slice": k}), 422, "send {"),
+        (client.delete(f"{url}/slices/999"), 422, "slice must be"),
         (client.post(f"{url}/prompt", content='{"slice": NaN, "box": [1, 2, 3, 4]}',
                      headers={"Content-Type": "application/json"}), 400, "NaN"),
         (client.post(f"{url}/prompt", content="{", headers={"Content-Type": "application/json"}), 400,
@@ -303,7 +311,7 @@ def test_bad_requests_are_one_line_4xx(client, ct):
                      headers={"Content-Type": "text/plain"}), 415, "JSON"),
         (client.post(f"{url}/propagate", json={}), 422, "no mask yet"),
         (client.post(f"{url}/propagate", json={"organ": "liver"}), 422, "no fields"),
-        (client.post(f"{url}/candidate", json={"index": 1}), 422, "no prompt"),
+        (client.post(f"{url}/candidate", json={"index": 1}), 422, "no points prompt"),
         (client.get(f"/api/volumes/{vid}/labels.raw", params={"first": 5, "last": 2}), 422, "not inside"),
         (client.get(f"/api/volumes/{vid}/labels.raw", params={"first": "x"}), 422, "first"),
         (client.post(f"/api/volumes/{vid}/undo"), 422, "nothing to undo"),
@@ -335,13 +343,13 @@ def test_static_files(client):
 def held_walks(monkeypatch):
     """Walks wait for the returned event before they start (a long propagation, on demand)."""
     gate = threading.Event()
-    real = interactive.propagate
+    real = editor.walk
 
     def slow(*args, **kwargs):
         assert gate.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(interactive, "propagate", slow)
+    monkeypatch.setattr(editor, "walk", slow)
     try:
         yield gate
     finally:
@@ -477,13 +485,60 @@ def test_default_ct_is_the_phantoms_validation_volume(tmp_path, monkeypatch):
     assert viewer.default_ct() == (image, label)  # written once
 
 
-def test_measure_speed_for_bench(litemedsam, ct, tmp_path):
-    """bench.py's numbers come from one call: prompt times and a cold walk's passes per visited slice."""
+def test_measure_speed_for_bench(litemedsam, mobilesam, ct, tmp_path):
+    """bench.py's numbers come from one call: prompt and click times and a cold walk's passes per visited
+    slice."""
+    import bench
+    from sambtcv.names import organ_name
+
     image, label, ref = ct
     extent = {o: int((ref == o).any(axis=(1, 2)).sum()) for o in range(1, 14) if (ref == o).any()}
     organ = min(extent, key=extent.get)  # the shortest walk: the fewest encoder passes in a test
-    r = interactive.measure_speed(litemedsam, image, label, tmp_path / "bench", organ=interactive.organ_name(organ),
-                                  repeats=1)
+    r = bench.measure_viewer(litemedsam, image, label, tmp_path / "bench", organ=organ_name(organ), repeats=1,
+                             point_backbone=mobilesam)
     assert r["prompts"] == 1 and 0 < r["prompt_encoded_median_s"] and 0 < r["prompt_first_s"]
+    assert 0 < r["click_median_s"] and 0 < r["box_and_points_median_s"]
     assert r["walk_visited"] >= 1 and r["walk_passes_per_visited_slice"] == 1.0
     assert not (tmp_path / "bench" / "sessions").exists()  # the server-owned copies are gone
+
+
+def test_clicks_add_to_the_box_paint_and_anchors(client, ct):
+    """A - click after a box keeps the box and shrinks the slice's mask where it clicked; a painted slice is
+    an anchor that a walk leaves as painted and the label map holds; clearing a slice drops its anchor."""
+    image, _, ref = ct
+    vid = upload(client, image.read_bytes())
+    k, box = largest(ref, SPLEEN)
+    url = f"/api/volumes/{vid}/organs/spleen"
+    first = client.post(f"{url}/prompt", json={"slice": k, "box": box}).json()
+    mask = sessions.unrle(first["mask"]["counts"], first["mask"]["shape"])
+    ys, xs = np.nonzero(mask)
+    inside = [int(xs[0]), int(ys[0])]  # a pixel on the mask's edge
+    r = client.post(f"{url}/prompt", json={"slice": k, "points": [inside], "labels": [0]})
+    assert r.status_code == 200, r.text
+    p = r.json()
+    assert p["prompt"]["box"] == [float(v) for v in box] and p["prompt"]["labels"] == [0]
+    assert p["prompt"]["given"] == "box + 1 point (1 -)"
+    after = sessions.unrle(p["mask"]["counts"], p["mask"]["shape"])
+    assert not after[inside[1], inside[0]] and after.sum() < mask.sum() and (after & ~mask).sum() == 0
+    # paint two slices away, then walk from k: the painted slice is kept as it was painted
+    spleen = np.flatnonzero((ref == SPLEEN).any(axis=(1, 2)))
+    j = max(spleen) if max(spleen) != k else min(spleen)
+    painted = np.zeros(ref.shape[1:], bool)
+    painted[box[1]:box[1] + 4, box[0]:box[0] + 5] = True
+    r = client.post(f"{url}/paint", json={"slice": int(j), "mask": {"counts": sessions.rle(painted)}})
+    assert r.status_code == 200, r.text
+    client.post(f"{url}/propagate", json={})
+    now = raw_slices(client, vid, 0, len(ref) - 1)
+    assert np.array_equal(now[j] == SPLEEN, painted)
+    anchors = client.get(f"/api/volumes/{vid}").json()["organs"]["spleen"]["anchors"]
+    assert [(a["slice"], a["given"]) for a in anchors] == sorted([(k, "box + 1 point (1 -)"), (int(j), "painted")])
+    saved = np.asarray(labels_of(client, vid).dataobj)
+    assert (saved == SPLEEN).sum() == (now == SPLEEN).sum()
+    r = client.delete(f"{url}/slices/{int(j)}")
+    assert r.status_code == 200 and r.json()["changed"] == [int(j), int(j)]
+    anchors = client.get(f"/api/volumes/{vid}").json()["organs"]["spleen"]["anchors"]
+    assert [a["slice"] for a in anchors] == [k]
+    undo = client.post(f"/api/volumes/{vid}/undo").json()  # undo brings the painted anchor back
+    assert undo["changed"] is not None
+    anchors = client.get(f"/api/volumes/{vid}").json()["organs"]["spleen"]["anchors"]
+    assert [a["slice"] for a in anchors] == sorted([k, int(j)])

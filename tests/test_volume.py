@@ -15,7 +15,8 @@ from sambtcv.config import ORIENTATION
 from sambtcv.data import find_cases, load_label
 from sambtcv.errors import PipelineError
 from sambtcv.metrics import hd95
-from sambtcv.propagation import MIN_AREA, OrganMasks, SliceMask, box_mask, merge, next_box, propagate
+from sambtcv.propagation import MIN_AREA, OrganMasks, SliceMask, box_mask, merge, next_box
+from sambtcv.walks import propagate
 from utils import ORGAN_ID, dice_score
 
 

@@ -17,8 +17,10 @@ const CLICK_PX = 4;   // a left press and release closer than this (CSS px) is a
 const $ = (id) => document.getElementById(id);
 const state = {
   config: null, vol: null, organs: [], organ: null, status: null, version: -1, preset: "abdomen",
-  prompt: null,            // {organ, k, points: [[x, y]], labels: [1|0]} or {organ, k, box}: the last prompt shown
+  prompt: null,            // {organ, k, box?}: a box on its way to the server (the slices' prompts come from status)
   press: null, band: null, // left press position (CSS px) and the rubber band while dragging
+  tool: "prompt",          // prompt | brush | eraser
+  before: null,            // the drawing layer before a brush / eraser stroke
   walking: false, ready: false,
 };
 
@@ -162,7 +164,7 @@ function renderOrgans() {
     if (st.dice) tr.insertCell().textContent = dice === undefined ? "" : dice.toFixed(3);
     const walk = tr.insertCell();
     if (o && o.pending !== null && o.propagated) {
-      const a = link(`corrected ${o.pending}`, o.pending, "P re-runs the walk outward from this slice");
+      const a = link(`corrected ${o.pending}`, o.pending, "P walks again from this slice up to the next anchors");
       a.className = "pending";
       walk.append(a);
     }
@@ -172,6 +174,15 @@ function renderOrgans() {
     }
     for (const u of (o ? o.unsure : [])) walk.append(link(`?${u.slice}`, u.slice, `unsure: ${u.signals.join(", ")}`));
   });
+  const list = $("anchors");
+  list.textContent = "";
+  for (const a of anchorsOf(state.organ)) {
+    const li = document.createElement("li");
+    li.append(link(`slice ${a.slice}`, a.slice, "go to this anchor"), ` ${a.given}`);
+    list.append(li);
+  }
+  $("anchors-head").textContent = `anchors of ${state.organ.replaceAll("_", " ")}` +
+    (list.children.length ? " (walks never change them)" : ": none yet");
 }
 function link(text, k, title) {
   const a = document.createElement("a");
@@ -185,6 +196,7 @@ function pickOrgan(name) {
   $("organ").value = name;
   state.prompt = null;
   if (state.status) renderOrgans();
+  if (state.tool === "brush") nv.setPenValue(state.organs.indexOf(name) + 1, false);
   redrawUI();
 }
 
@@ -195,29 +207,88 @@ async function sendPrompt(body) {
   clearError();
   try {
     const r = await api("POST", organPath("/prompt"), body);
+    state.prompt = null;
     await fetchSlices(r.changed);
     const note = r.candidates.length > 1 ? ` · mask ${r.candidate + 1} of ${r.candidates.length} (C: next)` : "";
+    const given = r.prompt ? ` · slice ${k} holds ${r.prompt.given}` : "";
     say(`${state.organ.replaceAll("_", " ")}, slice ${k}: ${r.area} pixels, predicted IoU ${r.iou.toFixed(2)}, ` +
-        `${r.seconds.toFixed(2)} s${note}${r.propagated ? " · P re-runs the walk from here" : ""}`);
+        `${r.seconds.toFixed(2)} s${note}${given}${r.propagated ? " · P walks again from here" : ""}`);
     await refreshStatus();
+    redrawUI();
+    if (r.propagated && $("walk-on-click").checked && body.points) await propagate();
   } catch (err) { showError(err.message); }
   finally { clearTimeout(timer); progress(null, null); }
 }
+const anchorsOf = (organ) => (state.status && state.status.organs[organ] ? state.status.organs[organ].anchors : []);
+const anchorAt = (organ, k) => anchorsOf(organ).find((a) => a.slice === k);
 function onBox(a, b) {
   const box = [Math.min(a[0], b[0]), Math.min(a[1], b[1]), Math.max(a[0], b[0]), Math.max(a[1], b[1])];
   state.prompt = { organ: state.organ, k: a[2], box };
   redrawUI();
   sendPrompt({ slice: a[2], box });
 }
-function onPoint(p, positive) {
-  const same = state.prompt && state.prompt.points && state.prompt.organ === state.organ && state.prompt.k === p[2];
-  const prompt = same ? state.prompt : { organ: state.organ, k: p[2], points: [], labels: [] };
-  prompt.points.push([p[0], p[1]]);
-  prompt.labels.push(positive ? 1 : 0);
-  state.prompt = prompt;
-  redrawUI();
-  if (!prompt.labels.includes(1)) { say("Add a + point (a click) on the organ; − points (shift-click) only say where it is not."); return; }
-  sendPrompt({ slice: p[2], points: prompt.points, labels: prompt.labels });
+function onPoint(p, positive) {   // a click adds a point to what the slice holds (its box stays)
+  const o = state.status && state.status.organs[state.organ];
+  if (!positive && !(o && o.slices)) {
+    say("Add a + point (a click) or a box on the organ first; − points (shift-click) only say where it is not.");
+    return;
+  }
+  sendPrompt({ slice: p[2], points: [[p[0], p[1]]], labels: [positive ? 1 : 0] });
+}
+async function clearSlice() {
+  const k = currentSlice();
+  await step(`clearing slice ${k}…`, async () => {
+    const r = await api("DELETE", organPath(`/slices/${k}`));
+    await fetchSlices(r.changed);
+    say(r.changed ? `slice ${k} of ${state.organ.replaceAll("_", " ")} starts afresh (Undo brings it back)`
+                  : `${state.organ.replaceAll("_", " ")} has nothing on slice ${k}`);
+    await refreshStatus();
+    redrawUI();
+  });
+}
+
+// ---- brush and eraser: NiiVue's own drawing, sent to the server slice by slice ----------------------------------------
+function setTool(tool) {
+  state.tool = tool;
+  document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("on", b.dataset.tool === tool));
+  const drawing = tool !== "prompt";
+  nv.setDrawingEnabled(drawing);
+  nv.opts.penSize = Number($("pen-size").value) || 1;
+  nv.setPenValue(tool === "brush" ? state.organs.indexOf(state.organ) + 1 : 0, false);
+  say(drawing ? `${tool}: drag on the axial view to ${tool === "brush" ? "paint" : "erase"} ` +
+      `${state.organ.replaceAll("_", " ")} on this slice (size ${nv.opts.penSize}); A: back to prompts` : "prompts: drag a box, click + / shift-click −");
+}
+function organMask(k) {   // the drawing layer's current organ on slice k, (H, W) row-major, as the server reads masks
+  const vol = back(), [, W, H] = vol.hdr.dims, bmp = nv.drawBitmap, id = state.organs.indexOf(state.organ) + 1;
+  const out = new Uint8Array(W * H);
+  for (let y = 0; y < H; y++) for (let x = 0; x < W; x++) {
+    const r = fileToRas([x, y, k]);
+    out[x + y * W] = bmp[r[0] + r[1] * vol.dimsRAS[1] + r[2] * vol.dimsRAS[1] * vol.dimsRAS[2]] === id ? 1 : 0;
+  }
+  return out;
+}
+function runLengths(bits) {   // as sambtcv.sessions.rle: runs of 0s and 1s, a run of 0s first
+  const out = [];
+  let value = 0, run = 0;
+  for (const b of bits) { if (b === value) run++; else { out.push(run); value = b; run = 1; } }
+  out.push(run);
+  return out;
+}
+async function strokeDone() {
+  const before = state.before, bmp = nv.drawBitmap;
+  state.before = null;
+  if (!before || !state.ready) return;
+  const vol = back(), plane = vol.dimsRAS[1] * vol.dimsRAS[2], slices = new Set();
+  for (let i = 0; i < bmp.length; i++) if (bmp[i] !== before[i]) slices.add(rasToFile([i % vol.dimsRAS[1], Math.floor(i / vol.dimsRAS[1]) % vol.dimsRAS[2], Math.floor(i / plane)])[2]);
+  if (!slices.size) return;
+  await step(`sending the ${state.tool}'s stroke…`, async () => {
+    for (const k of slices) {
+      const r = await api("POST", organPath("/paint"), { slice: k, mask: { counts: runLengths(organMask(k)) } });
+      await fetchSlices(r.changed);
+      say(`${state.organ.replaceAll("_", " ")}, slice ${k}: ${r.area} pixels painted by hand; the slice is an anchor`);
+    }
+    await refreshStatus();
+  });
 }
 async function nextCandidate() {
   const o = state.status && state.status.organs[state.organ];
@@ -328,9 +399,15 @@ function markPreset(name) {
 const canvas = $("gl"), ui = $("ui"), uictx = ui.getContext("2d");
 const rel = (e) => { const r = canvas.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; };
 canvas.addEventListener("pointerdown", (e) => {
+  if (state.tool !== "prompt") {
+    state.press = null;
+    if (e.button === 0 && state.ready) state.before = nv.drawBitmap.slice();
+    return;
+  }
   state.press = e.button === 0 && !e.ctrlKey ? { xy: rel(e), shift: e.shiftKey } : null;
   if (state.press) state.band = [...state.press.xy, ...state.press.xy];
 }, { capture: true });
+nv.onDrawingChanged = (action) => { if (action === "draw") strokeDone(); };
 canvas.addEventListener("pointermove", (e) => { if (state.band) { state.band.splice(2, 2, ...rel(e)); redrawUI(); } });
 window.addEventListener("pointerup", (e) => {   // capture: before NiiVue's own handler reports the drag
   if (state.press) state.press.end = rel(e);
@@ -356,8 +433,10 @@ function drawUI() {
   uictx.setTransform(d, 0, 0, d, 0, 0);
   uictx.clearRect(0, 0, w, h);
   if (!state.ready) return;
-  const p = state.prompt;
-  if (p && p.organ === state.organ && p.k === currentSlice()) {
+  const k = currentSlice(), a = anchorAt(state.organ, k);
+  const p = state.prompt && state.prompt.organ === state.organ && state.prompt.k === k ? state.prompt
+    : (a && !a.painted ? { organ: state.organ, k, box: a.box, points: a.points, labels: a.labels } : null);
+  if (p) {
     if (p.box) {
       const q0 = fileToScreen([p.box[0] - 0.5, p.box[1] - 0.5, p.k]), q1 = fileToScreen([p.box[2] + 0.5, p.box[3] + 0.5, p.k]);
       if (q0 && q1) {
@@ -411,6 +490,10 @@ document.addEventListener("keydown", (e) => {
   else if (e.ctrlKey || e.metaKey || e.altKey) return;
   else if (e.code === "KeyP") propagate();
   else if (e.code === "KeyC") nextCandidate();
+  else if (e.code === "KeyB") setTool("brush");
+  else if (e.code === "KeyE") setTool("eraser");
+  else if (e.code === "KeyA") setTool("prompt");
+  else if (e.code === "Delete" || e.code === "Backspace") clearSlice();
   else if (e.code === "KeyW") setPreset(presets[(presets.indexOf(state.preset) + 1) % presets.length]);
   else if (e.code === "Escape") { state.prompt = null; redrawUI(); }
   else if (e.code === "ArrowUp" || e.code === "PageUp") nv.moveCrosshairInVox(0, 0, 1);
@@ -425,6 +508,9 @@ $("candidate").onclick = () => nextCandidate();
 $("undo").onclick = () => undo();
 $("erase").onclick = () => erase();
 $("save").onclick = () => save();
+$("clear").onclick = () => clearSlice();
+document.querySelectorAll("[data-tool]").forEach((b) => (b.onclick = () => setTool(b.dataset.tool)));
+$("pen-size").onchange = () => setTool(state.tool);
 document.querySelectorAll("[data-preset]").forEach((b) => (b.onclick = () => setPreset(b.dataset.preset)));
 $("file").onchange = async (e) => {
   const file = e.target.files[0];
@@ -453,7 +539,8 @@ async function openVolume(info) {
     await fetchSlices([0, info.shape[0] - 1]);
     await refreshStatus();
     goToSlice(Math.floor(info.shape[0] / 2));
-    say(`${info.name}: ${info.shape.join(" x ")} (slices x rows x columns), ${state.config.model}. Drag a box or click on the organ.`);
+    say(`${info.name}: ${info.shape.join(" x ")} (slices x rows x columns), ${state.config.model} boxes, ` +
+        `${state.config.point_model} clicks. Drag a box or click on the organ.`);
     canvas.focus();
   });
 }
@@ -481,4 +568,4 @@ try {
   showError(err.message || String(err));
 }
 
-window.viewer = { nv, state, fileToScreen, currentSlice, goToSlice, propagate, save };   // for tests and the console
+window.viewer = { nv, state, fileToScreen, currentSlice, goToSlice, propagate, save, setTool };   // tests, the console

@@ -1,0 +1,251 @@
+"""The engine of corrections, shared by the viewer, `predict_segfm.py` and `interactive_eval.py`: what a
+box, a click, a stroke of the brush and a walk do to one organ's `sambtcv.anchors.OrganState`.
+
+Every operation returns a new state (the caller keeps the old one for undo):
+
+* `Editor.box3d`: a 3D box (slices z_lo..z_hi, an XYXY box on slice k): k is an anchor with the box, the
+  organ is bounded to those slices, and walked from k (`sambtcv.walks`);
+* `Editor.prompt`: a box and/or points on slice k, added to what that slice already holds (a click after a
+  box keeps the box) or starting it afresh, decoded together; k becomes an anchor;
+* `Editor.click`: one + / - point on slice k. On a slice the user has not prompted, the box comes from the
+  organ's mask there (or the nearest slice it has one on), grown by the walk's margin and by the point
+  when the point lies outside it, so a click refines what is shown instead of starting over;
+* `Editor.paint`: a slice's mask drawn by hand (brush and eraser): an anchor no model decodes;
+* `Editor.walk`: from an anchor both ways up to the neighbouring anchors, stops or convergence
+  (`sambtcv.walks.walk`);
+* `Editor.correct`: a click and what follows from it: what one step of the challenge's protocol does.
+
+The decoder gets the slice's earlier low-res logits as SAM's mask prompt when the rules say so
+(`EditRules.mask_input`), and clicks may go to another model than boxes (`point_dec`: e.g. the box-trained
+LiteMedSAM walks, MobileSAM answers clicks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import ndimage
+
+from sambtcv.anchors import OrganState, SlicePrompt
+from sambtcv.errors import PipelineError
+from sambtcv.prompts import bound_box, grow_box
+from sambtcv.propagation import MIN_AREA, SliceMask, VolumeDecoder, main_part
+from sambtcv.walks import WalkRules, walk
+
+PAINTED_LOGIT = 1e3  # a painted voxel's logit: the user's stroke wins over any model's mask of another organ
+EDGE_LOGIT = 1.0  # the least |logit| a voxel a click added or cut gets (overlaps with other organs)
+ADD_LIMIT = 0.3  # a + click's region adding more than this fraction of the organ's mask is not a correction
+CUT_LIMIT = 0.5  # a - click's region covering more of the organ's mask than this is the organ, not a leak
+BAND_SCALE = 2.0  # a click changes pixels up to this many times its own distance from the mask's edge
+REACH_SCALE = 4.0  # ... and within this many times (its distance + 1 px) of the click
+DISK_PX = 3  # radius of the region a click changes when SAM finds none there
+CLICK_RULES = ("local", "joint")
+AFTER_CLICK = ("none", "walk")
+
+
+@dataclass(frozen=True)
+class EditRules:
+    """The walk's rules and how a click's slice is decoded: with the slice's earlier logits as SAM's mask
+    prompt (`mask_input`)."""
+
+    walk: WalkRules
+    mask_input: bool = True
+    click: str = "local"  # CLICK_RULES (see Editor.edit)
+    after: str = "none"  # AFTER_CLICK: what a correction does beyond its slice (see Editor.correct)
+
+
+class Editor:
+    """Operations on one volume's organs. `dec` decodes boxes and walks; `point_dec` (default: `dec`)
+    decodes a slice whose prompt holds points. Both are `sambtcv.propagation.VolumeDecoder` on one stack."""
+
+    def __init__(self, dec: VolumeDecoder, rules: EditRules, point_dec: VolumeDecoder | None = None):
+        self.dec, self.rules = dec, rules
+        self.point_dec = point_dec or dec
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.dec.stack)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.dec.hw
+
+    # ------------------------------------------------------------------ one slice
+    def decode(self, state: OrganState, k: int, sp: SlicePrompt) -> SliceMask:
+        """Slice k's mask for its whole prompt (with the slice's earlier logits when the rules say so)."""
+        if sp.empty:
+            raise PipelineError("a slice's prompt needs a box or a point")
+        dec = self.point_dec if sp.points else self.dec
+        old = state.slices.get(k) if state is not None else None
+        # both models' low-res logits cover the same padded square of the slice, so either's can refine
+        mask_input = old.lowres if (self.rules.mask_input and sp.points and old is not None) else None
+        return dec.decode(k, sp.prompt(), mask_input=mask_input)
+
+    def _set_anchor(self, state: OrganState, k: int, sp: SlicePrompt, sm: SliceMask) -> OrganState:
+        return replace(state, slices={**state.slices, k: sm}, anchors={**state.anchors, k: sp}, pending=k,
+                       candidates=(), chosen=0, from_reference=False)
+
+    def prompt(self, state: OrganState | None, organ: int, k: int, box=None, points=(), labels=(),
+               fresh: bool = False) -> OrganState:
+        """Add a box and/or points to slice k's prompt (or, with `fresh`, replace it) and decode it."""
+        state = state or OrganState(organ)
+        self._check_slice(state, k)
+        sp = SlicePrompt() if fresh or k not in state.anchors else state.anchors[k]
+        if box is not None:
+            sp = sp.with_box(box)
+        for (x, y), lab in zip(points, labels):
+            sp = sp.with_point(x, y, bool(lab))
+        if sp.box is None and sp.points and k not in state.anchors and not fresh:
+            sp = self._derived_box(state, k, sp)
+        return self._set_anchor(state, k, sp, self.decode(state, k, sp))
+
+    def click(self, state: OrganState, k: int, x: float, y: float, positive: bool) -> OrganState:
+        """One + / - point added to slice k's prompt (see the module's docstring); the slice's mask is
+        `edit`ed by it. A + click outside the organ's z range widens the range to it (the user says the
+        organ is there); a - click there changes nothing."""
+        if state.z_range is not None and not state.in_range(k, self.n_slices) and 0 <= k < self.n_slices:
+            if not positive:
+                return state
+            lo, hi = state.z_range
+            state = replace(state, z_range=(min(lo, k), max(hi, k)))
+        self._check_slice(state, k)
+        sp = state.anchors.get(k)
+        sp = self._derived_box(state, k, SlicePrompt()) if sp is None or sp.painted else sp
+        if sp.box is not None and positive:
+            sp = sp.with_box(_include(sp.box, x, y, self.rules.walk.margin_px, self.hw))
+        sp = sp.with_point(x, y, positive)
+        state = replace(state, anchors={**state.anchors, k: sp})
+        return self._set_anchor(state, k, sp, self.edit(state, k, (x, y, positive)))
+
+    def edit(self, state: OrganState, k: int, click) -> SliceMask:
+        """Slice k's mask after a click (x, y, positive) on it. Rule "joint" (EditRules.click): the slice's
+        whole prompt decoded together, when that answers the click (holds a + point, leaves out a - one).
+        Otherwise, and always under rule "local": the old mask with the region SAM sees at the point (its
+        smallest mask there, or the joint mask's part there) added for a + click or cut out for a - click,
+        so a click changes its slice only near itself."""
+        x, y, positive = click
+        xi, yi = int(round(x)), int(round(y))
+        old = state.slices.get(k)
+        sp = state.anchors.get(k) or self._derived_box(state, k, SlicePrompt()).with_point(x, y, positive)
+        joint = self.decode(state, k, sp)
+        answers = bool(joint.mask[yi, xi]) == bool(positive)
+        if old is None or not old.area:
+            return joint if positive and answers else self._alone(k, x, y, positive, old)
+        if self.rules.click == "joint" and answers:
+            return joint
+        # the click sits in the middle of the error, so the error reaches about twice its distance from the
+        # mask's edge: the change stays within that band of the edge, connected to the click
+        side = ~old.mask if positive else old.mask
+        depth = ndimage.distance_transform_edt(side)
+        band = (depth <= BAND_SCALE * depth[yi, xi] + 1) & _disk(self.hw, xi, yi, REACH_SCALE * (depth[yi, xi] + 1))
+        if answers:  # what SAM changes, given the click, next to the click
+            changed = _component((joint.mask != old.mask) & side & band, yi, xi)
+        else:
+            changed = _component(self._point_region(k, x, y) & side & band, yi, xi)
+        limit = ADD_LIMIT if positive else CUT_LIMIT
+        if not changed[yi, xi] or changed.sum() > limit * old.area:
+            changed = _disk(self.hw, xi, yi) & side
+        mask = old.mask | changed if positive else old.mask & ~changed
+        logits = old.logits.copy()
+        logits[changed] = EDGE_LOGIT if positive else -EDGE_LOGIT
+        logits[yi, xi] = PAINTED_LOGIT if positive else -PAINTED_LOGIT
+        mask[yi, xi] = bool(positive)
+        return SliceMask(mask, logits.astype(np.float32), old.iou, None)
+
+    def _point_region(self, k: int, x: float, y: float) -> np.ndarray:
+        """The smallest of SAM's masks for a single + point at (x, y) that holds the point (the point
+        model's), else a small disk around it."""
+        xi, yi = int(round(x)), int(round(y))
+        found = self.point_dec.candidates(k, SlicePrompt().with_point(x, y, True).prompt())
+        holding = [c.mask for c in found.masks if c.mask[yi, xi]]
+        return min(holding, key=lambda m: m.sum()) if holding else _disk(self.hw, xi, yi)
+
+    def _alone(self, k: int, x: float, y: float, positive: bool, old) -> SliceMask:
+        """A click on a slice where the organ has no mask: a + click gets SAM's region at the point, a -
+        click leaves the slice empty."""
+        h, w = self.hw
+        mask = self._point_region(k, x, y) if positive else np.zeros((h, w), bool)
+        logits = np.where(mask, np.float32(EDGE_LOGIT), np.float32(-EDGE_LOGIT))
+        return SliceMask(mask, logits, 1.0, None)
+
+    def _derived_box(self, state: OrganState, k: int, sp: SlicePrompt) -> SlicePrompt:
+        """The box a walk would prompt slice k with: the organ's mask there (else on the nearest slice that
+        has one), its main part grown by the margin; no box when the organ has no mask yet."""
+        have = [j for j, sm in state.slices.items() if sm.area]
+        if not have:
+            return sp
+        j = min(have, key=lambda j: (abs(j - k), j))
+        h, w = self.hw
+        return sp.with_box(grow_box(bound_box(main_part(state.slices[j].mask)), self.rules.walk.margin_px,
+                                    (0, 0, w - 1, h - 1)))
+
+    def paint(self, state: OrganState | None, organ: int, k: int, mask: np.ndarray) -> OrganState:
+        """Slice k's mask as the user painted it (brush / eraser): an anchor, never decoded again."""
+        state = state or OrganState(organ)
+        self._check_slice(state, k)
+        mask = np.asarray(mask, bool)
+        if mask.shape != self.hw:
+            raise PipelineError(f"a painted mask must be {self.hw[0]} x {self.hw[1]} (the slice), got {mask.shape}")
+        logits = np.where(mask, np.float32(PAINTED_LOGIT), np.float32(-PAINTED_LOGIT))
+        return self._set_anchor(state, k, SlicePrompt(painted=True), SliceMask(mask.copy(), logits, 1.0))
+
+    def clear(self, state: OrganState, k: int) -> OrganState:
+        """Slice k afresh: its prompt and mask gone (not an anchor any more)."""
+        anchors = {j: v for j, v in state.anchors.items() if j != k}
+        slices = {j: v for j, v in state.slices.items() if j != k}
+        return replace(state, anchors=anchors, slices=slices, pending=None if state.pending == k else state.pending,
+                       candidates=(), chosen=0)
+
+    def _check_slice(self, state: OrganState, k: int) -> None:
+        if not 0 <= k < self.n_slices:
+            raise PipelineError(f"slice {k} is not inside 0..{self.n_slices - 1}")
+        if state.z_range is not None and not state.in_range(k, self.n_slices):
+            lo, hi = state.z_range
+            raise PipelineError(f"slice {k} lies outside the organ's 3D box (slices {lo}..{hi})")
+
+    # ------------------------------------------------------------------ walks
+    def walk(self, state: OrganState, start: int | None = None) -> OrganState:
+        """Walk from `start` (default: the pending anchor, else the first anchor)."""
+        start = start if start is not None else (state.pending if state.pending is not None else state.first_anchor)
+        if start is None or start not in state.slices:
+            raise PipelineError("the organ has no prompted slice to walk from; prompt it first")
+        return walk(self.dec, state, start, self.rules.walk)
+
+    def box3d(self, organ: int, z_lo: int, z_hi: int, k: int, box) -> OrganState:
+        """A 3D box: slice k anchored with the box, the organ bounded to z_lo..z_hi, walked from k."""
+        if not 0 <= z_lo <= k <= z_hi < self.n_slices:
+            raise PipelineError(f"a 3D box needs 0 <= first <= slice <= last < {self.n_slices}, got {z_lo}, {k}, "
+                                f"{z_hi}")
+        state = OrganState(organ, z_range=(int(z_lo), int(z_hi)))
+        return self.walk(self.prompt(state, organ, k, box=box))
+
+    def correct(self, state: OrganState, k: int, x: float, y: float, positive: bool) -> OrganState:
+        """A click on slice k and what follows from it (one step of the challenge's protocol): where the
+        organ had no mask on k (an end cut short), a walk from k; else, by EditRules.after, nothing more
+        ("none": the click changes its own slice, measured best) or a walk from k ("walk")."""
+        had = k in state.slices and state.slices[k].area >= MIN_AREA
+        new = self.click(state, k, x, y, positive)
+        if not had or self.rules.after == "walk":
+            return self.walk(new, k) if new.slices[k].area >= MIN_AREA else new
+        return new
+
+
+def _component(mask: np.ndarray, y: int, x: int) -> np.ndarray:
+    """The connected part of `mask` that holds pixel (y, x) (all of it when the pixel is outside it)."""
+    if not mask[y, x]:
+        return mask.copy()
+    lab, _ = ndimage.label(mask)
+    return lab == lab[y, x]
+
+
+def _disk(hw, x: int, y: int, r: float = DISK_PX) -> np.ndarray:
+    yy, xx = np.ogrid[:hw[0], :hw[1]]
+    return (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+
+
+def _include(box, x: float, y: float, margin: float, hw) -> tuple:
+    """The XYXY box grown to hold (x, y) with `margin` px around it, inside the slice."""
+    h, w = hw
+    x0, y0, x1, y1 = box
+    return (max(0.0, min(x0, x - margin)), max(0.0, min(y0, y - margin)), min(w - 1.0, max(x1, x + margin)),
+            min(h - 1.0, max(y1, y + margin)))

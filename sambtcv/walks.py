@@ -1,0 +1,150 @@
+"""Walks between anchors: an organ followed slice by slice from one slice outward, never over an anchor.
+
+`walk` starts on a slice whose mask is set (an anchor the user just gave or corrected) and goes each way,
+prompting each next slice with the previous slice's box (its mask's main part, grown by the margin), until
+one of:
+
+* the next anchor (its mask is the user's: kept), the volume's end, or the end of the organ's z range
+  (a 3D box bounds the walk in z);
+* the STOP rule of `sambtcv.propagation`, outside a z range; inside one only a vanished mask stops the
+  walk (the box says the organ is there);
+* *convergence*: on a slice that had a mask before, the new mask agrees with it (IoU >= CONVERGED_IOU):
+  the rest beyond is kept as it was. So a walk from a correction re-walks only as far as it changes
+  something, not "everything beyond".
+
+What the walk had left beyond the place it stopped stays, except at the organ's outer ends without a z
+range: there a walk that stops before the old masks' end takes them with it (they came from a walk
+through what was just corrected, e.g. a leak past the organ's end).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from sambtcv.anchors import OrganState
+from sambtcv.metrics import iou_score
+from sambtcv.prompts import Prompt
+from sambtcv.propagation import (
+    MIN_AREA,
+    OrganMasks,
+    SliceMask,
+    Stop,
+    Unsure,
+    VolumeDecoder,
+    WalkState,
+    box_mask,
+    next_box,
+)
+
+CONVERGED_IOU = 0.95  # a walk stops where its new mask agrees this well with the mask there before
+
+
+@dataclass(frozen=True)
+class WalkRules:
+    """How walks go: the stop rule outside a z range and the margin (px) around the previous mask's box."""
+
+    stop: str
+    margin_px: float
+
+
+@dataclass
+class _Direction:
+    """One direction's walk: slices kept (k -> SliceMask), where and why it ended, unsure slices."""
+
+    kept: dict = field(default_factory=dict)
+    stop: Stop | None = None
+    unsure: list = field(default_factory=list)
+    visited: int = 0
+    drop: list = field(default_factory=list)  # slices whose old masks go
+
+
+def walk(dec: VolumeDecoder, state: OrganState, start: int, rules: WalkRules, directions=(1, -1)) -> OrganState:
+    """The organ walked from slice `start` (which must have a mask) in `directions` (+1 superior, -1
+    inferior), as the module says; the new state (start is not made an anchor here)."""
+    first = state.slices[start]
+    results = [_walk_one(dec, state, start, d, first, rules) for d in directions]
+    return _apply(state, results, start, dec_visits=sum(r.visited for r in results))
+
+
+def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule: str, margin: float,
+              k_range=None, box_limit=None, directions=(1, -1)) -> OrganMasks:
+    """One prompt's walk through the volume (segment_volume.py): from slice `start` (whose mask is
+    `first`) in `directions`, each slice prompted with the previous slice's box grown by `margin` px;
+    stops by `rule`, at the volume's ends, or (a 3D box) at the ends of `k_range` (inclusive), and with
+    `box_limit` (XYXY) boxes and masks stay inside it. The result holds `start` and the slices kept
+    beyond it, and a `Stop` per direction."""
+    if box_limit is not None:
+        first.mask &= box_mask(dec.hw, box_limit)
+    if first.area < MIN_AREA:
+        return OrganMasks(organ, {}, 1, [Stop(start, d, "empty") for d in directions])
+    state = OrganState(organ, {start: first}, z_range=None if k_range is None else tuple(k_range),
+                       xy_limit=None if box_limit is None else tuple(float(v) for v in box_limit))
+    done = walk(dec, state, start, WalkRules(rule, margin), directions)
+    return OrganMasks(organ, done.slices, 1 + done.visited, list(done.stops), list(done.unsure))
+
+
+def _apply(state: OrganState, results: list, start: int, dec_visits: int) -> OrganState:
+    slices = dict(state.slices)
+    for r in results:
+        for k in r.drop:
+            slices.pop(k, None)
+        slices.update(r.kept)
+    stops = {s.direction: s for s in state.stops}
+    stops.update({r.stop.direction: r.stop for r in results if r.stop is not None})
+    touched = {k for r in results for k in (*r.kept, *r.drop)} | {start}
+    unsure = [u for u in state.unsure if u.k not in touched] + [u for r in results for u in r.unsure]
+    return replace(state, slices=slices, walked=True, pending=None, visited=state.visited + dec_visits,
+                   stops=tuple(stops[d] for d in sorted(stops, reverse=True)),
+                   unsure=tuple(sorted(unsure, key=lambda u: u.k)), from_reference=False)
+
+
+def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: SliceMask,
+              rules: WalkRules) -> _Direction:
+    out = _Direction()
+    n = len(dec.stack)
+    lo, hi = state.z_range if state.z_range is not None else (0, n - 1)
+    if first.area < MIN_AREA:
+        out.stop = Stop(start, d, "empty")
+        out.drop = _outer_beyond(state, start + d, d, n)
+        return out
+    ws = WalkState(dec.stack[start], first, rules.stop, rules.margin_px)
+    prev, k, reason = first, start + d, None
+    while lo <= k <= hi:
+        if k in state.anchors:
+            reason = "anchor"
+            break
+        old = state.slices.get(k)
+        new = dec.decode(k, Prompt(box=next_box(prev.mask, rules.margin_px, state.xy_limit)))
+        if state.xy_limit is not None:
+            new.mask &= box_mask(dec.hw, state.xy_limit)
+        out.visited += 1
+        if state.z_range is not None:
+            reason, check = ("vanished", None) if new.area < MIN_AREA else (None, ws.check(prev, new, dec.stack[k]))
+        else:
+            reason, check = ws.stop_reason(prev, new, dec.stack[k])
+        if reason:
+            break
+        if old is not None and old.area and iou_score(new.mask, old.mask) >= CONVERGED_IOU:
+            reason = "converged"
+            break
+        if check is not None and check.failing:
+            out.unsure.append(Unsure(k, check.failing))
+        out.kept[k] = new
+        ws.keep(dec.stack[k], new)
+        prev, k = new, k + d
+    if reason is None:
+        reason = "range" if state.z_range is not None and 0 <= k < n else "edge"
+    out.stop = Stop(k - d, d, reason)
+    if reason not in ("anchor", "converged", "range", "edge"):
+        out.drop = _outer_beyond(state, k, d, n)
+    return out
+
+
+def _outer_beyond(state: OrganState, k: int, d: int, n: int) -> list:
+    """Old masks from slice k on in direction d, when that side is the organ's outer end (no anchor lies
+    beyond, no z range): a walk that ended before them takes them with it. Else none."""
+    if state.z_range is not None:
+        return []
+    ks = range(k, n) if d > 0 else range(k, -1, -1)
+    if any(j in state.anchors for j in ks):
+        return []
+    return [j for j in ks if j in state.slices]

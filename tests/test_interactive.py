@@ -1,0 +1,234 @@
+"""The challenge's interactive protocol (boxes, clicks, files), predict_segfm.py step by step in new
+processes, and the engine's anchors (sambtcv.editor, sambtcv.walks) on the tiny phantom."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+
+from conftest import error_line, run_script
+from sambtcv import segfm
+from sambtcv.data import find_cases
+from sambtcv.editor import Editor, EditRules
+from sambtcv.errors import PipelineError
+from sambtcv.names import ORGAN_ID
+from sambtcv.propagation import VolumeDecoder, merge
+from sambtcv.protocol import predict, run_case
+from sambtcv.volume import load_case
+from sambtcv.walks import WalkRules
+
+SCORED = [ORGAN_ID[o] for o in ("spleen", "right_kidney", "left_kidney", "liver")]
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+def test_challenge_box_follows_the_rules():
+    gt = np.zeros((20, 256, 512), bool)
+    gt[4:15, 100:140, 200:300] = True
+    gt[9, 90:150, 190:310] = True  # the middle slice of the slices the class is on is slice 9
+    boxes = [segfm.challenge_box(gt, np.random.RandomState(segfm.BOX_SEED)) for _ in range(2)]
+    assert boxes[0] == boxes[1]  # seeded
+    b = boxes[0]
+    assert (b.z_min, b.z_max, b.z_mid) == (4, 14, 9)
+    x0, y0, x1, y1 = b.box
+    shift_x, shift_y = 190 - x0, 90 - y0
+    assert 0 <= shift_y <= 5 and shift_x == int(shift_y * 512 / 256)  # 0-5 px per 256 px, both sides
+    assert (x1 - 309, y1 - 149) == (shift_x, shift_y)
+
+
+def test_next_click_is_the_centre_of_the_largest_error():
+    gt = np.zeros((12, 40, 40), bool)
+    gt[2:10, 5:35, 5:35] = True
+    seg = gt.copy()
+    seg[3:8, 10:22, 10:22] = False  # a missed block (720 voxels)
+    seg[2:10, 36:39, 5:20] = True  # a leak (360 voxels)
+    c = segfm.next_click(gt, seg)
+    assert c.positive and 3 <= c.z <= 7 and 13 <= c.y <= 18 and 13 <= c.x <= 18
+    seg[3:8, 10:22, 10:22] = True
+    c = segfm.next_click(gt, seg)
+    assert not c.positive and c.y >= 36 and 5 <= c.x < 20
+    assert segfm.next_click(gt, gt.copy()) is None
+    assert segfm.auc([0.5, 0.6, 0.7, 0.8, 0.9, 1.0]) == pytest.approx(0.6 / 2 + 0.7 + 0.8 + 0.9 + 1.0 / 2)
+
+
+def test_nsd_is_monais_surface_dice():
+    gt = np.zeros((10, 30, 30), bool)
+    gt[2:8, 5:25, 5:25] = True
+    assert segfm.nsd(gt, gt, (2.0, 1.0, 1.0)) == pytest.approx(1.0)
+    shifted = np.roll(gt, 6, axis=2)
+    assert 0.2 < segfm.nsd(gt, shifted, (2.0, 1.0, 1.0)) < 0.9
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_case_files_round_trip(tmp_path):
+    imgs = np.zeros((6, 20, 30), np.uint8)
+    boxes = [segfm.Box3D(1, 4, 2, (3, 4, 10, 12)), segfm.Box3D(0, 5, 3, (0, 0, 29, 19))]
+    clicks = [{"fg": [[2, 5, 6]], "bg": [[3, 7, 8], [1, 1, 1]]}, {"fg": [], "bg": []}]
+    order = [["bg", "fg", "bg"], [None, None, None]]
+    segfm.write_case(tmp_path / "a.npz", imgs, (2.5, 0.8, 0.8), boxes, clicks, order)
+    case = segfm.read_case(tmp_path / "a.npz")
+    assert case.boxes == boxes and case.spacing == (2.5, 0.8, 0.8)
+    assert [(c.z, c.positive) for c in case.clicks[0]] == [(3, False), (2, True), (1, False)]
+    assert case.clicks[1] == []
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_crafted_npz_runs_no_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.npz"
+    np.savez(path, imgs=np.zeros((2, 4, 4), np.uint8), spacing=np.ones(3), boxes=np.array([_Evil()], dtype=object))
+    with pytest.raises(PipelineError, match="evil.npz is not a readable .npz .*system is not allowed here"):
+        segfm.read_case(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+# ---------------------------------------------------------------------------------------------- engine
+@pytest.fixture(scope="module")
+def val_case(raw_phantom):
+    _, image, label = find_cases(raw_phantom)["val"][0]
+    return load_case("val", image, label, (-160, 240))
+
+
+@pytest.fixture(scope="module")
+def decoders(val_case, litemedsam, mobilesam, tmp_path_factory):
+    from sambtcv.decoder import load_decoder
+
+    cache = tmp_path_factory.mktemp("interactive") / "cache"
+    box = VolumeDecoder(val_case.stack, litemedsam, load_decoder(litemedsam).eval(), cache, "cpu")
+    point = VolumeDecoder(val_case.stack, mobilesam, load_decoder(mobilesam).eval(), cache, "cpu")
+    return box, point
+
+
+def _editor(decoders, case) -> Editor:
+    return Editor(decoders[0], EditRules(WalkRules("intensity", 9.0 / case.pixel_mm)), decoders[1])
+
+
+def test_clicks_do_not_lower_the_dice_on_average(decoders, val_case):
+    """The protocol on the phantom: a box, then 5 clicks; the mean DSC over organs never falls by more
+    than 0.01 from one step to the next (the acceptance's bound), and ends above where the box left it."""
+    run = run_case(_editor(decoders, val_case), "val", val_case.label,
+                   (val_case.spacing[2], val_case.spacing[0], val_case.spacing[1]), SCORED, nsd=False)
+    s = run.summary()
+    assert len(s) == 4 and all(len(v["dsc"]) == 6 for v in s.values())
+    mean = [np.mean([v["dsc"][i] for v in s.values()]) for i in range(6)]
+    assert mean[0] > 0.8, mean
+    assert all(b >= a - 0.01 for a, b in zip(mean, mean[1:])), mean
+    assert mean[-1] > mean[0], mean
+
+
+def test_a_click_after_a_box_keeps_the_box(decoders, val_case):
+    ed = _editor(decoders, val_case)
+    liver = ORGAN_ID["liver"]
+    k = int(np.argmax((val_case.label == liver).sum(axis=(1, 2))))
+    box = tuple(float(v) for v in np.argwhere(val_case.label[k] == liver)[:, ::-1].min(0)) + \
+        tuple(float(v) for v in np.argwhere(val_case.label[k] == liver)[:, ::-1].max(0))
+    state = ed.prompt(None, liver, k, box=box)
+    ys, xs = np.nonzero(state.slices[k].mask)
+    state = ed.click(state, k, float(xs[0]), float(ys[0]), False)
+    sp = state.anchors[k]
+    assert sp.box == box and sp.points == ((float(xs[0]), float(ys[0])),) and sp.labels == (0,)
+    assert not state.slices[k].mask[ys[0], xs[0]]  # the click is answered
+    assert sp.describe() == "box + 1 point (1 -)"
+
+
+def test_walks_never_overwrite_an_anchor(decoders, val_case):
+    ed = _editor(decoders, val_case)
+    spleen = ORGAN_ID["spleen"]
+    ks = np.flatnonzero((val_case.label == spleen).any(axis=(1, 2)))
+    k = int(ks[len(ks) // 2])
+    ys, xs = np.nonzero(val_case.label[k] == spleen)
+    state = ed.walk(ed.prompt(None, spleen, k, box=(xs.min(), ys.min(), xs.max(), ys.max())))
+    j = k + 1 if k + 1 in state.slices else k - 1
+    painted = np.zeros(val_case.stack.shape[1:], bool)
+    painted[ys.min():ys.min() + 3, xs.min():xs.min() + 3] = True
+    state = ed.paint(state, spleen, j, painted)
+    again = ed.walk(ed.prompt(state, spleen, k, box=(xs.min(), ys.min(), xs.max(), ys.max()), fresh=True), k)
+    assert np.array_equal(again.slices[j].mask, painted) and j in again.anchors
+    assert any(s.reason == "anchor" and s.k == j - np.sign(j - k) for s in again.stops)
+
+
+def test_a_walk_from_an_unchanged_slice_converges_at_once(decoders, val_case):
+    ed = _editor(decoders, val_case)
+    liver = ORGAN_ID["liver"]
+    k = int(np.argmax((val_case.label == liver).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(val_case.label[k] == liver)
+    box = (xs.min(), ys.min(), xs.max(), ys.max())
+    state = ed.walk(ed.prompt(None, liver, k, box=box))
+    again = ed.walk(ed.prompt(state, liver, k, box=box, fresh=True), k)
+    assert again.visited - state.visited <= 2  # one slice each way, then "converged"
+    assert {s.reason for s in again.stops} <= {"converged", "edge", "range", "intensity", "vanished"}
+    assert "converged" in {s.reason for s in again.stops}
+
+
+# ---------------------------------------------------------------------------------------------- predictor
+def test_predictor_steps_in_new_processes_equal_one_session(decoders, val_case, tmp_path):
+    """predict_segfm.py called once per step (a new process each, as the challenge runs it) gives what the
+    in-process protocol gives; a broken file beside it gets one line and no output, the good one is written,
+    exit status 2."""
+    gt = np.zeros(val_case.label.shape, np.uint8)
+    for i, o in enumerate(SCORED[:2]):
+        gt[val_case.label == o] = i + 1
+    rng = np.random.RandomState(segfm.BOX_SEED)
+    boxes = [segfm.challenge_box(gt == i + 1, rng) for i in range(2)]
+    spacing = (val_case.spacing[2], val_case.spacing[0], val_case.spacing[1])
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "broken.npz").write_bytes(b"not a zip")
+    args = ["predict_segfm.py", "--inputs", inp, "--outputs", out, "--runtime", "torch", "--cache-dir",
+            tmp_path / "cache", "--device", "cpu"]
+    clicks, order = [{"fg": [], "bg": []} for _ in boxes], [[] for _ in boxes]
+    segfm.write_case(inp / "case.npz", val_case.stack, spacing, boxes)
+    session = Editor(decoders[0], EditRules(WalkRules("intensity", 9.0 / val_case.pixel_mm)), decoders[1])
+    for step in range(2):
+        res = run_script(args)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert error_line(res.stderr).startswith("error: broken.npz is not a readable .npz")
+        assert not (out / "broken.npz").exists()
+        segs = np.load(out / "case.npz")["segs"]
+        expected = predict(session, segfm.read_case(inp / "case.npz"))
+        assert segs.dtype == np.uint8 and segs.shape == gt.shape
+        assert np.array_equal(segs, expected)
+        for i in range(2):
+            c = segfm.next_click(gt == i + 1, segs == i + 1)
+            clicks[i]["fg" if c.positive else "bg"].append([c.z, c.y, c.x])
+            order[i].append("fg" if c.positive else "bg")
+        segfm.write_case(inp / "case.npz", val_case.stack, spacing, boxes, clicks, order, prev_pred=segs)
+    assert segfm.dsc(gt == 1, segs == 1) > 0.8
+
+
+@pytest.mark.parametrize("content, needle", [
+    ({"imgs": np.zeros((2, 4, 4), np.float32), "spacing": np.ones(3)}, "imgs must be a (D, H, W) uint8 array"),
+    ({"imgs": np.zeros((2, 4, 4), np.uint8), "spacing": np.ones(2)}, "spacing must be three positive numbers"),
+    ({"imgs": np.zeros((2, 4, 4), np.uint8), "spacing": np.ones(3)}, "holds neither boxes nor clicks"),
+    ({"imgs": np.zeros((2, 4, 4), np.uint8), "spacing": np.ones(3),
+      "boxes": np.array([{"z_min": 0, "z_max": 5, "z_mid": 1, "z_mid_x_min": 0, "z_mid_y_min": 0,
+                          "z_mid_x_max": 2, "z_mid_y_max": 2}], dtype=object)}, "0 <= z_min <= z_mid <= z_max < 2"),
+    ({"imgs": np.zeros((2, 4, 4), np.uint8), "spacing": np.ones(3),
+      "clicks": np.array([{"fg": [[0, 9, 1]], "bg": []}], dtype=object)}, "lies outside the volume"),
+])
+def test_bad_case_files_are_one_line(tmp_path, content, needle):
+    path = tmp_path / "x.npz"
+    path.write_bytes(_npz(**content))
+    with pytest.raises(PipelineError) as exc:
+        segfm.read_case(path)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_segs_merge_classes_in_order(decoders, val_case):
+    """segs holds class i + 1 for the i-th box, whatever BTCV organ it is."""
+    state = _editor(decoders, val_case)
+    gt = val_case.label == ORGAN_ID["liver"]
+    b = segfm.challenge_box(gt, np.random.RandomState(0))
+    st = state.box3d(1, b.z_min, b.z_max, b.z_mid, b.box)
+    segs = merge([st.masks()], gt.shape)
+    assert set(np.unique(segs)) <= {0, 1} and segfm.dsc(gt, segs == 1) > 0.7
