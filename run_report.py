@@ -107,14 +107,14 @@ def run_stages(cfg, res: Results, device, others: list[str], skip: list[str]) ->
     stages.run("task 3: classify (train)", ["classify_train_task3.py", *main], slices,
                outputs=[Results.best(res.classifier_run)])
     stages.run("task 3: classify (validate)", ["classify_val_task3.py", *main], slices, outputs=[res.figure("fig3")])
-    if "3d" not in skip:
-        stages.run("3D: one box per organ", ["segment_volume.py", "--data-dir", str(raw), "--split", "val",
-                                             "--results-dir", str(res.root), *model, *common, "--cache-dir",
-                                             str(Path(cfg["work_dir"]) / "embeddings_3d")], slices)
     if "interactive" not in skip:
         stages.run("Table 5: interactive 3D (box + 5 clicks)",
                    ["interactive_eval.py", "--data-dir", str(raw), "--split", "val", "--results-dir", str(res.root),
                     *common, "--cache-dir", str(Path(cfg["work_dir"]) / "embeddings_3d")], slices)
+    if "3d" not in skip:
+        stages.run("3D: one box per organ", ["segment_volume.py", "--data-dir", str(raw), "--split", "val",
+                                             "--results-dir", str(res.root), *model, *common, "--cache-dir",
+                                             str(Path(cfg["work_dir"]) / "embeddings_3d")], slices)
     stages.slices = slices
     return stages
 

@@ -127,6 +127,18 @@ def _parser(doc: str, block, values: dict) -> tuple[argparse.ArgumentParser, dic
     return parser, bounds
 
 
+QUIET_LOGGERS = ("monai.data.nvimgcodec_pydicom_plugin",)  # a warning at MONAI's import once pydicom is installed
+
+
+def quiet_libraries() -> None:
+    """Libraries' start-up warnings that say nothing about the user's run (MONAI: "nvImageCodec is not
+    available") stay out of the pages' output, so an error is the one line it is meant to be."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def parse_config(module_globals: dict, argv=None, defaults: dict | None = None) -> Config:
     """The page's config block as flags -> `Config` ``{lower_case_name: value}``.
 
@@ -136,6 +148,7 @@ def parse_config(module_globals: dict, argv=None, defaults: dict | None = None) 
     that ``--profile`` names (a ``PROFILE`` constant of the page is its default). Abbreviated flags are
     refused; a flag given on the command line always wins.
     """
+    quiet_libraries()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     page = Path(module_globals["__file__"]).stem
     block = config_block(Path(module_globals["__file__"]).read_text())

@@ -83,8 +83,8 @@ def unrle(counts, shape) -> np.ndarray:
 
 
 def _span(*states) -> list | None:
-    """[first, last] slice that any of the states (None allowed) has a mask on."""
-    ks = [k for s in states if s is not None for k in s.slices]
+    """[first, last] slice that any of the states (None allowed) has a mask on, or a walk (`Job`) decoded."""
+    ks = [k for s in states if s is not None for k in (s.seen if isinstance(s, Job) else s.slices)]
     return [min(ks), max(ks)] if ks else None
 
 
@@ -109,14 +109,20 @@ class Job:
     result: dict | None = None
     error: str | None = None
     status: int = 0  # HTTP-like status of an error: 4xx (a PipelineError) or 500
+    _last: tuple | None = None
+    seen: list = field(default_factory=list)  # every slice the walk decoded
 
     def saw(self, k: int, sm: SliceMask) -> None:
-        """A slice was decoded by the walk."""
+        """A slice was decoded: the previous one in the same direction was kept by the walk (the last one
+        of a direction may be where it stopped, so it shows only once the walk went past it)."""
         self.visited += 1
         self.current = k
-        if k != self.start:
-            self.kept.append(k)
-            self.live[k] = sm
+        self.seen.append(k)
+        d = 1 if k > self.start else -1
+        if self._last is not None and self._last[0] == k - d:
+            self.kept.append(self._last[0])
+            self.live[self._last[0]] = self._last[1]
+        self._last = (k, sm)
 
     def view(self) -> dict:
         return {"organ": organ_name(self.organ), "start": self.start, "running": not self.done.is_set(),
@@ -324,7 +330,7 @@ class VolumeSession:
                               "directions": ["superior", "inferior"],
                               **{k: v for k, v in walk_report(new.masks(), self.n_slices).items()
                                  if k in ("stops", "unsure")},
-                              "anchors": new.anchor_list(), "changed": _span(state, new), "version": self.version}
+                              "anchors": new.anchor_list(), "changed": _span(state, new, job), "version": self.version}
         except PipelineError as exc:
             job.error, job.status = str(exc), 422
         except Exception as exc:  # noqa: BLE001 - the page gets one line, the log the traceback

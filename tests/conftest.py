@@ -13,6 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
+from sambtcv.cli import quiet_libraries  # noqa: E402
+
+quiet_libraries()
 TINY_SHAPE = (80, 80, 8)  # voxels of each test phantom volume: few slices, fast to encode
 TINY_VOLUMES = 3  # two training cases and one validation case
 

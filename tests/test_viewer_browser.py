@@ -167,7 +167,7 @@ def test_clicks_brush_and_eraser_correct_in_the_browser(phantom_ct, litemedsam, 
             canvas = page.locator("#gl").bounding_box()
 
             def screen(x, y, z=k):
-                return page.evaluate("p => viewer.fileToScreen(p)", [x, y, z])
+                return page.evaluate("p => viewer.fileToScreen(p)", [float(x), float(y), int(z)])
 
             _drag(page, canvas, [screen(box[0], box[1]), screen((box[0] + box[2]) / 2, (box[1] + box[3]) / 2),
                                  screen(box[2], box[3])])
@@ -202,7 +202,9 @@ def test_clicks_brush_and_eraser_correct_in_the_browser(phantom_ct, litemedsam, 
             page.evaluate("k => viewer.goToSlice(k)", j)
             page.wait_for_function(f"viewer.currentSlice() === {j}")
             page.fill("#pen-size", "2")
+            page.focus("#gl")  # keys go to the page, not the size box
             page.keyboard.press("b")
+            assert page.evaluate("viewer.state.tool") == "brush"
             _drag(page, canvas, [screen(mx, my, j), screen(mx + 0.4, my + 0.4, j)])
             page.wait_for_function(f"viewer.state.status.organs.spleen.anchors.some(a => a.slice === {j})",
                                    timeout=60_000)
@@ -213,6 +215,7 @@ def test_clicks_brush_and_eraser_correct_in_the_browser(phantom_ct, litemedsam, 
             page.evaluate("k => viewer.goToSlice(k)", e)
             page.wait_for_function(f"viewer.currentSlice() === {e}")
             page.keyboard.press("e")
+            assert page.evaluate("viewer.state.tool") == "eraser"
             _drag(page, canvas, [screen(ex, ey, e), screen(ex + 0.4, ey + 0.4, e)])
             page.wait_for_function(f"viewer.state.status.organs.spleen.anchors.some(a => a.slice === {e})",
                                    timeout=60_000)

@@ -77,10 +77,15 @@ const nv = new Niivue({
 });
 // a setter, not a constructor option (the constructor drops it): left = prompts (callback only), ctrl+left =
 // crosshair, right = window/level, middle = pan
-nv.setMouseEventConfig({
+const MOUSE_PROMPT = {
   leftButton: { primary: DRAG_MODE.callbackOnly, withShift: DRAG_MODE.callbackOnly, withCtrl: DRAG_MODE.crosshair },
   rightButton: DRAG_MODE.windowing, centerButton: DRAG_MODE.pan,
-});
+};
+const MOUSE_DRAW = {   // NiiVue draws where a crosshair click goes: the brush and the eraser follow the left button
+  leftButton: { primary: DRAG_MODE.crosshair, withShift: DRAG_MODE.crosshair, withCtrl: DRAG_MODE.crosshair },
+  rightButton: DRAG_MODE.windowing, centerButton: DRAG_MODE.pan,
+};
+nv.setMouseEventConfig(MOUSE_PROMPT);
 const LAYOUT = [
   { sliceType: SLICE_TYPE.AXIAL, position: [0, 0, 0.64, 1] },
   { sliceType: SLICE_TYPE.CORONAL, position: [0.64, 0, 0.36, 0.5] },
@@ -252,6 +257,7 @@ function setTool(tool) {
   state.tool = tool;
   document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("on", b.dataset.tool === tool));
   const drawing = tool !== "prompt";
+  nv.setMouseEventConfig(drawing ? MOUSE_DRAW : MOUSE_PROMPT);
   nv.setDrawingEnabled(drawing);
   nv.opts.penSize = Number($("pen-size").value) || 1;
   nv.setPenValue(tool === "brush" ? state.organs.indexOf(state.organ) + 1 : 0, false);
