@@ -2,6 +2,7 @@
 
     python segment_volume.py --image ct.nii.gz --prompts prompts.json --out ct_sam.nii.gz       # your own prompts
     python segment_volume.py --image ct.nii.gz --label label.nii.gz --organs liver,spleen --out pred.nii.gz
+    python segment_volume.py --image DICOM_FOLDER --prompts prompts.json --out seg.dcm         # DICOM in, SEG out
     python segment_volume.py --data-dir RAW --split val --results-dir results                  # evaluation
     torchrun --nproc_per_node 4 segment_volume.py --data-dir RAW --split val --results-dir results   # cases shared out
 
@@ -29,6 +30,7 @@ import numpy as np
 from sambtcv import config, names, records, tables
 from sambtcv.cli import (
     Models,
+    ct_input,
     flag,
     input_file,
     label_map_out,
@@ -62,11 +64,12 @@ from sambtcv.volume import (
 )
 
 # ---------------------------------------------------------------------------------------------- config
-IMAGE = None  # a CT volume (.nii.gz) to segment
+IMAGE = None  # a CT to segment: a .nii.gz / .nii file, or a DICOM series (a folder of its files, or a .zip)
+SERIES = None  # with a DICOM --image holding several series: the SeriesInstanceUID of the one to segment
 PROMPTS = None  # with --image: prompts.json (README: "Prompts file")
 LABEL = None  # with --image: a label map on the image's grid; one box per organ comes from it
 ORGANS = "all"  # with --label or --data-dir: organs to segment, where labelled (comma list of names, or all)
-OUT = None  # with --image: the predicted label map (.nii.gz) to write
+OUT = None  # with --image: the label map to write: .nii.gz / .nii, or .dcm (a DICOM SEG; needs a DICOM series)
 DATA_DIR = None  # evaluation: a dataset in one of the contract's layouts
 SPLIT = "val"  # evaluation: val | train
 RESULTS_DIR = config.RESULTS_DIR  # evaluation: volume_3d.json / .md, volumes/, figures/ go here
@@ -185,21 +188,22 @@ def segment_image(cfg, device, organs: list[int], walk: WalkSettings) -> None:
     """--image with --prompts or --label: write --out."""
     if bool(cfg["prompts"]) == bool(cfg["label"]):
         raise PipelineError("--image needs either --prompts PROMPTS.json or --label LABEL.nii.gz")
-    image = input_file(cfg["image"], "--image")
+    image = ct_input(cfg["image"], "--image")
     label = input_file(cfg["label"], "--label") if cfg["label"] else None
     check_out(cfg["out"], [image] + ([label] if label else []))
     specs = read_prompts_file(input_file(cfg["prompts"], "--prompts")) if cfg["prompts"] else None
     with flag("--window-hu"):
         window = parse_window(cfg["window_hu"])
-    models = load_models(cfg, device)
-    case = load_case(image.name, image, label, window)
+    models = load_models(cfg, device)  # a bad --model / --finetuned fails before the CT is read
+    with flag("--image"):
+        case = load_case(image.name, image, label, window, series=cfg["series"])
     prompts = [case_prompt(s, case) for s in specs] if specs else label_prompts(case, organs)
     if not prompts:
         raise PipelineError(f"none of the organs {', '.join(organ_name(o) for o in organs)} is in --label {label}")
     dec = volume_decoder(case, models, cfg, device)
     organ_walks = segment(dec, prompts, walk, case.pixel_mm)
     labels = merge(organ_walks, case.stack.shape)
-    write_label_map(labels, case, Path(cfg["out"]))
+    write_label_map(labels, case, Path(cfg["out"]), model=models.backbone.name, source=image, series=cfg["series"])
     for p in prompts:
         n = int((labels == p.organ).sum())
         line = f"{organ_name(p.organ)}: {n} voxels on {int((labels == p.organ).any(axis=(1, 2)).sum())} slices"

@@ -217,8 +217,24 @@ def input_file(path, name: str) -> Path:
         return files.check_input_file(path)
 
 
+def ct_input(path, name: str) -> Path:
+    """A CT given by the flag `name`: a NIfTI file, or a DICOM series (a folder of its files, or a .zip)."""
+    from sambtcv import dicom, files
+
+    with flag(name):
+        p = Path(path)
+        if p.is_dir() or (p.is_file() and p.suffix.lower() == ".zip"):
+            return p
+        if not p.exists():
+            raise PipelineError(f"{{subject}} {p} not found", "input")
+        if dicom.is_dicom_source(p):
+            return p
+        return files.check_input_file(p)
+
+
 def label_map_out(out, inputs: list[Path]) -> Path:
-    """--out: a new or replaceable .nii/.nii.gz file in a writable folder, never one of the inputs."""
+    """--out: a new or replaceable .nii/.nii.gz file (or .dcm, a DICOM SEG, for a DICOM series) in a writable
+    folder, never one of the inputs."""
     from sambtcv.volume import check_label_map_path
 
     with flag("--out"):

@@ -97,7 +97,7 @@ def _check_pairs(pairs):
             image.is_file() and label.is_file()
         except (OSError, ValueError) as exc:
             raise PipelineError(f"cannot look up the case files {image} / {label}: {exc}") from None
-        if not image.is_file():
+        if not image.is_file() and not image.is_dir():
             raise PipelineError(f"image file missing: {image}")
         if not label.is_file():
             raise PipelineError(f"image {image} has no label file (expected {label})")
@@ -133,9 +133,13 @@ def read_header(path: Path):
 
 
 def check_geometry(image: Path, label: Path) -> None:
-    """The label must lie on the image's voxel grid: same shape, orientation, and corners within a voxel."""
+    """The label must lie on the image's voxel grid (a DICOM series': `sambtcv.dicom.as_nifti`): same shape,
+    orientation, and corners within a voxel."""
     import nibabel as nib
 
+    from sambtcv.dicom import as_nifti
+
+    image = as_nifti(image)
     im, lab = read_header(image), read_header(label)
     if im.shape != lab.shape:
         raise PipelineError(f"label {label} has shape {lab.shape} but its image {image} has shape {im.shape}")
@@ -201,6 +205,9 @@ def load_label(label: Path, orientation: str) -> np.ndarray:
 def load_volume(image: Path, label: Path, orientation: str, window) -> tuple[np.ndarray, np.ndarray]:
     """(image float32 [0, 1], label uint8) of one case, both reoriented to `orientation`, axes (i, j, k);
     a label off the image's grid is refused with one line."""
+    from sambtcv.dicom import as_nifti
+
+    image = as_nifti(image)  # a DICOM series (folder or .zip) as NIfTI on its own grid
     check_geometry(image, label)
     return load_image(image, orientation, window), load_label(label, orientation)
 

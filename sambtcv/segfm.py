@@ -4,9 +4,9 @@ Image Segmentation" (SEGFM3D), and its file format, for `predict_segfm.py` and `
 The protocol, as the challenge's public evaluation code runs it (JunMa11/CVPR-MedSegFMCompetition,
 ``get_boxes.py`` and ``CVPR25_iter_eval.py``; re-implemented here, none of it copied):
 
-* step 1 gives each class a 3D box (`challenge_box`): ``z_min``, ``z_max``, the slice ``z_mid`` (the middle
-  of the slices the class is on) and the class's 2D box there, each side moved out by 0-5 px per 256 px
-  (one draw per class from a generator seeded with BOX_SEED);
+* step 1 gives each class a 3D box (`challenge_box`): ``z_min``, ``z_max``, the slice ``z_mid`` (the
+  slice of the class's middle voxel, counting voxels in C order) and the class's 2D box there, each side
+  moved out by 0-5 px per 256 px (one draw per class from a generator seeded with BOX_SEED);
 * steps 2-6 each add one click per class (`next_click`): the voxel farthest from the background (the
   maximum of the Euclidean distance transform, ties broken by a generator seeded with CLICK_SEED) of the
   largest 26-connected error component of the previous prediction; foreground where the prediction
@@ -99,8 +99,10 @@ def _whole(value, what: str) -> int:
 
 def challenge_box(gt: np.ndarray, rng: np.random.RandomState) -> Box3D:
     """The challenge's 3D box of a non-empty (D, H, W) class mask; `rng` draws the 2D box's jitter."""
-    zs = np.flatnonzero(gt.any(axis=(1, 2)))
-    z_mid = int(zs[len(zs) // 2])
+    per_slice = gt.sum(axis=(1, 2))
+    zs = np.flatnonzero(per_slice)
+    # the slice of the middle voxel in C order (get_boxes.py's z_indices[len // 2]), not the middle slice
+    z_mid = int(np.searchsorted(np.cumsum(per_slice), int(per_slice.sum()) // 2, side="right"))
     ys, xs = np.nonzero(gt[z_mid])
     h, w = gt.shape[1:]
     shift = int(rng.randint(0, BOX_JITTER, 1)[0])

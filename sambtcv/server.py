@@ -4,7 +4,8 @@
 "Viewer"; coordinates in the slice frame of the prompts file, organs by BTCV name):
 
 ====== ============================================== ==================================================
-POST   /api/volumes                                   body: .nii / .nii.gz bytes -> 201 {id, shape [K, H, W], spacing}
+POST   /api/volumes                                   body: .nii / .nii.gz bytes, or a .zip of one DICOM series ->
+                                                         201 {id, shape [K, H, W], spacing, name, dicom, series}
 GET    /api/volumes                                   -> {volumes: [{id, shape, spacing, name}]}
 GET    /api/volumes/{id}                              -> status: organs (slices, anchor, pending, stops,
                                                          unsure, candidates), dice, job (a walk's progress), version
@@ -12,6 +13,7 @@ DELETE /api/volumes/{id}                              -> {closed}
 GET    /api/volumes/{id}/image.nii.gz                 the CT reoriented to the slice frame's axes (config.ORIENTATION):
                                                          voxel (i, j, k) = pixel (x = i, y = j) of slice k
 GET    /api/volumes/{id}/labels.nii.gz                the label map (BTCV ids) in the uploaded file's geometry
+GET    /api/volumes/{id}/seg.dcm                      the label map as a DICOM SEG (a CT uploaded as a DICOM series)
 GET    /api/volumes/{id}/labels.raw?first=&last=&live= slices first..last of the label map, uint8 (n, H, W) C order
 POST   /api/volumes/{id}/organs/{organ}/prompt        {slice, box?, points?, labels?, mode? add|new} -> {slice, area,
                                                          iou, seconds, candidate, candidates, prompt (what the
@@ -62,9 +64,10 @@ from sambtcv.volume import write_label_map
 
 WEB_DIR = config.ROOT / "web"
 NIIVUE = "node_modules/@niivue/niivue/dist/index.js"
+FFLATE = "node_modules/fflate/esm/browser.js"  # NiiVue's own zip library: the page zips a DICOM series' files
 HTML, JS, CSS = "text/html; charset=utf-8", "text/javascript; charset=utf-8", "text/css; charset=utf-8"
 STATIC = {"/": ("index.html", HTML), "/index.html": ("index.html", HTML), "/app.js": ("app.js", JS),
-          "/style.css": ("style.css", CSS), f"/{NIIVUE}": (NIIVUE, JS)}  # the only files served
+          "/style.css": ("style.css", CSS), f"/{NIIVUE}": (NIIVUE, JS), f"/{FFLATE}": (FFLATE, JS)}  # all it serves
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_JSON_BYTES = 64 * 1024
 MAX_PAINT_BYTES = 8 * 2 ** 20  # a painted slice's run lengths (a 1024 x 1024 slice of single pixels fits)
@@ -243,7 +246,7 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
     async def nifti_body(request: Request, what: str) -> bytes:
         kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if kind in ("application/json", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain"):
-            raise ApiError(415, f"send {what} as the raw .nii or .nii.gz bytes (Content-Type: "
+            raise ApiError(415, f"send {what} as the raw .nii, .nii.gz or .zip bytes (Content-Type: "
                                 f"application/octet-stream)")
         data = await body_bytes(request, limit, what)
         if not data:
@@ -307,6 +310,13 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
     async def labels(vid: str):
         session = session_of(vid)
         return nifti_response(await run_in_threadpool(session.label_map_nifti), "labels.nii.gz")
+
+    @app.get("/api/volumes/{vid}/seg.dcm")
+    async def seg(vid: str):
+        session = session_of(vid)
+        data = await run_in_threadpool(session.seg_dicom)
+        return Response(data, media_type="application/dicom",
+                        headers={"Content-Disposition": 'attachment; filename="labels-seg.dcm"'})
 
     @app.get("/api/volumes/{vid}/labels.raw")
     async def label_slices(vid: str, request: Request, first: int = 0, last: int | None = None, live: bool = False):

@@ -52,6 +52,7 @@ SPACING_MM = (0.01, 100.0)  # a sane voxel size, mm, along every axis
 IMAGE_GZIP_LEVEL = 1  # the CT served to the page: fast to compress, the page inflates it
 REFERENCE_LOGIT = 1e-3  # the logit of a reference label's voxels: any SAM mask of another organ wins there
 ID_PATTERN = r"^[0-9a-f]{32}$"  # volume ids (uuid4 hex), made by the server
+ZIP_MAGIC = b"PK\x03\x04"  # an uploaded .zip: a DICOM series
 PROMPT = "the prompt"  # how messages name a prompt request ("the prompt['box'] values must be ...")
 
 
@@ -156,6 +157,7 @@ class VolumeSession:
         self._image: bytes | None = None
         self._cache: dict = {}  # (what, version) -> value
         self.on_touch = None  # called when the focus moves (wakes the background encoder)
+        self.series = None  # sambtcv.dicom.Series when the CT came as a DICOM series
 
     # ------------------------------------------------------------------ facts
     @property
@@ -436,6 +438,24 @@ class VolumeSession:
             self._cache[key] = label_map_bytes(self.labels(), self.case)
         return self._cache[key]
 
+    def seg_dicom(self) -> bytes:
+        """The label map as a DICOM SEG of the series the CT came as (`sambtcv.dicom.write_seg`)."""
+        import nibabel as nib
+
+        from sambtcv import dicom
+
+        if self.series is None:
+            raise PipelineError("this CT was not opened as a DICOM series; save the label map as NIfTI "
+                                "(labels.nii.gz) instead")
+        key = ("seg", self.version)
+        if key not in self._cache:
+            volume = np.asarray(nib.Nifti1Image.from_bytes(label_map_bytes(self.labels(), self.case, gz=False)).dataobj)
+            out = self.folder / "labels-seg.dcm"
+            dicom.write_seg(volume, self.series, out, self.engine.model)
+            self._cache[key] = out.read_bytes()
+            out.unlink()
+        return self._cache[key]
+
     def image_nifti(self) -> bytes:
         """The CT as .nii.gz reoriented to the slice frame's canonical axes (config.ORIENTATION): voxel
         (i, j, k) is pixel (x = i, y = j) of slice k. HU as stored, for the page's own windowing."""
@@ -450,7 +470,14 @@ class VolumeSession:
     # ------------------------------------------------------------------ what the page shows
     def info(self) -> dict:
         return {"id": self.id, "shape": self.shape, "spacing": [round(float(s), 6) for s in self.case.spacing],
-                "name": self.case.name}
+                "name": self.case.name, "dicom": self.series is not None,
+                "series": self.series.uid if self.series is not None else None,
+                "seg_note": None if self.series is None else self._seg_note()}
+
+    def _seg_note(self) -> str | None:
+        from sambtcv.dicom import seg_note
+
+        return seg_note(self.series)
 
     def status(self) -> dict:
         with self.lock:
@@ -562,14 +589,19 @@ class Sessions:
         folder = self.root / vid
         folder.mkdir(parents=True)
         try:
-            path = folder / f"image{nifti_suffix(data)}"
-            path.write_bytes(data)
+            series = None
+            if data[:4] == ZIP_MAGIC:  # a DICOM series, zipped: read and written as NIfTI on its grid
+                series, path = self._series(data, folder, what)
+            else:
+                path = folder / f"image{nifti_suffix(data)}"
+                path.write_bytes(data)
             check_volume_file(path, what)
             try:
                 case = load_case(name, path, None, self.engine.window)
             except PipelineError as exc:
                 raise _said_of(exc, path, what) from None
             session = VolumeSession(vid, case, self.engine, folder)
+            session.series = series
             session.on_touch = self.wake
             if label is not None:
                 self.open_reference(session, label, edit=True)
@@ -579,6 +611,25 @@ class Sessions:
         with self._lock:
             self._by_id[vid] = session
         return session
+
+    @staticmethod
+    def _series(data: bytes, folder: Path, what: str):
+        """The one CT series of a zip's bytes, unpacked into `folder` and written there as image.nii.gz."""
+        from sambtcv import dicom
+
+        zipped = folder / "series.zip"
+        zipped.write_bytes(data)
+        files = folder / "series"
+        try:
+            dicom.unzip(zipped, files)
+            series = dicom.read_series(files, where=what)
+        except PipelineError as exc:
+            raise _said_of(exc, zipped, what) from None
+        finally:
+            zipped.unlink(missing_ok=True)
+        for note in series.notes:
+            print(f"viewer: note: {what}: {note}", file=sys.stderr, flush=True)
+        return series, dicom.to_nifti(series, folder / "image.nii.gz")
 
     def open_reference(self, session: VolumeSession, data: bytes, edit: bool = True) -> dict:
         path = session.folder / f"reference{nifti_suffix(data)}"

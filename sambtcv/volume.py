@@ -45,6 +45,7 @@ RANGE_MARGIN_MM_BY_MODEL = {"litemedsam": 9.0, "mobilesam": 4.0}
 DEFAULT_MARGIN_MM = 4.0
 AUTO = "auto"
 NIFTI_GZIP_LEVEL = 6
+SEG_SUFFIX = ".dcm"
 DECIMAL = re.compile(r"^\s*[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")  # a plain number: no '_', no inf/nan
 
 
@@ -99,10 +100,15 @@ def label_stack(label: Path, orientation: str = config.ORIENTATION) -> np.ndarra
 
 
 def load_case(name: str, image: Path, label: Path | None, window,
-              orientation: str = config.ORIENTATION) -> Case:
-    """A CT (and its label, on the same grid) through the one MONAI path, cut into axial slices."""
+              orientation: str = config.ORIENTATION, series: str | None = None) -> Case:
+    """A CT (and its label, on the same grid) through the one MONAI path, cut into axial slices. `image` may
+    be a DICOM series (a folder or a .zip; `series` picks one of several): it is read as a NIfTI on the
+    series' grid (`sambtcv.dicom.as_nifti`), which `Case.image_path` then names."""
     import nibabel as nib
 
+    from sambtcv.dicom import as_nifti
+
+    image = as_nifti(image, series)
     header = read_header(image)  # a 3D volume, or one line
     if label is not None:
         check_geometry(image, label)
@@ -133,24 +139,44 @@ def label_map_bytes(labels: np.ndarray, case: Case, gz: bool = True,
 def check_label_map_path(out, inputs: list) -> Path:
     """Where a label map will go: a .nii.gz/.nii file name (not a folder), never one of the run's
     inputs, in a folder that can be written (checked now; nothing is created)."""
+    from sambtcv.dicom import is_dicom_source
+
     out = Path(out)
     if out.is_dir():
         raise PipelineError(f"{{subject}} {out} is a folder; give a file name such as {out / 'labels.nii.gz'}",
                             "output")
-    if not out.name.endswith(NIFTI_SUFFIXES):
-        raise PipelineError(f"{{subject}} {out} must end with .nii.gz or .nii (a NIfTI label map)", "output")
+    seg = out.name.lower().endswith(SEG_SUFFIX)
+    if seg and not (inputs and is_dicom_source(inputs[0])):
+        raise PipelineError(f"{{subject}} {out} is a DICOM SEG, which needs a DICOM series as the CT (a folder or a "
+                            f".zip); write a .nii.gz label map instead", "output")
+    if not seg and not out.name.endswith(NIFTI_SUFFIXES):
+        raise PipelineError(f"{{subject}} {out} must end with .nii.gz or .nii (a NIfTI label map), or .dcm (a DICOM "
+                            f"SEG of a DICOM series)", "output")
     for given in inputs:
-        if out.exists() and Path(given).exists() and out.samefile(given):
+        if out.exists() and Path(given).exists() and (out.samefile(given) or Path(given) in out.parents):
             raise PipelineError(f"{{subject}} {out} is an input of this run; write the label map to another file",
                                 "output")
     check_can_create(out, "output")  # creates nothing: a run that fails later leaves no folder behind
     return out
 
 
-def write_label_map(labels: np.ndarray, case: Case, out: Path) -> Path:
-    """The label map written to `out` (.nii.gz compressed, .nii not), atomically; temporary files that an
-    earlier, killed write of `out` left beside it are removed."""
+def write_label_map(labels: np.ndarray, case: Case, out: Path, model: str = "", source=None,
+                    series: str | None = None) -> Path:
+    """The label map written to `out` (.nii.gz compressed, .nii not; .dcm: a DICOM SEG of the DICOM series
+    `source`, naming `model`), atomically; temporary files that an earlier, killed write of `out` left
+    beside it are removed."""
     remove_dead_temps(out)
+    if str(out).lower().endswith(SEG_SUFFIX):
+        import nibabel as nib
+
+        from sambtcv import dicom
+
+        volume = np.asarray(nib.Nifti1Image.from_bytes(label_map_bytes(labels, case, gz=False)).dataobj)
+        found = dicom.series_of(source, series)
+        note = dicom.seg_note(found)
+        if note:
+            print(f"note: {note}", flush=True)
+        return dicom.write_seg(volume, found, out, model or "sam")
     return write_bytes(out, label_map_bytes(labels, case, gz=str(out).endswith(".gz")))
 
 

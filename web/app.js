@@ -5,6 +5,7 @@
 // served file is pixel (x = i, y = j) of slice k, the frame of every prompt and of labels.raw. NiiVue's
 // callbacks report voxels in its RAS-reoriented order; vol.permRAS maps them back to the file's order.
 import { Niivue, SLICE_TYPE, SHOW_RENDER, DRAG_MODE } from "./node_modules/@niivue/niivue/dist/index.js";
+import { zipSync } from "./node_modules/fflate/esm/browser.js";
 
 const COLORS = [   // BTCV ids 1..13
   [220, 20, 60], [255, 165, 0], [255, 215, 0], [0, 160, 0], [0, 255, 255], [190, 80, 40], [255, 105, 180],
@@ -387,6 +388,21 @@ async function save() {
   });
 }
 
+async function saveSeg() {
+  await step("writing the DICOM SEG…", async () => {
+    const r = await api("GET", volPath("/seg.dcm"), undefined, true);
+    const url = URL.createObjectURL(await r.blob());
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = `${state.vol.name.replace(/\.(nii(\.gz)?|zip)$/, "")}_seg.dcm`;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+    say(`saved the DICOM SEG (downloaded ${a.download})${state.vol.seg_note ? "; " + state.vol.seg_note : ""}`);
+  });
+}
+
 // ---- window / level -------------------------------------------------------------------------------------------------
 function setPreset(name) {
   const [W, L] = PRESETS[name];
@@ -519,18 +535,28 @@ document.querySelectorAll("[data-tool]").forEach((b) => (b.onclick = () => setTo
 $("pen-size").onchange = () => setTool(state.tool);
 document.querySelectorAll("[data-preset]").forEach((b) => (b.onclick = () => setPreset(b.dataset.preset)));
 $("file").onchange = async (e) => {
-  const file = e.target.files[0];
+  const files = [...e.target.files];
   e.target.value = "";
-  if (!file) return;
-  const info = await step(`uploading ${file.name} (${(file.size / 2 ** 20).toFixed(1)} MB) and reading it…`,
-                          () => api("POST", "/api/volumes", file));
-  if (info) await openVolume({ ...info, name: file.name });
+  if (!files.length) return;
+  const one = files.length === 1 && /\.(nii|nii\.gz|zip)$/i.test(files[0].name);
+  let body = files[0], name = files[0].name;
+  if (!one) {   // a DICOM series' files: zipped here (stored, not compressed), read as one series by the server
+    const entries = {};
+    for (const [i, f] of files.entries()) entries[`${i}_${f.name}`] = [new Uint8Array(await f.arrayBuffer()), { level: 0 }];
+    body = new Blob([zipSync(entries)]);
+    name = `${files.length} DICOM files`;
+  }
+  const info = await step(`uploading ${name} (${(body.size / 2 ** 20).toFixed(1)} MB) and reading it…`,
+                          () => api("POST", "/api/volumes", body));
+  if (info) await openVolume({ ...info, name: one ? name : info.name });
 };
+$("save-seg").onclick = () => saveSeg();
 
 // ---- start ------------------------------------------------------------------------------------------------------------
 async function openVolume(info) {
   state.ready = false;
   state.vol = info;
+  $("save-seg").hidden = !info.dicom;
   state.prompt = null;
   await step(`loading the CT (${info.shape.join(" x ")} voxels)…`, async () => {
     const [W, L] = PRESETS[state.preset];
@@ -566,7 +592,8 @@ try {
   });
   if (state.config.volume) {
     const st = await api("GET", `/api/volumes/${state.config.volume}`);
-    await openVolume({ id: st.id, shape: st.shape, spacing: st.spacing, name: st.name });
+    await openVolume({ id: st.id, shape: st.shape, spacing: st.spacing, name: st.name, dicom: st.dicom,
+                       seg_note: st.seg_note });
   } else {
     say("Open a CT (.nii or .nii.gz) with the button above.");
   }
