@@ -26,7 +26,7 @@ from sambtcv.data import check_geometry, find_cases, parse_window
 from sambtcv.errors import PipelineError
 from sambtcv.files import Results
 from sambtcv.names import SPLITS, check_choice, organ_name
-from sambtcv.protocol import class_name, run_case
+from sambtcv.protocol import FIRST_STEPS, class_name, run_case
 from sambtcv.volume import load_case
 
 # ---------------------------------------------------------------------------------------------- config
@@ -45,7 +45,10 @@ MARGIN_MM = "auto"  # mm around the previous mask's box; auto: per model, for wa
 CLICK = "local"  # how a click changes its slice: local | joint (sambtcv.editor.CLICK_RULES)
 AFTER_CLICK = "none"  # what a click does beyond its slice: none | walk (sambtcv.editor.AFTER_CLICK)
 MASK_INPUT = True  # a clicked slice's earlier low-res logits go back to SAM as its mask prompt
+CARRY = True  # a click also corrects the neighbouring slices that share its error (sambtcv.editor.Editor.carry)
+GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (sambtcv.editor.Editor._gate)
 CLICKS = 5  # click steps after the box (the challenge: 5) (>= 0)
+FIRST = "box3d"  # step 1: box3d (the challenge's 3D box) | box (the viewer's: largest slice's box and P, no z range)
 NSD = True  # also the normalised surface Dice per step (slower on large CTs)
 WINDOW_HU = config.WINDOW_HU  # with --data-dir: HU window, as preprocess.py
 SEED = config.SEED  # accepted for a uniform interface; boxes and clicks use the challenge's own seeds (>= 0)
@@ -103,8 +106,8 @@ def measure(cfg, device, cases) -> dict:
     models = load_editor_models(cfg, device)
     out, t0 = {}, time.perf_counter()
     for name, stack, gt, spacing, pixel_mm, organs, name_of in cases:
-        ed = editor(stack, models, cfg, device, pixel_mm, in_range=True)
-        run = run_case(ed, name, gt, spacing, organs, cfg["clicks"], cfg["nsd"], name_of)
+        ed = editor(stack, models, cfg, device, pixel_mm, in_range=cfg["first"] == "box3d")
+        run = run_case(ed, name, gt, spacing, organs, cfg["clicks"], cfg["nsd"], name_of, cfg["first"])
         out[name] = {"organs": run.summary(), "encode_seconds": round(run.encode_seconds, 2),
                      "spacing": [float(s) for s in spacing], "shape": list(stack.shape)}
         for organ, s in out[name]["organs"].items():
@@ -119,8 +122,8 @@ def measure(cfg, device, cases) -> dict:
 
 def settings_of(cfg) -> dict:
     keys = ("data_dir", "npz_dir", "split", "organs", "model", "point_model", "checkpoint", "finetuned", "stop",
-            "margin_mm", "click", "after_click", "mask_input", "clicks", "nsd", "window_hu", "dtype", "encoder_dtype",
-            "runtime", "cache_dir")
+            "margin_mm", "click", "after_click", "carry", "gate", "mask_input", "clicks", "first", "nsd", "window_hu",
+            "dtype", "encoder_dtype", "runtime", "cache_dir")
     out = {k: cfg[k] for k in keys}
     for k in ("data_dir", "npz_dir"):
         out[k] = str(Path(out[k]).resolve()) if out[k] else None
@@ -134,6 +137,8 @@ def main(argv=None):
         raise PipelineError("give --data-dir RAW (a dataset) or --npz-dir CASES (challenge .npz files), one of them")
     with flag("--organs"):
         organs = names.organ_ids_arg(cfg["organs"])
+    with flag("--first"):
+        check_choice(cfg["first"], FIRST_STEPS, "first step")
     with flag("--npz-dir"):
         cases = npz_cases(Path(cfg["npz_dir"])) if cfg["npz_dir"] else dataset_cases(cfg, organs)
     res = Results(cfg["results_dir"])

@@ -43,6 +43,8 @@ MARGIN_MM = "auto"  # mm around the previous mask's box; auto: per model, for wa
 CLICK = "local"  # how a click changes its slice: local | joint (sambtcv.editor.CLICK_RULES)
 AFTER_CLICK = "none"  # what a click does beyond its slice: none | walk (sambtcv.editor.AFTER_CLICK)
 MASK_INPUT = True  # a clicked slice's earlier low-res logits go back to SAM as its mask prompt
+CARRY = True  # a click also corrects the neighbouring slices that share its error (sambtcv.editor.Editor.carry)
+GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (sambtcv.editor.Editor._gate)
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder (fp32: LiteMedSAM measured better, MEASUREMENTS 10)

@@ -31,12 +31,13 @@ class SlicePrompt:
     points: tuple = ()
     labels: tuple = ()
     painted: bool = False
+    carried: bool = False  # the point came from a click on a neighbouring slice (sambtcv.editor.Editor.carry)
 
     def with_point(self, x: float, y: float, positive: bool) -> SlicePrompt:
         if len(self.points) >= MAX_POINTS:
             raise PipelineError(f"a slice's prompt holds at most {MAX_POINTS} points; clear it and start again")
         return replace(self, points=(*self.points, (float(x), float(y))), labels=(*self.labels, int(bool(positive))),
-                       painted=False)
+                       painted=False, carried=False)
 
     def with_box(self, box) -> SlicePrompt:
         return replace(self, box=tuple(float(v) for v in box), painted=False)
@@ -60,12 +61,12 @@ class SlicePrompt:
             neg = sum(1 for v in self.labels if not v)
             plural = "s" if len(self.points) > 1 else ""
             parts.append(f"{len(self.points)} point{plural}" + (f" ({neg} -)" if neg else ""))
-        return " + ".join(parts) or "empty"
+        return " + ".join(parts) + (" (carried)" if self.carried else "") if parts else "empty"
 
     def as_json(self) -> dict:
         return {"box": None if self.box is None else [round(v, 2) for v in self.box],
                 "points": [[round(x, 2), round(y, 2)] for x, y in self.points], "labels": list(self.labels),
-                "painted": self.painted, "given": self.describe()}
+                "painted": self.painted, "carried": self.carried, "given": self.describe()}
 
 
 @dataclass(frozen=True)

@@ -313,8 +313,9 @@ def load_editor_models(cfg, device) -> EditorModels:
 
 
 def edit_rules(cfg, pixel_mm: float, in_range: bool):
-    """STOP, MARGIN_MM (for MODEL; `in_range`: walks inside a 3D box's slices), MASK_INPUT, CLICK and
-    AFTER_CLICK as `sambtcv.editor.EditRules` for a CT of in-plane pixel size `pixel_mm`."""
+    """STOP, MARGIN_MM (for MODEL; `in_range`: walks inside a 3D box's slices), MASK_INPUT, CLICK,
+    AFTER_CLICK, CARRY and GATE (default on) as `sambtcv.editor.EditRules` for a CT of in-plane pixel size
+    `pixel_mm`."""
     from sambtcv.editor import AFTER_CLICK, CLICK_RULES, EditRules
     from sambtcv.names import check_choice
     from sambtcv.propagation import STOP_RULES
@@ -330,7 +331,7 @@ def edit_rules(cfg, pixel_mm: float, in_range: bool):
     with flag("--after-click"):
         check_choice(cfg["after_click"], AFTER_CLICK, "after-click rule")
     return EditRules(WalkRules(cfg["stop"], margin / pixel_mm), bool(cfg["mask_input"]), cfg["click"],
-                     cfg["after_click"])
+                     cfg["after_click"], bool(cfg.get("carry", True)), bool(cfg.get("gate", True)))
 
 
 def editor(stack, models: EditorModels, cfg, device, pixel_mm: float, in_range: bool = True):

@@ -29,16 +29,23 @@ from scipy import ndimage
 from sambtcv.anchors import OrganState, SlicePrompt
 from sambtcv.errors import PipelineError
 from sambtcv.prompts import bound_box, grow_box
-from sambtcv.propagation import MIN_AREA, SliceMask, VolumeDecoder, main_part
+from sambtcv.propagation import INTENSITY_PERCENTILES, MIN_AREA, SliceMask, VolumeDecoder, main_part
 from sambtcv.walks import WalkRules, walk
 
 PAINTED_LOGIT = 1e3  # a painted voxel's logit: the user's stroke wins over any model's mask of another organ
 EDGE_LOGIT = 1.0  # the least |logit| a voxel a click added or cut gets (overlaps with other organs)
 ADD_LIMIT = 0.3  # a + click's region adding more than this fraction of the organ's mask is not a correction
 CUT_LIMIT = 0.5  # a - click's region covering more of the organ's mask than this is the organ, not a leak
+UNBACKED_CUT_LIMIT = 0.25  # ... where the region looks like the organ (its intensities do not back the cut)
 BAND_SCALE = 2.0  # a click changes pixels up to this many times its own distance from the mask's edge
 REACH_SCALE = 4.0  # ... and within this many times (its distance + 1 px) of the click
 DISK_PX = 3  # radius of the region a click changes when SAM finds none there
+CARRY_INTENSITY = 24  # a click is carried to the next slice while its pixel there differs by at most this (0..255)
+CARRY_GROWTH = 2.0  # ... and while what it changes there is at most this many times what it changed on the slice before
+CARRY_SLACK_PX = 50  # ... plus this many pixels
+CARRY_REACH = 3  # px: ... and lies mostly (CARRY_OVERLAP) within this distance of it
+CARRY_OVERLAP = 0.5
+GATE_MIN_PX = 20  # the organ's intensity range on a slice needs at least this many of its pixels
 CLICK_RULES = ("local", "joint")
 AFTER_CLICK = ("none", "walk")
 
@@ -52,6 +59,8 @@ class EditRules:
     mask_input: bool = True
     click: str = "local"  # CLICK_RULES (see Editor.edit)
     after: str = "none"  # AFTER_CLICK: what a correction does beyond its slice (see Editor.correct)
+    carry: bool = True  # a correction is carried to the neighbouring slices that share its error (Editor.carry)
+    gate: bool = True  # a click changes only pixels whose intensity backs it, where it can tell (Editor._gate)
 
 
 class Editor:
@@ -142,7 +151,10 @@ class Editor:
             changed = _component((joint.mask != old.mask) & side & band, yi, xi)
         else:
             changed = _component(self._point_region(k, x, y) & side & band, yi, xi)
-        limit = ADD_LIMIT if positive else CUT_LIMIT
+        backed = False
+        if self.rules.gate:
+            changed, backed = self._gate(k, old.mask, changed, xi, yi, positive)
+        limit = ADD_LIMIT if positive else CUT_LIMIT if backed else UNBACKED_CUT_LIMIT
         if not changed[yi, xi] or changed.sum() > limit * old.area:
             changed = _disk(self.hw, xi, yi) & side
         mask = old.mask | changed if positive else old.mask & ~changed
@@ -151,6 +163,21 @@ class Editor:
         logits[yi, xi] = PAINTED_LOGIT if positive else -PAINTED_LOGIT
         mask[yi, xi] = bool(positive)
         return SliceMask(mask, logits.astype(np.float32), old.iou, None)
+
+    def _gate(self, k: int, organ: np.ndarray, changed: np.ndarray, xi: int, yi: int, positive: bool) -> tuple:
+        """(region, backed): the part of a click's `changed` region that the slice's intensities back. Where
+        the clicked pixel looks as the click says (a + click inside the organ's intensity range, a - click
+        outside it), only the pixels that look like the clicked one, connected to it (backed); else (a -
+        click on tissue that looks like the organ, a + click on a lesion) all of it, as SAM found it."""
+        img = self.dec.stack[k]
+        inside = organ & ~changed
+        if inside.sum() < GATE_MIN_PX:
+            return changed, False
+        lo, hi = np.percentile(img[inside], INTENSITY_PERCENTILES)
+        like = (img >= lo) & (img <= hi)
+        if bool(like[yi, xi]) != bool(positive):
+            return changed, False
+        return _component(changed & (like if positive else ~like), yi, xi), True
 
     def _point_region(self, k: int, x: float, y: float) -> np.ndarray:
         """The smallest of SAM's masks for a single + point at (x, y) that holds the point (the point
@@ -205,11 +232,13 @@ class Editor:
 
     # ------------------------------------------------------------------ walks
     def walk(self, state: OrganState, start: int | None = None) -> OrganState:
-        """Walk from `start` (default: the pending anchor, else the first anchor)."""
+        """Walk from `start` (default: the pending anchor, else the first anchor). Toward masks the organ
+        has beyond a gap of slices without one (`start` lies past the organ's end: a click there), the walk
+        only fills the gap and joins them (`sambtcv.walks.walk`'s `join`), never replaces them."""
         start = start if start is not None else (state.pending if state.pending is not None else state.first_anchor)
         if start is None or start not in state.slices:
             raise PipelineError("the organ has no prompted slice to walk from; prompt it first")
-        return walk(self.dec, state, start, self.rules.walk)
+        return walk(self.dec, state, start, self.rules.walk, join=_gaps(state, start))
 
     def box3d(self, organ: int, z_lo: int, z_hi: int, k: int, box) -> OrganState:
         """A 3D box: slice k anchored with the box, the organ bounded to z_lo..z_hi, walked from k."""
@@ -219,15 +248,73 @@ class Editor:
         state = OrganState(organ, z_range=(int(z_lo), int(z_hi)))
         return self.walk(self.prompt(state, organ, k, box=box))
 
-    def correct(self, state: OrganState, k: int, x: float, y: float, positive: bool) -> OrganState:
+    def correct(self, state: OrganState, k: int, x: float, y: float, positive: bool,
+                walk_ends: bool = True) -> OrganState:
         """A click on slice k and what follows from it (one step of the challenge's protocol): where the
-        organ had no mask on k (an end cut short), a walk from k; else, by EditRules.after, nothing more
-        ("none": the click changes its own slice, measured best) or a walk from k ("walk")."""
+        organ had no mask on k (an end cut short), a walk from k (with `walk_ends`; the viewer leaves it to
+        P); else the click carried to the neighbouring slices that share its error (`carry`, when the rules
+        say so), then, by EditRules.after, nothing more ("none") or a walk from k ("walk")."""
         had = k in state.slices and state.slices[k].area >= MIN_AREA
         new = self.click(state, k, x, y, positive)
-        if not had or self.rules.after == "walk":
+        if not had:  # an end cut short: walk outward from k, and toward the organ only across the gap
+            return self.walk(new, k) if walk_ends and new.slices[k].area >= MIN_AREA else new
+        if self.rules.carry:
+            new = self.carry(new, k, x, y, positive, new.slices[k].mask ^ state.slices[k].mask)
+        if self.rules.after == "walk":
             return self.walk(new, k) if new.slices[k].area >= MIN_AREA else new
         return new
+
+    def carry(self, state: OrganState, k: int, x: float, y: float, positive: bool, clicked=None) -> OrganState:
+        """A click on slice k repeated on the slices beyond it, each way, while they share its error: the
+        organ has a mask there, the point lies on the wrong side of it (inside for a - click, outside for a +
+        one), the slice is no anchor and the pixel under the point still looks as it did on k (within
+        CARRY_INTENSITY). Each slice is `edit`ed as if clicked, and becomes an anchor ("carried"), while what
+        the edit changes continues what it changed on the slice before (`_follows`; on k: `clicked`, (H, W)
+        bool, when given)."""
+        xi, yi = int(round(x)), int(round(y))
+        stack = self.dec.stack
+        seen = int(stack[k][yi, xi])
+        lo, hi = state.z_range if state.z_range is not None else (0, self.n_slices - 1)
+        for d in (1, -1):
+            j, changed = k + d, clicked
+            while lo <= j <= hi and j not in state.anchors:
+                sm = state.slices.get(j)
+                if sm is None or sm.area < MIN_AREA or bool(sm.mask[yi, xi]) == positive:
+                    break
+                if abs(int(stack[j][yi, xi]) - seen) > CARRY_INTENSITY:
+                    break
+                sp = replace(self._derived_box(state, j, SlicePrompt()).with_point(x, y, positive), carried=True)
+                new = self.edit(replace(state, anchors={**state.anchors, j: sp}), j, (x, y, positive))
+                now = new.mask ^ sm.mask
+                if changed is not None and not _follows(now, changed):
+                    break
+                state = replace(state, anchors={**state.anchors, j: sp}, slices={**state.slices, j: new})
+                j, changed = j + d, now
+        return state
+
+
+def _gaps(state: OrganState, start: int) -> tuple:
+    """The directions from slice `start` in which the next slice has no mask but a later one has: a walk
+    there fills the gap and joins the organ."""
+    masked = [j for j, sm in state.slices.items() if sm.area >= MIN_AREA and j != start]
+    out = []
+    for d in (1, -1):
+        nxt = state.slices.get(start + d)
+        if (nxt is None or nxt.area < MIN_AREA) and any((j - start) * d > 0 for j in masked):
+            out.append(d)
+    return tuple(out)
+
+
+def _follows(change: np.ndarray, previous: np.ndarray) -> bool:
+    """A carried change continues the previous slice's change: not much larger than it, and mostly within
+    CARRY_REACH px of it (an error that shares the click's error, not another one)."""
+    n = int(change.sum())
+    if n == 0:
+        return False
+    if n > CARRY_GROWTH * int(previous.sum()) + CARRY_SLACK_PX:
+        return False
+    near = ndimage.binary_dilation(previous, iterations=CARRY_REACH)
+    return int((change & near).sum()) >= CARRY_OVERLAP * n
 
 
 def _component(mask: np.ndarray, y: int, x: int) -> np.ndarray:

@@ -101,7 +101,9 @@ class Stop:
 STOP_REASONS = {"edge": "reached the volume's first or last slice", "range": "reached the end of the 3D box",
                 "vanished": "the mask vanished", "intensity": "the mask left the organ's intensity range",
                 "iou": "the decoder's predicted IoU fell", "overlap": "the mask stopped overlapping the previous one",
-                "empty": "the prompted slice's mask was empty"}
+                "empty": "the prompted slice's mask was empty", "anchor": "reached a slice the user gave (an anchor)",
+                "converged": "the new mask agreed with the one there before",
+                "joined": "reached the organ's masks (a click beyond its end joins them)"}
 
 
 @dataclass

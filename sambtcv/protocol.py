@@ -67,15 +67,35 @@ def score(gt: np.ndarray, segs: np.ndarray, organs: list, spacing, step: Step, n
         step.nsd[name_of(o)] = segfm.nsd(g, s, spacing) if nsd and d > segfm.NSD_MIN_DSC else 0.0
 
 
+FIRST_STEPS = {"box3d": "the challenge's 3D box (z range and a jittered 2D box on the middle voxel's slice), walked "
+                        "inside its z range",
+               "box": "the viewer's box and P: the organ's tight 2D box on its largest slice, walked until the stop "
+                      "rule ends it (no z range)"}
+
+
+def first_boxes(gt: np.ndarray, organs: list, first: str) -> dict:
+    """Each organ's step-1 box (`segfm.Box3D`) by `first` (FIRST_STEPS): the challenge's (one generator seeded
+    with BOX_SEED, one draw per organ in id order), or the tight box on the organ's largest slice with the
+    volume's whole z range (walked without a range: see `run_case`)."""
+    if first == "box3d":
+        rng = np.random.RandomState(segfm.BOX_SEED)
+        return {o: segfm.challenge_box(gt == o, rng) for o in organs}
+    out = {}
+    for o in organs:
+        g = gt == o
+        k = int(np.argmax(g.sum(axis=(1, 2))))
+        ys, xs = np.nonzero(g[k])
+        out[o] = segfm.Box3D(0, len(gt) - 1, k, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
+    return out
+
+
 def run_case(editor: Editor, name: str, gt: np.ndarray, spacing, organs: list, clicks: int = segfm.CLICK_STEPS,
-             nsd: bool = True, name_of=organ_name) -> CaseRun:
+             nsd: bool = True, name_of=organ_name, first: str = "box3d") -> CaseRun:
     """The protocol on one CT: `gt` (K, H, W) BTCV ids on the editor's slices, `spacing` (z, y, x) mm; the
-    organs scored are `organs` (those present). Boxes are drawn as the challenge draws them (one generator
-    seeded with BOX_SEED, one draw per organ in id order)."""
+    organs scored are `organs` (those present); step 1 by `first` (FIRST_STEPS), then `clicks` click steps."""
     organs = [o for o in sorted(organs) if (gt == o).any()]
     run = CaseRun(name, organs, name_of=name_of)
-    rng = np.random.RandomState(segfm.BOX_SEED)
-    boxes = {o: segfm.challenge_box(gt == o, rng) for o in organs}
+    boxes = first_boxes(gt, organs, first)
     t0 = time.perf_counter()
     for o in organs:  # embeddings of every slice the boxes span, first (the challenge's step 1 includes it)
         for k in range(boxes[o].z_min, boxes[o].z_max + 1):
@@ -87,7 +107,10 @@ def run_case(editor: Editor, name: str, gt: np.ndarray, spacing, organs: list, c
     for o in organs:
         b = boxes[o]
         t = time.perf_counter()
-        states[o] = editor.box3d(o, b.z_min, b.z_max, b.z_mid, b.box)
+        if first == "box3d":
+            states[o] = editor.box3d(o, b.z_min, b.z_max, b.z_mid, b.box)
+        else:
+            states[o] = editor.walk(editor.prompt(None, o, b.z_mid, box=b.box))
         step.seconds[name_of(o)] = time.perf_counter() - t
     segs = merge([s.masks() for s in states.values()], gt.shape)
     score(gt, segs, organs, spacing, step, nsd, name_of)

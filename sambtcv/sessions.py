@@ -89,6 +89,13 @@ def _span(*states) -> list | None:
     return [min(ks), max(ks)] if ks else None
 
 
+def _changed(old: OrganState | None, new: OrganState, k: int) -> list:
+    """[first, last] slice whose mask differs between two states of an organ (slice k at least)."""
+    before = old.slices if old is not None else {}
+    ks = [j for j in set(before) | set(new.slices) if before.get(j) is not new.slices.get(j)] + [k]
+    return [min(ks), max(ks)]
+
+
 def _direction(d: int) -> str:
     return "superior" if d > 0 else "inferior"
 
@@ -225,15 +232,15 @@ class VolumeSession:
             if req.box is not None:
                 new = self.editor.prompt(old, organ, op.k, box=req.box, points=req.points, labels=req.labels,
                                          fresh=fresh)
-            elif has_masks and not fresh:  # clicks: they add to the slice's prompt and correct its mask
-                new = old
+            elif has_masks and not fresh:  # clicks: they add to the slice's prompt and correct its mask, and the
+                new = old  # neighbouring slices that share the error (P walks from a click past the organ's end)
                 for (x, y), lab in zip(req.points, req.labels):
-                    new = self.editor.click(new, op.k, x, y, bool(lab))
+                    new = self.editor.correct(new, op.k, x, y, bool(lab), walk_ends=False)
             else:
                 new = self._points_prompt(old, organ, op.k, req)
             self._commit(organ, new)
             return {**self._mask_reply(new, op.k), "seconds": round(time.perf_counter() - t0, 4),
-                    "changed": [op.k, op.k], "propagated": new.walked}
+                    "changed": _changed(old, new, op.k), "propagated": new.walked}
 
     def _points_prompt(self, old: OrganState | None, organ: int, k: int, req) -> OrganState:
         if 1 not in req.labels:

@@ -10,7 +10,8 @@ one of:
   walk (the box says the organ is there);
 * *convergence*: on a slice that had a mask before, the new mask agrees with it (IoU >= CONVERGED_IOU):
   the rest beyond is kept as it was. So a walk from a correction re-walks only as far as it changes
-  something, not "everything beyond".
+  something, not "everything beyond";
+* with `join` (a click beyond the organ's end), the first slice that already has a mask.
 
 What the walk had left beyond the place it stopped stays, except at the organ's outer ends without a z
 range: there a walk that stops before the old masks' end takes them with it (they came from a walk
@@ -57,11 +58,14 @@ class _Direction:
     drop: list = field(default_factory=list)  # slices whose old masks go
 
 
-def walk(dec: VolumeDecoder, state: OrganState, start: int, rules: WalkRules, directions=(1, -1)) -> OrganState:
+def walk(dec: VolumeDecoder, state: OrganState, start: int, rules: WalkRules, directions=(1, -1),
+         join=()) -> OrganState:
     """The organ walked from slice `start` (which must have a mask) in `directions` (+1 superior, -1
-    inferior), as the module says; the new state (start is not made an anchor here)."""
+    inferior), as the module says; in the directions of `join` the walk only fills slices without a mask and
+    stops at the first one that has one (a click beyond the organ's end joins it, never replaces it). The
+    new state (start is not made an anchor here)."""
     first = state.slices[start]
-    results = [_walk_one(dec, state, start, d, first, rules) for d in directions]
+    results = [_walk_one(dec, state, start, d, first, rules, d in join) for d in directions]
     return _apply(state, results, start, dec_visits=sum(r.visited for r in results))
 
 
@@ -98,7 +102,7 @@ def _apply(state: OrganState, results: list, start: int, dec_visits: int) -> Org
 
 
 def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: SliceMask,
-              rules: WalkRules) -> _Direction:
+              rules: WalkRules, join: bool = False) -> _Direction:
     out = _Direction()
     n = len(dec.stack)
     lo, hi = state.z_range if state.z_range is not None else (0, n - 1)
@@ -113,6 +117,9 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
             reason = "anchor"
             break
         old = state.slices.get(k)
+        if join and old is not None and old.area >= MIN_AREA:
+            reason = "joined"
+            break
         new = dec.decode(k, Prompt(box=next_box(prev.mask, rules.margin_px, state.xy_limit)))
         if state.xy_limit is not None:
             new.mask &= box_mask(dec.hw, state.xy_limit)
@@ -134,7 +141,7 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
     if reason is None:
         reason = "range" if state.z_range is not None and 0 <= k < n else "edge"
     out.stop = Stop(k - d, d, reason)
-    if reason not in ("anchor", "converged", "range", "edge"):
+    if reason not in ("anchor", "converged", "joined", "range", "edge"):
         out.drop = _outer_beyond(state, k, d, n)
     return out
 

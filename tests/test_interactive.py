@@ -11,7 +11,7 @@ import pytest
 from conftest import error_line, run_script
 from sambtcv import segfm
 from sambtcv.data import find_cases
-from sambtcv.editor import Editor, EditRules
+from sambtcv.editor import CARRY_INTENSITY, Editor, EditRules
 from sambtcv.errors import PipelineError
 from sambtcv.names import ORGAN_ID
 from sambtcv.propagation import VolumeDecoder, merge
@@ -168,6 +168,86 @@ def test_a_walk_from_an_unchanged_slice_converges_at_once(decoders, val_case):
     assert again.visited - state.visited <= 2  # one slice each way, then "converged"
     assert {s.reason for s in again.stops} <= {"converged", "edge", "range", "intensity", "vanished"}
     assert "converged" in {s.reason for s in again.stops}
+
+
+def _leaking_liver(ed, case):
+    """The liver walked from its largest slice, then made to leak into the right kidney on every other slice
+    both share (the kidney's pixels added to the liver's masks there): (state, the leak's slices, kidney)."""
+    from dataclasses import replace
+
+    from sambtcv.propagation import SliceMask
+
+    liver, kidney = ORGAN_ID["liver"], ORGAN_ID["right_kidney"]
+    k = int(np.argmax((case.label == liver).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(case.label[k] == liver)
+    state = ed.walk(ed.prompt(None, liver, k, box=(xs.min(), ys.min(), xs.max(), ys.max())))
+    both = [j for j in sorted(state.slices) if (case.label[j] == kidney).sum() > 30 and j not in state.anchors]
+    slices = dict(state.slices)
+    for j in both:
+        leak = case.label[j] == kidney
+        logits = np.where(leak, 5.0, slices[j].logits).astype(np.float32)
+        slices[j] = SliceMask(slices[j].mask | leak, logits, slices[j].iou, None)
+    return replace(state, slices=slices), both, kidney
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_a_minus_click_in_a_leak_corrects_the_slices_that_share_it(decoders, val_case, carry):
+    """A - click in the middle of a leak shared by several slices cuts it there too (the click is carried
+    while its pixel stays inside the mask and looks the same); with carrying off only its own slice changes."""
+    from dataclasses import replace
+
+    from scipy import ndimage
+
+    ed = _editor(decoders, val_case)
+    ed.rules = replace(ed.rules, carry=carry)
+    state, both, kidney = _leaking_liver(ed, val_case)
+    assert len(both) >= 2, both
+    k = both[len(both) // 2]
+    leak = val_case.label[k] == kidney
+    # the deepest pixel of the leak that lies in the leak on a neighbouring slice too, looking the same there
+    same = np.zeros_like(leak)
+    for j in (k - 1, k + 1):
+        if j in both:
+            look = np.abs(val_case.stack[j].astype(int) - val_case.stack[k].astype(int)) <= CARRY_INTENSITY
+            same |= (val_case.label[j] == kidney) & look
+    y, x = np.unravel_index(np.argmax(ndimage.distance_transform_edt(leak) * same), leak.shape)
+    assert same[y, x]
+    new = ed.correct(state, k, float(x), float(y), False)
+    left = {j: int((new.slices[j].mask & (val_case.label[j] == kidney)).sum()) for j in both}
+    before = {j: int((state.slices[j].mask & (val_case.label[j] == kidney)).sum()) for j in both}
+    assert left[k] < 0.5 * before[k], (left, before)
+    neighbours = [j for j in both if j != k]
+    fixed = [j for j in neighbours if left[j] < 0.5 * before[j]]
+    if carry:
+        assert fixed, (left, before)
+        assert all(new.anchors[j].carried for j in fixed)
+    else:
+        assert fixed == [] and all(np.array_equal(new.slices[j].mask, state.slices[j].mask) for j in neighbours)
+
+
+def test_a_plus_click_beyond_the_end_joins_the_organ_without_replacing_it(decoders, val_case):
+    """A + click on a slice beyond the walked end of the organ walks outward from there, and toward the organ
+    only across the slices without a mask: the organ's masks stay as they were."""
+    from dataclasses import replace
+
+    ed = _editor(decoders, val_case)
+    liver = ORGAN_ID["liver"]
+    ks = np.flatnonzero((val_case.label == liver).any(axis=(1, 2)))
+    k = int(np.argmax((val_case.label == liver).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(val_case.label[k] == liver)
+    state = ed.walk(ed.prompt(None, liver, k, box=(xs.min(), ys.min(), xs.max(), ys.max())))
+    end = int(ks[0]) if k - ks[0] > ks[-1] - k else int(ks[-1])  # the end farther from the prompt
+    inward = 1 if end < k else -1
+    assert abs(k - end) >= 3
+    kept = {j: sm for j, sm in state.slices.items() if (j - end) * inward > 1}  # the end and its neighbour go
+    cut = replace(state, slices=kept)
+    yx = np.argwhere(val_case.label[end] == liver)
+    y, x = yx[len(yx) // 2]
+    new = ed.correct(cut, end, float(x), float(y), True)
+    assert new.slices[end].area > 0 and new.slices[end + inward].area > 0  # the end and the gap are filled
+    for j, sm in kept.items():  # nothing the organ had is replaced
+        assert np.array_equal(new.slices[j].mask, sm.mask), j
+    assert any(s.reason == "joined" for s in new.stops)
 
 
 # ---------------------------------------------------------------------------------------------- predictor
