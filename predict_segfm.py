@@ -13,13 +13,15 @@ Each call is a new process, as the challenge starts a container per step. The en
 (`sambtcv.editor`): each class's box is walked through its z range, then its clicks are applied in the
 order given (`sambtcv.protocol.predict`), so step n gives what one long session gives after n - 1
 clicks. Embeddings come from the content-keyed cache in CACHE_DIR, so after the first call only newly
-clicked slices are encoded. The boxes and clicks of the challenge's files are pickled object arrays; they
-are read by an unpickler that admits only lists, dicts and numbers (`sambtcv.segfm.SafeUnpickler`). A
-file that cannot be used gets one line ``error: NAME: what is wrong``, no output, and the exit status is
-2 once the other files are written.
+clicked slices are encoded, and each class's state after each step is saved there too (`sambtcv.states`),
+so a step applies only the click it adds. The boxes and clicks of the challenge's files are pickled
+object arrays; they are read by an unpickler that admits only lists, dicts and numbers
+(`sambtcv.segfm.SafeUnpickler`). A file that cannot be used gets one line ``error: NAME: what is wrong``,
+no output, and the exit status is 2 once the other files are written.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ from sambtcv.cli import editor, flag, load_editor_models, parse_config, run_main
 from sambtcv.errors import PipelineError
 from sambtcv.files import check_can_create
 from sambtcv.protocol import predict
+from sambtcv.states import StateStore
 
 # ---------------------------------------------------------------------------------------------- config
 INPUTS = None  # folder of the challenge's .npz inputs
@@ -37,7 +40,7 @@ MODEL = "litemedsam"  # the model of boxes and walks (box-trained LiteMedSAM mea
 POINT_MODEL = "mobilesam"  # the model that answers clicks; empty: MODEL
 CHECKPOINT = None  # MODEL's weights (see segmentation_task1.py)
 FINETUNED = None  # a Task 2 checkpoint of MODEL whose decoder is used instead of the pretrained one
-CACHE_DIR = config.CACHE_DIR_3D  # image embeddings by (volume content, model, encoder dtype): kept between steps
+CACHE_DIR = config.CACHE_DIR_3D  # image embeddings (by content, model, dtype) and classes' states: kept between steps
 STOP = config.STOP  # the walk's stop rule where no box bounds it (a class given by clicks alone)
 MARGIN_MM = "auto"  # mm around the previous mask's box; auto: per model, for walks inside a 3D box
 CLICK = "local"  # how a click changes its slice: local | joint (sambtcv.editor.CLICK_RULES)
@@ -51,6 +54,7 @@ DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder (fp32: LiteMe
 ENCODER_DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the image encoder
 RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 # -----------------------------------------------------------------------------------------------------
+STATES_FOLDER = "segfm_states"  # in CACHE_DIR: sambtcv.states
 
 
 def check_folders(cfg) -> tuple[list[Path], Path]:
@@ -75,6 +79,16 @@ def check_folders(cfg) -> tuple[list[Path], Path]:
     return files, outputs
 
 
+def engine_settings(cfg, ed) -> str:
+    """What a class's saved state depends on besides its volume, box and clicks: the models, the rules (as
+    the editor holds them, margins in px) and the code."""
+    from sambtcv.records import code_version
+
+    keys = ("model", "point_model", "checkpoint", "finetuned", "dtype", "encoder_dtype", "runtime", "stop")
+    return json.dumps({**{k: cfg[k] for k in keys}, "rules": repr(ed.rules), "code": code_version()["version"]},
+                      sort_keys=True, default=str)
+
+
 def predict_file(path: Path, outputs: Path, models, cfg, device) -> None:
     """One challenge file -> its segs, written atomically; PipelineError for a file that cannot be used."""
     from sambtcv import segfm
@@ -82,7 +96,8 @@ def predict_file(path: Path, outputs: Path, models, cfg, device) -> None:
     case = segfm.read_case(path)
     t0 = time.perf_counter()
     pixel_mm = (case.spacing[1] + case.spacing[2]) / 2
-    segs = predict(editor(case.imgs, models, cfg, device, pixel_mm, in_range=case.boxes is not None), case)
+    ed = editor(case.imgs, models, cfg, device, pixel_mm, in_range=case.boxes is not None)
+    segs = predict(ed, case, StateStore(Path(cfg["cache_dir"]) / STATES_FOLDER), engine_settings(cfg, ed))
     outputs.mkdir(parents=True, exist_ok=True)
     segfm.write_segs(outputs / path.name, segs)
     steps = max((len(c) for c in case.clicks), default=0)

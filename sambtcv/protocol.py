@@ -130,24 +130,43 @@ def run_case(editor: Editor, name: str, gt: np.ndarray, spacing, organs: list, c
     return run
 
 
-def predict(editor: Editor, case) -> np.ndarray:
+def predict(editor: Editor, case, store=None, settings: str = "") -> np.ndarray:
     """A challenge file's `segs` (D, H, W uint8; class i + 1 for the i-th box / clicks entry): each class's
     box walked and every click given so far applied in order, as `run_case` applies them, so a step run in
-    a new process gives what one long session gives (embeddings come from the content-keyed cache)."""
+    a new process gives what one long session gives (embeddings come from the content-keyed cache). With
+    a `store` (`sambtcv.states.StateStore`) each class starts from the state saved for the longest prefix
+    of its clicks (under the engine's `settings`), and its new state is saved for the next step."""
+    from sambtcv.propagation import volume_identity
+    from sambtcv.states import state_key
+
+    volume = volume_identity(case.imgs) if store is not None else ""
     states = []
     for i in range(case.n_classes):
         box = case.boxes[i] if case.boxes is not None else None
         clicks = case.clicks[i] if case.clicks else []
-        states.append(replay(editor, i + 1, box, clicks))
+        state, done = None, 0
+        if store is not None:
+            for m in range(len(clicks), -1, -1):
+                state = store.get(state_key(settings, volume, i + 1, box, clicks[:m]))
+                if state is not None:
+                    done = m
+                    break
+        loaded = state is not None
+        state = replay(editor, i + 1, box, clicks[done:], state)
+        if store is not None and state is not None and (done < len(clicks) or not loaded):
+            store.put(state_key(settings, volume, i + 1, box, clicks), state)
+            if loaded:  # the challenge never goes back: the earlier step's state is spent
+                store.drop(state_key(settings, volume, i + 1, box, clicks[:done]))
+        states.append(state)
     return merge([s.masks() for s in states if s is not None], case.imgs.shape)
 
 
-def replay(editor: Editor, organ: int, box, clicks: list):
-    """One class's state after its 3D box (`sambtcv.segfm.Box3D`, or None) and its clicks in order. Without
-    a box the first + click starts the organ (points only, walked without a z range); - clicks before it
+def replay(editor: Editor, organ: int, box, clicks: list, state=None):
+    """One class's state after its 3D box (`sambtcv.segfm.Box3D`, or None) and its clicks in order, or, from
+    a saved `state` (the box and earlier clicks already applied), after the `clicks` that follow. Without a
+    box the first + click starts the organ (points only, walked without a z range); - clicks before it
     have nothing to remove."""
-    state = None
-    if box is not None:
+    if state is None and box is not None:
         state = editor.box3d(organ, box.z_min, box.z_max, box.z_mid, box.box)
     for c in clicks:
         if state is None:

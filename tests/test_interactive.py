@@ -269,7 +269,7 @@ def test_predictor_steps_in_new_processes_equal_one_session(decoders, val_case, 
     clicks, order = [{"fg": [], "bg": []} for _ in boxes], [[] for _ in boxes]
     segfm.write_case(inp / "case.npz", val_case.stack, spacing, boxes)
     session = Editor(decoders[0], EditRules(WalkRules("intensity", 9.0 / val_case.pixel_mm)), decoders[1])
-    for step in range(2):
+    for step in range(3):
         res = run_script(args)
         assert res.returncode == 2, res.stdout + res.stderr
         assert error_line(res.stderr).startswith("error: broken.npz is not a readable .npz")
@@ -284,6 +284,29 @@ def test_predictor_steps_in_new_processes_equal_one_session(decoders, val_case, 
             order[i].append("fg" if c.positive else "bg")
         segfm.write_case(inp / "case.npz", val_case.stack, spacing, boxes, clicks, order, prev_pred=segs)
     assert segfm.dsc(gt == 1, segs == 1) > 0.8
+    assert len(list((tmp_path / "cache" / "segfm_states").glob("*.npz"))) == 2  # the last step's, one per class
+
+
+def test_a_saved_state_is_the_state(decoders, val_case, tmp_path):
+    """A class's state survives the file it is kept in between the predictor's steps (merged segs, anchors,
+    stops, low-res logits); a damaged file reads as missing (the step then replays)."""
+    from sambtcv.states import StateStore, from_bytes, to_bytes
+
+    ed = _editor(decoders, val_case)
+    state, both, kidney = _leaking_liver(ed, val_case)
+    k = both[0]
+    ys, xs = np.nonzero(state.slices[k].mask & (val_case.label[k] == kidney))
+    state = ed.correct(state, k, float(xs[len(xs) // 2]), float(ys[len(ys) // 2]), False)
+    back = from_bytes(to_bytes(state))
+    shape = val_case.stack.shape
+    assert np.array_equal(merge([back.masks()], shape), merge([state.masks()], shape))
+    assert back.anchors == state.anchors and back.stops == state.stops and back.z_range == state.z_range
+    assert all(np.array_equal(back.slices[j].lowres, sm.lowres) for j, sm in state.slices.items()
+               if sm.lowres is not None)
+    store = StateStore(tmp_path / "states")
+    store.put("a" * 32, state)
+    (tmp_path / "states" / ("a" * 32 + ".npz")).write_bytes(b"PK\x03\x04 damaged")
+    assert store.get("a" * 32) is None and store.get("b" * 32) is None
 
 
 @pytest.mark.parametrize("content, needle", [
