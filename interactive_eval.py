@@ -108,7 +108,7 @@ def measure(cfg, device, cases) -> dict:
     for name, stack, gt, spacing, pixel_mm, organs, name_of in cases:
         ed = editor(stack, models, cfg, device, pixel_mm, in_range=cfg["first"] == "box3d")
         run = run_case(ed, name, gt, spacing, organs, cfg["clicks"], cfg["nsd"], name_of, cfg["first"])
-        out[name] = {"organs": run.summary(), "encode_seconds": round(run.encode_seconds, 2),
+        out[name] = {"organs": run.summary(),
                      "spacing": [float(s) for s in spacing], "shape": list(stack.shape)}
         for organ, s in out[name]["organs"].items():
             print(f"{name} {organ}: DSC " + " ".join(f"{v:.3f}" for v in s["dsc"])
