@@ -41,6 +41,19 @@ def case_name(path: Path) -> str:
     return path.stem
 
 
+def case_images(folder: Path) -> list[Path]:
+    """A folder layout's images, in natural order: NIfTI files, and DICOM series (a folder of one series'
+    files, or a .zip of one; `sambtcv.dicom`)."""
+    found = [p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) or p.suffix.lower() == ".zip"
+             or (p.is_dir() and not p.name.startswith("."))]
+    return sorted(found, key=lambda p: _natural_key(p.name))
+
+
+def label_name(image: Path) -> str:
+    """The label file's name for an image: the same NIfTI name, or <case>.nii.gz for a DICOM series."""
+    return image.name if image.name.endswith(NIFTI_SUFFIXES) else case_name(image) + ".nii.gz"
+
+
 def _json_split(data_dir: Path, js: Path) -> dict:
     """The cases listed by a MONAI dataset_0.json (which defines the split)."""
     try:
@@ -75,15 +88,13 @@ def find_cases(data_dir: Path, val_fraction: float = config.VAL_FRACTION) -> dic
         return out
     if (data_dir / "RawData" / "Training" / "img").is_dir():
         img_dir, lab_dir = data_dir / "RawData" / "Training" / "img", data_dir / "RawData" / "Training" / "label"
-        images = sorted(img_dir.glob("*.nii*"), key=lambda p: _natural_key(p.name))
-        pairs = [(case_name(p), p, lab_dir / p.name.replace("img", "label", 1)) for p in images]
+        pairs = [(case_name(p), p, lab_dir / label_name(p).replace("img", "label", 1)) for p in case_images(img_dir)]
     elif (data_dir / "imagesTr").is_dir():
-        images = sorted((data_dir / "imagesTr").glob("*.nii*"), key=lambda p: _natural_key(p.name))
-        pairs = [(case_name(p), p, data_dir / "labelsTr" / p.name) for p in images]
+        pairs = [(case_name(p), p, data_dir / "labelsTr" / label_name(p)) for p in case_images(data_dir / "imagesTr")]
     else:
         raise PipelineError(f"no BTCV data found in {data_dir}: expected one of the layouts {', '.join(LAYOUTS)}")
     if not pairs:
-        raise PipelineError(f"data dir {data_dir} has the folder layout but no .nii.gz images")
+        raise PipelineError(f"data dir {data_dir} has the folder layout but no .nii.gz images or DICOM series")
     _check_pairs(pairs)
     n_val = max(1, int(round(len(pairs) * val_fraction)))
     return {"source": f"last {val_fraction:.0%} of cases by sorted id", "train": pairs[:-n_val], "val": pairs[-n_val:]}

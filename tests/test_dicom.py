@@ -98,6 +98,46 @@ def test_segment_volume_takes_a_series_and_writes_a_seg(phantom, tmp_path, capsy
     assert set(masks) == {"spleen"} and np.array_equal(masks["spleen"], pred == spleen)
 
 
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_preprocess_takes_a_case_that_is_a_series(raw_phantom, tmp_path, as_zip):
+    """A case of a folder layout may be a DICOM series (a folder, or a .zip of one): preprocess.py writes the
+    slices its NIfTI gives."""
+    import shutil
+
+    from sambtcv.data import preprocess
+
+    raw = shutil.copytree(raw_phantom, tmp_path / "raw")
+    img_dir = raw / "RawData" / "Training" / "img"
+    image = img_dir / "img0003.nii.gz"
+    img = nib.load(str(image))
+    vol, aff = flipped(np.asarray(img.dataobj).astype(np.int16), img.affine, (1,))
+    write_series(tmp_path / "img0003", vol, aff, frame_of_reference=False)
+    grid = nib.load(str(dicom.as_nifti(tmp_path / "img0003")))  # the series' grid, as the reader orders it
+    label = raw / "RawData" / "Training" / "label" / "label0003.nii.gz"  # made on that grid, as a user's is
+    lab = nib.load(str(label))
+    on_grid = lab.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(lab.affine),
+                                                                nib.io_orientation(grid.affine)))
+    assert on_grid.shape == grid.shape and np.allclose(on_grid.affine, grid.affine, atol=1e-3)
+    nib.save(nib.Nifti1Image(np.asarray(on_grid.dataobj), grid.affine), str(label))
+    if as_zip:
+        zipped(tmp_path / "img0003", img_dir / "img0003.zip")
+    else:
+        shutil.copytree(tmp_path / "img0003", img_dir / "img0003")
+    image.unlink()
+    assert [c[0] for c in find_cases(raw)["val"]] == ["img0003"]
+    preprocess(raw_phantom, tmp_path / "from_nifti")
+    preprocess(raw, tmp_path / "from_dicom")
+    want = sorted(p.name for p in (tmp_path / "from_nifti" / "val").iterdir())
+    assert want and sorted(p.name for p in (tmp_path / "from_dicom" / "val").iterdir()) == want
+    a, b = (tmp_path / d / "val" / "organs.csv" for d in ("from_nifti", "from_dicom"))
+    assert a.read_text() == b.read_text()
+    for name in (n for n in want if n.endswith(".npz")):
+        a, b = np.load(tmp_path / "from_nifti" / "val" / name), np.load(tmp_path / "from_dicom" / "val" / name)
+        assert set(a.files) == set(b.files)
+        for key in a.files:
+            assert np.array_equal(a[key], b[key]), (name, key)
+
+
 def test_bad_series_are_one_line(phantom, tmp_path, capsys):
     _, _, volume, affine = phantom
     write_series(tmp_path / "two", volume, affine)
