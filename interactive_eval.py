@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from sambtcv import config, names, records, tables
-from sambtcv.cli import editor, flag, load_editor_models, parse_config, results_folder, run_main, start_run
-from sambtcv.data import check_geometry, find_cases, parse_window
+from sambtcv.cli import editor, flag, load_editor_models, parse_config, results_folder, run_main, split_cases, start_run
 from sambtcv.errors import PipelineError
 from sambtcv.files import Results
-from sambtcv.names import SPLITS, check_choice, organ_name
+from sambtcv.names import check_choice, organ_name
 from sambtcv.protocol import FIRST_STEPS, class_name, run_case
 from sambtcv.volume import load_case
 
@@ -62,15 +61,7 @@ RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the de
 def dataset_cases(cfg, organs: list[int]):
     """(name, stack, gt, spacing (z, y, x), pixel_mm, organs, their names) of each case of --data-dir's split, loaded
     one at a time; every case checked first."""
-    with flag("--split"):
-        check_choice(cfg["split"], SPLITS, "split")
-    cases = find_cases(Path(cfg["data_dir"]))[cfg["split"]]
-    if not cases:
-        raise PipelineError(f"the {cfg['split']} split of {cfg['data_dir']} has no cases")
-    with flag("--window-hu"):
-        window = parse_window(cfg["window_hu"])
-    for _, image, label in cases:
-        check_geometry(image, label)
+    cases, window = split_cases(cfg)
 
     def load():
         for name, image, label in cases:

@@ -38,16 +38,17 @@ from sambtcv.cli import (
     parse_config,
     results_folder,
     run_main,
+    split_cases,
     start_run,
     volume_decoder,
     walk_settings,
 )
-from sambtcv.data import check_geometry, find_cases, parse_window
+from sambtcv.data import parse_window
 from sambtcv.distributed import DistEnv, init_distributed
 from sambtcv.errors import PipelineError
 from sambtcv.files import Results, save_figure
 from sambtcv.metrics import dice_score
-from sambtcv.names import NUM_ORGANS, SPLITS, check_choice, organ_name
+from sambtcv.names import NUM_ORGANS, organ_name
 from sambtcv.prompts_file import read_prompts_file
 from sambtcv.propagation import merge
 from sambtcv.volume import (
@@ -143,15 +144,7 @@ def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Re
 def evaluate_split(cfg, env: DistEnv, res: Results, organs: list[int], walk: WalkSettings) -> dict | None:
     """Every case of the split (shared out over the processes under torchrun); rank 0 writes the record
     and volume_3d.json / .md, in case order whatever the number of processes."""
-    with flag("--split"):
-        check_choice(cfg["split"], SPLITS, "split")
-    cases = find_cases(Path(cfg["data_dir"]))[cfg["split"]]
-    if not cases:
-        raise PipelineError(f"the {cfg['split']} split of {cfg['data_dir']} has no cases")
-    with flag("--window-hu"):
-        window = parse_window(cfg["window_hu"])
-    for _, image, label in cases:  # every case readable and on its label's grid before any work
-        check_geometry(image, label)
+    cases, window = split_cases(cfg)  # every case readable and on its label's grid before any work
     t0 = time.perf_counter()
     models = load_models(cfg, env.device)
     backbone = models.backbone

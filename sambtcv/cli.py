@@ -392,3 +392,21 @@ def _runtime_name(cfg: dict, device) -> str:
 
     with flag("--runtime"):
         return runtime.resolve(cfg["runtime"], device)
+
+
+def split_cases(cfg) -> tuple[list, tuple]:
+    """--data-dir's --split cases [(case, image, label)] and --window-hu, checked: the split named, not
+    empty, every case readable and on its label's grid, before any work."""
+    from sambtcv.data import check_geometry, find_cases, parse_window
+    from sambtcv.names import SPLITS, check_choice
+
+    with flag("--split"):
+        check_choice(cfg["split"], SPLITS, "split")
+    cases = find_cases(Path(cfg["data_dir"]))[cfg["split"]]
+    if not cases:
+        raise PipelineError(f"the {cfg['split']} split of {cfg['data_dir']} has no cases")
+    with flag("--window-hu"):
+        window = parse_window(cfg["window_hu"])
+    for _, image, label in cases:
+        check_geometry(image, label)
+    return cases, window

@@ -128,13 +128,19 @@ def table_sections(found: StageRecords, skip: set, t1: dict | None, others: list
     return md
 
 
+def _stage_record(found: StageRecords, skip: set, key: str, title: str, stage: str, what: str):
+    """(the record of a section's stage, None) or (None, the note that stands in for the section)."""
+    if key in skip:
+        return None, f"## {title}\n\n" + skipped_note(key)
+    r = found.one(title, stage)
+    return (r, None) if r is not None else (None, f"_{what} is missing: its stage wrote no record._\n\n")
+
+
 def volume_section(found: StageRecords, skip: set) -> str:
     """'3D: one box per organ': the table and each validation case's three orthogonal views."""
-    if "3d" in skip:
-        return "## 3D: one box per organ\n\n" + skipped_note("3d")
-    r = found.one("3D: one box per organ", "volume_3d")
+    r, note = _stage_record(found, skip, "3d", "3D: one box per organ", "volume_3d", "The 3D section")
     if r is None:
-        return "_The 3D section is missing: its stage wrote no record._\n\n"
+        return note
     view = tables.volume_view(r)
     res = Results(found.root)
     figures = "\n\n".join(f"![{case}](figures/{res.figure(f'volume_3d_{case}').name})" for case in view["cases"])
@@ -143,11 +149,10 @@ def volume_section(found: StageRecords, skip: set) -> str:
 
 def interactive_section(found: StageRecords, skip: set) -> str:
     """Table 5: the challenge's interactive protocol on the validation cases."""
-    if "interactive" in skip:
-        return "## Table 5: interactive 3D (box + 5 clicks)\n\n" + skipped_note("interactive")
-    r = found.one("Table 5: interactive 3D (box + 5 clicks)", "interactive_3d")
+    r, note = _stage_record(found, skip, "interactive", "Table 5: interactive 3D (box + 5 clicks)", "interactive_3d",
+                            "Table 5")
     if r is None:
-        return "_Table 5 is missing: its stage wrote no record._\n\n"
+        return note
     return tables.interactive_markdown(tables.interactive_view(r)).strip() + "\n\n"
 
 

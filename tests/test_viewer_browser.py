@@ -58,11 +58,7 @@ def test_box_propagate_save_in_the_browser(phantom_ct, litemedsam, tmp_path):
     with serve(app) as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(base + "/")
-            page.wait_for_function("window.viewer && viewer.state.ready && viewer.state.status", timeout=180_000)
+            page = _open_page(browser, base, errors)
             assert page.locator("#error").is_hidden(), page.locator("#error").text_content()
 
             page.select_option("#organ", "spleen")
@@ -111,6 +107,16 @@ UI_PIXEL = """p => { const c = document.getElementById('ui'), d = window.deviceP
     return Array.from(c.getContext('2d').getImageData(Math.round(p[0] * d), Math.round(p[1] * d), 1, 1).data); }"""
 
 
+def _open_page(browser, base: str, errors: list):
+    """The viewer's page, loaded and ready; its console errors and uncaught exceptions go to `errors`."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base + "/")
+    page.wait_for_function("window.viewer && viewer.state.ready && viewer.state.status", timeout=180_000)
+    return page
+
+
 def _drag(page, canvas, points):
     """A real mouse drag through the given CSS-pixel points of the canvas."""
     page.mouse.move(canvas["x"] + points[0][0], canvas["y"] + points[0][1])
@@ -155,11 +161,7 @@ def test_clicks_brush_and_eraser_correct_in_the_browser(phantom_ct, litemedsam, 
         box_alone = dice_score(_labels(base, other, len(ref)) == SPLEEN, gt)
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(base + "/")
-            page.wait_for_function("window.viewer && viewer.state.ready && viewer.state.status", timeout=180_000)
+            page = _open_page(browser, base, errors)
             vid = page.evaluate("viewer.state.vol.id")
             page.select_option("#organ", "spleen")
             page.evaluate("k => viewer.goToSlice(k)", k)

@@ -14,8 +14,6 @@ OUT must not exist (or be a folder this tool wrote).
 """
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sambtcv.cli import parse_config, run_main  # noqa: E402
 from sambtcv.errors import PipelineError  # noqa: E402
+from sambtcv.files import check_replaceable, staged_dir, write_json  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- config
 SOURCE = None  # a 3D-IRCADb patient folder holding PATIENT_DICOM/ and MASKS_DICOM/<structure>/
@@ -95,21 +94,14 @@ def main(argv=None):
     if bool(cfg["source"]) == bool(cfg["git_dir"]) or not cfg["out"]:
         raise PipelineError("give --out DIR and one of --source PATIENT_FOLDER or --git-dir BARE_CLONE")
     out = Path(cfg["out"])
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise PipelineError(f"--out {out} exists and was not written by this tool; name a new folder")
-    with tempfile.TemporaryDirectory() as tmp:
+    check_replaceable(out, MARKER, "--out")
+    with tempfile.TemporaryDirectory() as tmp, staged_dir(out, MARKER) as part:
         source = Path(cfg["source"]) if cfg["source"] else export(Path(cfg["git_dir"]), cfg["commit"], Path(tmp))
-        part = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(part, ignore_errors=True)
         entry = convert(source, part, cfg["case"])
-        (part / "dataset_0.json").write_text(json.dumps({"training": [], "validation": [entry]}, indent=1))
-        (part / MARKER).write_text(json.dumps({"written_by": "tools/ircadb_case.py", "licence": "CC BY-NC-ND 4.0 "
-                                               "(3D-IRCADb-01, IRCAD): evaluation only, not for redistribution",
-                                               "source": str(cfg["source"] or f"{cfg['git_dir']}@{cfg['commit']}")},
-                                              indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        part.rename(out)
+        write_json(part / "dataset_0.json", {"training": [], "validation": [entry]})
+        write_json(part / MARKER, {"written_by": "tools/ircadb_case.py", "licence": "CC BY-NC-ND 4.0 (3D-IRCADb-01, "
+                                   "IRCAD): evaluation only, not for redistribution",
+                                   "source": str(cfg["source"] or f"{cfg['git_dir']}@{cfg['commit']}")})
     print(f"wrote {out}; python interactive_eval.py --data-dir {out} --organs liver")
 
 

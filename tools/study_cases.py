@@ -16,8 +16,6 @@ Files are read at pinned commits; OUT must not exist (or be a folder this tool w
 """
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sambtcv.cli import parse_config, run_main  # noqa: E402
 from sambtcv.errors import PipelineError  # noqa: E402
+from sambtcv.files import check_replaceable, staged_dir, write_json  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- config
 OUT = "data/study_cases"  # the dataset to write (imagesTr/, labelsTr/, dataset_0.json, provenance.json)
@@ -182,30 +181,20 @@ def sbme_lits(repo: Repo, raw: Path, out: Path) -> dict:
     return save(out, "sbme_lits_liver_lesion_lowres", hu(v.dataobj), label, affine)
 
 
-def check_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise PipelineError(f"--out {out} exists and was not written by this tool; name a new folder")
-
-
 def main(argv=None):
     cfg = parse_config(globals(), argv)
     out = Path(cfg["out"])
-    check_out(out)
+    check_replaceable(out, MARKER, "--out")
     git_root = Path(cfg["git_root"]) if cfg["git_root"] else None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, staged_dir(out, MARKER) as part:
         tmp = Path(tmp)
-        part = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(part, ignore_errors=True)
         ts, sbme = open_repo(TS, git_root, tmp), open_repo(SBME, git_root, tmp)
         entries = [ts_3mm(ts, tmp, part), ts_partial(ts, tmp, part), ts_dicom_slab(ts, tmp, part),
                    sbme_lits(sbme, tmp, part)]
         entries = [e for e in entries if e]
-        (part / "dataset_0.json").write_text(json.dumps({"training": [], "validation": entries}, indent=1))
-        (part / MARKER).write_text(json.dumps({"written_by": "tools/study_cases.py", "commits": {
-            "/".join(TS): [TS_HEAD, TS_V1_SEG], "/".join(SBME): [SBME_COMMIT]}}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        part.rename(out)
+        write_json(part / "dataset_0.json", {"training": [], "validation": entries})
+        write_json(part / MARKER, {"written_by": "tools/study_cases.py", "commits": {
+            "/".join(TS): [TS_HEAD, TS_V1_SEG], "/".join(SBME): [SBME_COMMIT]}})
     print(f"wrote {len(entries)} cases to {out}; python study_3d.py --data-dir {out}")
 
 
