@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sambtcv import config, names, records, tables
+from sambtcv import config, names, records, runtime, tables
 from sambtcv.cli import editor, flag, load_editor_models, parse_config, results_folder, run_main, split_cases, start_run
 from sambtcv.errors import PipelineError
 from sambtcv.files import Results
@@ -111,11 +111,13 @@ def measure(cfg, device, cases) -> dict:
             "model": cfg["model"], "point_model": cfg["point_model"] or cfg["model"]}
 
 
-def settings_of(cfg) -> dict:
+def settings_of(cfg, device) -> dict:
+    """The record's settings: the run's constants, the runtime as resolved (auto -> what ran)."""
     keys = ("data_dir", "npz_dir", "split", "organs", "model", "point_model", "checkpoint", "finetuned", "stop",
             "margin_mm", "click", "after_click", "carry", "gate", "mask_input", "clicks", "first", "nsd", "window_hu",
             "dtype", "encoder_dtype", "runtime", "cache_dir")
     out = {k: cfg[k] for k in keys}
+    out["runtime"] = runtime.resolve(cfg["runtime"], device)
     for k in ("data_dir", "npz_dir"):
         out[k] = str(Path(out[k]).resolve()) if out[k] else None
     return out
@@ -137,7 +139,7 @@ def main(argv=None):
         result = measure(cfg, device, cases)
         what = (f"challenge files in {cfg['npz_dir']}" if cfg["npz_dir"]
                 else f"{cfg['split']} split of {cfg['data_dir']}")
-        records.write_record(res.root, "interactive_3d", settings_of(cfg), result, {"id": None, "data": what})
+        records.write_record(res.root, "interactive_3d", settings_of(cfg, device), result, {"id": None, "data": what})
         view = tables.write_interactive(res.root)
     print(tables.interactive_markdown(view), end="")
     print(f"wrote {res.table('interactive_3d', 'md')}; organs {', '.join(organ_name(o) for o in organs)}")

@@ -183,6 +183,7 @@ def read_series(folder: Path, uid: str | None = None, where: str | None = None) 
     """The one CT series of `folder` (or the series `uid`), checked; its files in SimpleITK's slice order."""
     import SimpleITK as sitk
 
+    folder = Path(folder)
     where = where or str(folder)
     groups = _headers(folder)
     uid = _choose(groups, uid, where)
