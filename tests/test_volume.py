@@ -10,7 +10,7 @@ import pytest
 
 import segment_volume
 from conftest import assert_figure, fails, held_by_another_process
-from sambtcv import volume
+from sambtcv import data, volume
 from sambtcv.config import ORIENTATION
 from sambtcv.data import find_cases, load_label
 from sambtcv.errors import PipelineError
@@ -234,7 +234,7 @@ def test_model_and_finetuned_fail_before_the_ct_is_read(raw_phantom, flat, tmp_p
 def test_evaluation_checks_every_case_before_any_work(raw_phantom, flat, tmp_path, monkeypatch):
     """A bad second case fails the evaluation at once: no encoder pass, no table, no cache."""
     _, image, label = _case_files(raw_phantom)
-    monkeypatch.setattr(segment_volume, "find_cases",
+    monkeypatch.setattr(data, "find_cases",  # the one place pages list a split's cases (cli.split_cases)
                         lambda _: {"val": [("good", image, label), ("bad", flat, label)], "train": []})
     with pytest.raises(PipelineError, match="not a 3D volume"):
         segment_volume.main(["--data-dir", str(raw_phantom), "--results-dir", str(tmp_path / "r"),
