@@ -284,11 +284,12 @@ class Editor:
                 if abs(int(stack[j][yi, xi]) - seen) > CARRY_INTENSITY:
                     break
                 sp = replace(self._derived_box(state, j, SlicePrompt()).with_point(x, y, positive), carried=True)
-                new = self.edit(replace(state, anchors={**state.anchors, j: sp}), j, (x, y, positive))
+                anchored = replace(state, anchors={**state.anchors, j: sp})
+                new = self.edit(anchored, j, (x, y, positive))
                 now = new.mask ^ sm.mask
                 if changed is not None and not _follows(now, changed):
                     break
-                state = replace(state, anchors={**state.anchors, j: sp}, slices={**state.slices, j: new})
+                state = replace(anchored, slices={**state.slices, j: new})
                 j, changed = j + d, now
         return state
 

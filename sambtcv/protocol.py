@@ -14,6 +14,7 @@ import numpy as np
 from sambtcv import segfm
 from sambtcv.editor import Editor
 from sambtcv.names import organ_name
+from sambtcv.prompts import bound_box
 from sambtcv.propagation import merge
 
 
@@ -84,8 +85,7 @@ def first_boxes(gt: np.ndarray, organs: list, first: str) -> dict:
     for o in organs:
         g = gt == o
         k = int(np.argmax(g.sum(axis=(1, 2))))
-        ys, xs = np.nonzero(g[k])
-        out[o] = segfm.Box3D(0, len(gt) - 1, k, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
+        out[o] = segfm.Box3D(0, len(gt) - 1, k, tuple(int(v) for v in bound_box(g[k])))
     return out
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sambtcv.cli import parse_config, run_main  # noqa: E402
 from sambtcv.errors import PipelineError  # noqa: E402
+from sambtcv.files import write_json  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- config
 DATA_DIR = None  # a dataset in one of the contract's layouts (its SPLIT is measured)
@@ -46,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cases_of(cfg):
     """(name, imgs, spacing (z, y, x), gts with classes 1..n, organ names) of each case."""
     from sambtcv import names, segfm
-    from sambtcv.data import find_cases, parse_window
+    from sambtcv.cli import split_cases
     from sambtcv.volume import load_case
 
     if cfg["npz_dir"]:
@@ -59,8 +60,9 @@ def cases_of(cfg):
             yield case.name, case.imgs, case.spacing, gts, [f"class_{v}" for v in classes]
         return
     wanted = names.organ_ids_arg(cfg["organs"])
-    for name, image, label in find_cases(Path(cfg["data_dir"]))[cfg["split"]]:
-        case = load_case(name, image, label, parse_window(cfg["window_hu"]))
+    cases, window = split_cases(cfg)  # every case checked before the first step runs
+    for name, image, label in cases:
+        case = load_case(name, image, label, window)
         present = [o for o in wanted if (case.label == o).any()]
         if not present:
             continue
@@ -126,8 +128,7 @@ def main(argv=None):
                "seconds_per_class_later_steps_max": float(max(later, default=0)),
                "seconds_per_class_step1_max": float(max(c["steps"][0]["seconds"] / len(c["labels"])
                                                         for c in out.values()))}
-    (work / "segfm_loop.json").write_text(json.dumps({"summary": summary, "cases": out, "settings": dict(cfg)},
-                                                     indent=1))
+    write_json(work / "segfm_loop.json", {"summary": summary, "cases": out, "settings": dict(cfg)})
     print(json.dumps(summary, indent=1))
 
 
