@@ -161,7 +161,7 @@ def test_bad_series_are_one_line(phantom, tmp_path, capsys):
                                                "--out", tmp_path / "x.nii.gz"])
     assert "pick one with --series UID" in line
     uid = line.split("(")[1].split(" ")[0]
-    got = dicom.read_series(tmp_path / "two", uid)
+    got = dicom.read_series(str(tmp_path / "two"), uid)  # a path given as text reads too
     assert got.uid == uid and len(got.files) == volume.shape[2]
     line = fails(capsys, segment_volume.main, ["--image", tmp_path / "gap", "--prompts", tmp_path / "p.json",
                                                "--out", tmp_path / "x.dcm", "--label", tmp_path / "p.json"])

@@ -335,3 +335,14 @@ def test_segs_merge_classes_in_order(decoders, val_case):
     st = state.box3d(1, b.z_min, b.z_max, b.z_mid, b.box)
     segs = merge([st.masks()], gt.shape)
     assert set(np.unique(segs)) <= {0, 1} and segfm.dsc(gt, segs == 1) > 0.7
+
+
+def test_the_record_names_the_runtime_that_ran():
+    """Table 5's record states the runtime that ran, not 'auto' (on a CPU, auto runs OpenVINO)."""
+    import interactive_eval
+    from sambtcv.cli import parse_config
+
+    cfg = parse_config(vars(interactive_eval), ["--data-dir", "x", "--runtime", "auto"])
+    assert interactive_eval.settings_of(cfg, "cpu")["runtime"] == "openvino"
+    cfg = parse_config(vars(interactive_eval), ["--data-dir", "x", "--runtime", "torch"])
+    assert interactive_eval.settings_of(cfg, "cpu")["runtime"] == "torch"
