@@ -684,7 +684,7 @@ def bench_volume(cfg, backbone, sets: dict, work: Path, device) -> dict:
         case = load_case(f"case{n}", image, label, parse_window(config.WINDOW_HU))
         dec = VolumeDecoder(case.stack, backbone, decoder, work / "embeddings_3d", device)
         prompts = label_prompts(case, present_organs(case.label))
-        segment(dec, prompts, walk, case.pixel_mm)
+        segment(dec, prompts, walk, case.geometry)
         passes, visited, organs = passes + dec.encoder_passes, visited + len(dec.visited), organs + len(prompts)
     sync(device)
     seconds = time.perf_counter() - t0

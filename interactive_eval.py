@@ -24,6 +24,7 @@ from sambtcv import config, names, records, runtime, tables
 from sambtcv.cli import editor, flag, load_editor_models, parse_config, results_folder, run_main, split_cases, start_run
 from sambtcv.errors import PipelineError
 from sambtcv.files import Results
+from sambtcv.guard import Geometry
 from sambtcv.names import check_choice, organ_name
 from sambtcv.protocol import FIRST_STEPS, class_name, run_case
 from sambtcv.volume import load_case
@@ -32,7 +33,7 @@ from sambtcv.volume import load_case
 DATA_DIR = None  # a dataset in one of the contract's layouts (its SPLIT is measured)
 NPZ_DIR = None  # or: a folder of challenge .npz files holding imgs, spacing and gts
 SPLIT = "val"  # with --data-dir: val | train
-ORGANS = "spleen,right_kidney,left_kidney,liver"  # with --data-dir: organs to measure where labelled (or all)
+ORGANS = "all"  # with --data-dir: organs to measure where labelled (all: BTCV's 13), e.g. spleen,liver
 RESULTS_DIR = config.RESULTS_DIR  # interactive_3d.json / .md / .csv and the record go here
 MODEL = "litemedsam"  # the model of boxes and walks (box-trained LiteMedSAM measured best: MEASUREMENTS 10)
 POINT_MODEL = "mobilesam"  # the model that answers clicks; empty: MODEL
@@ -46,6 +47,8 @@ AFTER_CLICK = "none"  # what a click does beyond its slice: none | walk (sambtcv
 MASK_INPUT = True  # a clicked slice's earlier low-res logits go back to SAM as its mask prompt
 CARRY = True  # a click also corrects the neighbouring slices that share its error (sambtcv.editor.Editor.carry)
 GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (sambtcv.editor.Editor._gate)
+GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.guard)
+REPAIR = True  # a - click on a doubted wrong part removes its slab; a + click apart from the mask adds a part
 CLICKS = 5  # click steps after the box (the challenge: 5) (>= 0)
 FIRST = "box3d"  # step 1: box3d (the challenge's 3D box) | box (the viewer's: largest slice's box and P, no z range)
 NSD = True  # also the normalised surface Dice per step (slower on large CTs)
@@ -59,7 +62,7 @@ RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the de
 
 
 def dataset_cases(cfg, organs: list[int]):
-    """(name, stack, gt, spacing (z, y, x), pixel_mm, organs, their names) of each case of --data-dir's split, loaded
+    """(name, stack, gt, spacing (z, y, x) mm, organs, their names) of each case of --data-dir's split, loaded
     one at a time; every case checked first."""
     cases, window = split_cases(cfg)
 
@@ -67,7 +70,7 @@ def dataset_cases(cfg, organs: list[int]):
         for name, image, label in cases:
             case = load_case(name, image, label, window)
             sp = case.spacing
-            yield name, case.stack, case.label, (sp[2], sp[0], sp[1]), case.pixel_mm, organs, organ_name
+            yield name, case.stack, case.label, (sp[2], sp[0], sp[1]), organs, organ_name
     return load()
 
 
@@ -87,8 +90,7 @@ def npz_cases(folder: Path):
         for path in files:
             case = segfm.read_case(path)
             classes = [int(v) for v in np.unique(case.gts) if v > 0]
-            pixel_mm = (case.spacing[1] + case.spacing[2]) / 2
-            yield case.name, case.imgs, case.gts, case.spacing, pixel_mm, classes, class_name
+            yield case.name, case.imgs, case.gts, case.spacing, classes, class_name
     return load()
 
 
@@ -96,8 +98,8 @@ def measure(cfg, device, cases) -> dict:
     """Every case through the protocol; the record's result."""
     models = load_editor_models(cfg, device)
     out, t0 = {}, time.perf_counter()
-    for name, stack, gt, spacing, pixel_mm, organs, name_of in cases:
-        ed = editor(stack, models, cfg, device, pixel_mm, in_range=cfg["first"] == "box3d")
+    for name, stack, gt, spacing, organs, name_of in cases:
+        ed = editor(stack, models, cfg, device, Geometry.of(spacing), in_range=cfg["first"] == "box3d")
         run = run_case(ed, name, gt, spacing, organs, cfg["clicks"], cfg["nsd"], name_of, cfg["first"])
         out[name] = {"organs": run.summary(),
                      "spacing": [float(s) for s in spacing], "shape": list(stack.shape)}
@@ -114,8 +116,8 @@ def measure(cfg, device, cases) -> dict:
 def settings_of(cfg, device) -> dict:
     """The record's settings: the run's constants, the runtime as resolved (auto -> what ran)."""
     keys = ("data_dir", "npz_dir", "split", "organs", "model", "point_model", "checkpoint", "finetuned", "stop",
-            "margin_mm", "click", "after_click", "carry", "gate", "mask_input", "clicks", "first", "nsd", "window_hu",
-            "dtype", "encoder_dtype", "runtime", "cache_dir")
+            "margin_mm", "click", "after_click", "carry", "gate", "guard", "repair", "mask_input", "clicks", "first",
+            "nsd", "window_hu", "dtype", "encoder_dtype", "runtime", "cache_dir")
     out = {k: cfg[k] for k in keys}
     out["runtime"] = runtime.resolve(cfg["runtime"], device)
     for k in ("data_dir", "npz_dir"):

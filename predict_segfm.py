@@ -30,6 +30,7 @@ from sambtcv import config
 from sambtcv.cli import editor, flag, load_editor_models, parse_config, run_main, start_run
 from sambtcv.errors import PipelineError
 from sambtcv.files import check_can_create
+from sambtcv.guard import Geometry
 from sambtcv.protocol import predict
 from sambtcv.states import StateStore
 
@@ -48,6 +49,8 @@ AFTER_CLICK = "none"  # what a click does beyond its slice: none | walk (sambtcv
 MASK_INPUT = True  # a clicked slice's earlier low-res logits go back to SAM as its mask prompt
 CARRY = True  # a click also corrects the neighbouring slices that share its error (sambtcv.editor.Editor.carry)
 GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (sambtcv.editor.Editor._gate)
+GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.guard)
+REPAIR = True  # a - click on a doubted wrong part removes its slab; a + click apart from the mask adds a part
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder (fp32: LiteMedSAM measured better, MEASUREMENTS 10)
@@ -95,8 +98,7 @@ def predict_file(path: Path, outputs: Path, models, cfg, device) -> None:
 
     case = segfm.read_case(path)
     t0 = time.perf_counter()
-    pixel_mm = (case.spacing[1] + case.spacing[2]) / 2
-    ed = editor(case.imgs, models, cfg, device, pixel_mm, in_range=case.boxes is not None)
+    ed = editor(case.imgs, models, cfg, device, Geometry.of(case.spacing), in_range=case.boxes is not None)
     segs = predict(ed, case, StateStore(Path(cfg["cache_dir"]) / STATES_FOLDER), engine_settings(cfg, ed))
     outputs.mkdir(parents=True, exist_ok=True)
     segfm.write_segs(outputs / path.name, segs)

@@ -194,7 +194,7 @@ def segment_image(cfg, device, organs: list[int], walk: WalkSettings) -> None:
     if not prompts:
         raise PipelineError(f"none of the organs {', '.join(organ_name(o) for o in organs)} is in --label {label}")
     dec = volume_decoder(case, models, cfg, device)
-    organ_walks = segment(dec, prompts, walk, case.pixel_mm)
+    organ_walks = segment(dec, prompts, walk, case.geometry)
     labels = merge(organ_walks, case.stack.shape)
     write_label_map(labels, case, Path(cfg["out"]), model=models.backbone.name, source=image, series=cfg["series"])
     for p in prompts:

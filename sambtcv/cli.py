@@ -312,10 +312,10 @@ def load_editor_models(cfg, device) -> EditorModels:
     return EditorModels(box, load_models({**cfg, "model": name, "checkpoint": None, "finetuned": None}, device))
 
 
-def edit_rules(cfg, pixel_mm: float, in_range: bool):
+def edit_rules(cfg, geo, in_range: bool):
     """STOP, MARGIN_MM (for MODEL; `in_range`: walks inside a 3D box's slices), MASK_INPUT, CLICK,
-    AFTER_CLICK, CARRY and GATE (default on) as `sambtcv.editor.EditRules` for a CT of in-plane pixel size
-    `pixel_mm`."""
+    AFTER_CLICK, CARRY, GATE, GUARD and REPAIR (default on) as `sambtcv.editor.EditRules` for a CT of voxel size `geo`
+    (`sambtcv.guard.Geometry`)."""
     from sambtcv.editor import AFTER_CLICK, CLICK_RULES, EditRules
     from sambtcv.names import check_choice
     from sambtcv.propagation import STOP_RULES
@@ -330,16 +330,17 @@ def edit_rules(cfg, pixel_mm: float, in_range: bool):
         check_choice(cfg["click"], CLICK_RULES, "click rule")
     with flag("--after-click"):
         check_choice(cfg["after_click"], AFTER_CLICK, "after-click rule")
-    return EditRules(WalkRules(cfg["stop"], margin / pixel_mm), bool(cfg["mask_input"]), cfg["click"],
-                     cfg["after_click"], bool(cfg.get("carry", True)), bool(cfg.get("gate", True)))
+    walk = WalkRules(cfg["stop"], margin / geo.pixel_mm, geo, bool(cfg.get("guard", True)))
+    return EditRules(walk, bool(cfg["mask_input"]), cfg["click"], cfg["after_click"], bool(cfg.get("carry", True)),
+                     bool(cfg.get("gate", True)), bool(cfg.get("repair", True)))
 
 
-def editor(stack, models: EditorModels, cfg, device, pixel_mm: float, in_range: bool = True):
+def editor(stack, models: EditorModels, cfg, device, geo, in_range: bool = True):
     """The engine (`sambtcv.editor.Editor`) on a (K, H, W) slice stack with the page's models and rules."""
     from sambtcv.editor import Editor
 
     point = stack_decoder(stack, models.point, cfg, device) if models.point is not None else None
-    return Editor(stack_decoder(stack, models.box, cfg, device), edit_rules(cfg, pixel_mm, in_range), point)
+    return Editor(stack_decoder(stack, models.box, cfg, device), edit_rules(cfg, geo, in_range), point)
 
 
 

@@ -30,7 +30,7 @@ from sambtcv.anchors import OrganState, SlicePrompt
 from sambtcv.errors import PipelineError
 from sambtcv.prompts import bound_box, grow_box
 from sambtcv.propagation import INTENSITY_PERCENTILES, MIN_AREA, SliceMask, VolumeDecoder, main_part
-from sambtcv.walks import WalkRules, walk
+from sambtcv.walks import WalkRules, union, walk
 
 PAINTED_LOGIT = 1e3  # a painted voxel's logit: the user's stroke wins over any model's mask of another organ
 EDGE_LOGIT = 1.0  # the least |logit| a voxel a click added or cut gets (overlaps with other organs)
@@ -46,6 +46,10 @@ CARRY_SLACK_PX = 50  # ... plus this many pixels
 CARRY_REACH = 3  # px: ... and lies mostly (CARRY_OVERLAP) within this distance of it
 CARRY_OVERLAP = 0.5
 GATE_MIN_PX = 20  # the organ's intensity range on a slice needs at least this many of its pixels
+CORE_SHARE = 0.7  # a - click this deep in its part of the mask (share of the part's greatest depth) rejects the part
+SLAB_OVERLAP = 0.5  # ... and the part of the next slice that lies this much (share of its area) on the removed one
+PART_COVER = 0.5  # ... when the structure the point model sees at the click covers this share of the part
+UNLIKE_SHARE = 0.5  # ... and under this share of the part looks like the organ on its nearest given slice
 CLICK_RULES = ("local", "joint")
 AFTER_CLICK = ("none", "walk")
 
@@ -61,6 +65,7 @@ class EditRules:
     after: str = "none"  # AFTER_CLICK: what a correction does beyond its slice (see Editor.correct)
     carry: bool = True  # a correction is carried to the neighbouring slices that share its error (Editor.carry)
     gate: bool = True  # a click changes only pixels whose intensity backs it, where it can tell (Editor._gate)
+    repair: bool = True  # a click on a wrong part removes it through its slab, one beside the mask adds a part
 
 
 class Editor:
@@ -255,6 +260,13 @@ class Editor:
         P); else the click carried to the neighbouring slices that share its error (`carry`, when the rules
         say so), then, by EditRules.after, nothing more ("none") or a walk from k ("walk")."""
         had = k in state.slices and state.slices[k].area >= MIN_AREA
+        if had and self.rules.repair:
+            if not positive and self._wrong_part(state, k, x, y):
+                return self.remove_part(state, k, x, y)
+            if positive:
+                region = self._separate_part(state, k, x, y)
+                if region is not None:
+                    return self.add_part(state, k, x, y, region)
         new = self.click(state, k, x, y, positive)
         if not had:  # an end cut short: walk outward from k, and toward the organ only across the gap
             return self.walk(new, k) if walk_ends and new.slices[k].area >= MIN_AREA else new
@@ -263,6 +275,72 @@ class Editor:
         if self.rules.after == "walk":
             return self.walk(new, k) if new.slices[k].area >= MIN_AREA else new
         return new
+
+    def remove_part(self, state: OrganState, k: int, x: float, y: float) -> OrganState:
+        """A - click on the core of a part of slice k's mask (`_at_core`): that part is not the organ. It goes,
+        and so do the parts of the slices beyond, each way, that lie on the part removed before them (at least
+        SLAB_OVERLAP of their area), up to an anchor or the organ's z range: a wrong slab goes whole."""
+        xi, yi = int(round(x)), int(round(y))
+        part = _component(state.slices[k].mask, yi, xi)
+        slices = {**state.slices, k: _without(state.slices[k], part)}
+        lo, hi = state.z_range if state.z_range is not None else (0, self.n_slices - 1)
+        for d in _outward(state, k):
+            j, prev = k + d, part
+            while lo <= j <= hi and j not in state.anchors and j in slices:
+                cut = _lying_on(slices[j].mask, prev)
+                if not cut.any() or not self._doubted(state, j, cut):
+                    break
+                slices[j] = _without(slices[j], cut)
+                j, prev = j + d, cut
+        return replace(state, slices=slices, pending=None, candidates=(), chosen=0, from_reference=False)
+
+    def _wrong_part(self, state: OrganState, k: int, x: float, y: float) -> bool:
+        """A - click rejects its whole part of slice k's mask when it lies on the part's core (`_at_core`), the
+        structure the point model sees there covers at least PART_COVER of the part (one structure, not the organ
+        with a leak, where the click cuts only the leak), and the part is in doubt (`_doubted`)."""
+        xi, yi = int(round(x)), int(round(y))
+        mask = state.slices[k].mask
+        if not _at_core(mask, xi, yi):
+            return False
+        part = _component(mask, yi, xi)
+        if (self._point_region(k, x, y) & part).sum() < PART_COVER * part.sum():
+            return False
+        return self._doubted(state, k, part)
+
+    def _doubted(self, state: OrganState, k: int, part: np.ndarray) -> bool:
+        """A part of slice k's mask is in doubt where the walk doubted the slice (`OrganState.unsure`), or where
+        under UNLIKE_SHARE of it looks like the organ on its nearest given slice (5th-95th percentile)."""
+        if any(u.k == k for u in state.unsure):
+            return True
+        given = [j for j, sp in state.anchors.items() if not sp.carried and j in state.slices
+                 and state.slices[j].area >= GATE_MIN_PX]
+        if not given:
+            return False
+        ref = min(given, key=lambda j: (abs(j - k), j))
+        lo, hi = np.percentile(self.dec.stack[ref][state.slices[ref].mask], INTENSITY_PERCENTILES)
+        vals = self.dec.stack[k][part]
+        return ((vals >= lo) & (vals <= hi)).mean() < UNLIKE_SHARE
+
+    def _separate_part(self, state: OrganState, k: int, x: float, y: float) -> np.ndarray | None:
+        """The region a + click on slice k points at when it lies apart from the organ's mask there (no pixel
+        of it touches the mask): the point model's mask for the point with the best predicted IoU among those
+        that hold it and stay apart. None when the click refines the mask's edge instead."""
+        xi, yi = int(round(x)), int(round(y))
+        near = ndimage.binary_dilation(state.slices[k].mask, iterations=1)
+        found = self.point_dec.candidates(k, SlicePrompt().with_point(x, y, True).prompt())
+        apart = [c for c in found.masks if c.mask[yi, xi] and not (c.mask & near).any()]
+        return max(apart, key=lambda c: c.iou).mask if apart else None
+
+    def add_part(self, state: OrganState, k: int, x: float, y: float, region: np.ndarray) -> OrganState:
+        """A part of the organ on slice k that its mask misses (`_separate_part`): added there (k becomes an
+        anchor with the point), then walked through the slices beyond, each way, and added to their masks up to
+        where it joins them (`sambtcv.walks.walk` with `part`)."""
+        sp = state.anchors.get(k) or self._derived_box(state, k, SlicePrompt())
+        sp = sp.with_point(x, y, True)
+        logits = np.where(region, np.float32(EDGE_LOGIT), np.float32(-EDGE_LOGIT))
+        part = SliceMask(region.copy(), logits, 1.0, None)
+        state = self._set_anchor(state, k, sp, union(state.slices[k], part))
+        return walk(self.dec, state, k, self.rules.walk, part=part)
 
     def carry(self, state: OrganState, k: int, x: float, y: float, positive: bool, clicked=None) -> OrganState:
         """A click on slice k repeated on the slices beyond it, each way, while they share its error: the
@@ -304,6 +382,41 @@ def _gaps(state: OrganState, start: int) -> tuple:
         if (nxt is None or nxt.area < MIN_AREA) and any((j - start) * d > 0 for j in masked):
             out.append(d)
     return tuple(out)
+
+
+def _outward(state: OrganState, k: int) -> tuple:
+    """The directions from slice k away from the organ's nearest anchor the user gave (a walk's errors grow
+    outward from it); both where there is none or k is one."""
+    given = [j for j, sp in state.anchors.items() if not sp.carried]
+    if not given:
+        return (1, -1)
+    ref = min(given, key=lambda j: (abs(j - k), j))
+    return (1, -1) if ref == k else ((1,) if k > ref else (-1,))
+
+
+def _at_core(mask: np.ndarray, x: int, y: int) -> bool:
+    """Pixel (x, y) lies inside `mask` at least CORE_SHARE as deep as the deepest pixel of its connected part."""
+    if not mask[y, x]:
+        return False
+    depth = ndimage.distance_transform_edt(_component(mask, y, x))
+    return depth[y, x] >= CORE_SHARE * depth.max()
+
+
+def _lying_on(mask: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """The connected parts of `mask` with at least SLAB_OVERLAP of their area on `removed`."""
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask)
+    area = ndimage.sum(mask, lab, index=range(1, n + 1))
+    on = ndimage.sum(mask & removed, lab, index=range(1, n + 1))
+    keep = np.flatnonzero(on >= SLAB_OVERLAP * area) + 1
+    return np.isin(lab, keep)
+
+
+def _without(sm: SliceMask, cut: np.ndarray) -> SliceMask:
+    """A slice's mask with the pixels of `cut` removed (their logits made negative)."""
+    logits = np.where(cut, np.minimum(sm.logits, -EDGE_LOGIT), sm.logits).astype(np.float32)
+    return SliceMask(sm.mask & ~cut, logits, sm.iou, None)
 
 
 def _follows(change: np.ndarray, previous: np.ndarray) -> bool:

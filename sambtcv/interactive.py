@@ -55,12 +55,13 @@ class Engine:
     def point_model(self) -> str:
         return self.point.backbone.name if self.point is not None else self.model
 
-    def rules(self, pixel_mm: float):
-        """The editor's rules for a CT of in-plane pixel size `pixel_mm` (`sambtcv.editor.EditRules`)."""
+    def rules(self, geo):
+        """The editor's rules for a CT of voxel size `geo` (`sambtcv.guard.Geometry`; `sambtcv.editor.EditRules`)."""
         from sambtcv.editor import EditRules
         from sambtcv.walks import WalkRules
 
-        return EditRules(WalkRules(self.walk.stop, self.walk.margin_mm / pixel_mm), self.mask_input, self.click)
+        return EditRules(WalkRules(self.walk.stop, self.walk.margin_mm / geo.pixel_mm, geo), self.mask_input,
+                         self.click)
 
 
 def walk_settings(stop: str, margin, model: str) -> WalkSettings:

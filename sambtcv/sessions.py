@@ -152,7 +152,7 @@ class VolumeSession:
             self.pdec = SessionDecoder(case.stack, engine.point.backbone, engine.point.decoder, engine.cache_dir,
                                        engine.device, engine.dtype, engine.encoder_dtype, engine.point.runtime,
                                        gate=engine.gate)
-        self.editor = Editor(self.dec, engine.rules(case.pixel_mm), self.pdec)
+        self.editor = Editor(self.dec, engine.rules(case.geometry), self.pdec)
         self.lock = threading.RLock()
         self.organs: dict[int, OrganState] = {}
         self.history: list[tuple[int, OrganState | None]] = []

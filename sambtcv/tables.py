@@ -439,6 +439,7 @@ def interactive_view(r: rec.Record) -> dict:
     s = r.settings
     return {**r.result, "data": r.slices.get("data"), "click": s["click"], "after_click": s["after_click"],
             "mask_input": s["mask_input"], "carry": s.get("carry", False), "gate": s.get("gate", False),
+            "guard": s.get("guard", False), "repair": s.get("repair", False),
             "first": s.get("first", "box3d"), "runtime": s["runtime"], "precision": precision_text(r), "record": r.id}
 
 
@@ -467,7 +468,9 @@ def interactive_markdown(view: dict) -> str:
               f"fall of DSC from one step to the next {m['largest_fall']:.4f}; seconds per step and organ (mean): "
               f"{', '.join(f'{v:.1f}' for v in m['seconds_mean'])}. Clicks: rule '{view['click']}', carried to "
               f"the slices sharing the error: {'yes' if view['carry'] else 'no'}, gated by intensity: "
-              f"{'yes' if view['gate'] else 'no'}, after a click '{view['after_click']}'. "
+              f"{'yes' if view['gate'] else 'no'}, after a click '{view['after_click']}', wrong parts removed "
+              f"through their slab and missed parts walked: {'yes' if view['repair'] else 'no'}. Walks guarded "
+              f"against masks that outgrow or leave the organ: {'yes' if view['guard'] else 'no'}. "
               f"Precision: {view['precision']}; runtime {view['runtime']}. "
               f"Record: {view['record']}.\n")
 

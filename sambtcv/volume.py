@@ -30,6 +30,7 @@ from sambtcv.data import (
 )
 from sambtcv.errors import PipelineError
 from sambtcv.files import check_can_create, remove_dead_temps, write_bytes
+from sambtcv.guard import Geometry
 from sambtcv.metrics import dice_score, hd95
 from sambtcv.names import ORGANS, organ_name
 from sambtcv.prompts import Prompt, bound_box, present_organs
@@ -85,6 +86,11 @@ class Case:
     def pixel_mm(self) -> float:
         """The in-plane pixel size (mean of row and column spacing), mm."""
         return (self.spacing[0] + self.spacing[1]) / 2
+
+    @property
+    def geometry(self) -> Geometry:
+        """The voxel size as walks use it (`sambtcv.guard.Geometry`)."""
+        return Geometry(self.pixel_mm, float(self.spacing[2]))
 
 
 def affine_spacing(affine: np.ndarray) -> np.ndarray:
@@ -239,14 +245,15 @@ def label_prompts(case: Case, organs: list[int]) -> list[OrganPrompt]:
 
 
 # ---------------------------------------------------------------------------------------------- segmenting
-def segment(dec: VolumeDecoder, prompts: list[OrganPrompt], walk: WalkSettings, pixel_mm: float) -> list[OrganMasks]:
+def segment(dec: VolumeDecoder, prompts: list[OrganPrompt], walk: WalkSettings, geo: Geometry) -> list[OrganMasks]:
     """Each organ's prompt decoded on its slice and propagated; the margin is converted to pixels with the
     in-plane pixel size."""
     out = []
     for p in prompts:
         first = dec.decode(p.k, p.prompt)
         limit = p.prompt.box if p.k_range is not None else None
-        out.append(propagate(dec, p.organ, p.k, first, walk.stop, walk.margin_mm / pixel_mm, p.k_range, limit))
+        out.append(propagate(dec, p.organ, p.k, first, walk.stop, walk.margin_mm / geo.pixel_mm, geo, p.k_range,
+                                 limit))
     return out
 
 
@@ -311,7 +318,7 @@ def evaluate_case(case: Case, dec: VolumeDecoder, walk: WalkSettings, organs: li
     """One box per organ of the label (or of `organs`), propagated, against a ground-truth box on every
     slice (`every_slice`, when the caller has it already)."""
     organs = [o for o in (organs or present_organs(case.label)) if (case.label == o).any()]
-    walks = segment(dec, label_prompts(case, organs), walk, case.pixel_mm)
+    walks = segment(dec, label_prompts(case, organs), walk, case.geometry)
     one_box = merge(walks, case.stack.shape)
     if every_slice is None:
         every_slice = merge(every_slice_boxes(dec, case, organs), case.stack.shape)

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from sambtcv.anchors import OrganState
+from sambtcv.guard import Geometry, Guard
 from sambtcv.metrics import iou_score
 from sambtcv.prompts import Prompt
 from sambtcv.propagation import (
@@ -37,14 +40,25 @@ from sambtcv.propagation import (
 )
 
 CONVERGED_IOU = 0.95  # a walk stops where its new mask agrees this well with the mask there before
+PART_JOINED = 0.5  # a part's walk stops where this share of its mask lies inside the organ's masks
+
+
+def union(a: SliceMask, b: SliceMask) -> SliceMask:
+    """Both masks of one slice as one: pixels of either, each with the higher logit (no low-res logits: the
+    union was not decoded)."""
+    mask = a.mask | b.mask
+    return SliceMask(mask, np.maximum(a.logits, b.logits).astype(np.float32), min(a.iou, b.iou), None)
 
 
 @dataclass(frozen=True)
 class WalkRules:
-    """How walks go: the stop rule outside a z range and the margin (px) around the previous mask's box."""
+    """How walks go: the stop rule outside a z range, the margin (px) around the previous mask's box, the
+    stack's voxel size and whether the guard judges each new mask."""
 
     stop: str
     margin_px: float
+    geometry: Geometry  # the voxel size: the guard's limits are in mm
+    guard: bool = True  # masks that outgrow or leave the organ's last section are cut (sambtcv.guard)
 
 
 @dataclass
@@ -59,22 +73,25 @@ class _Direction:
 
 
 def walk(dec: VolumeDecoder, state: OrganState, start: int, rules: WalkRules, directions=(1, -1),
-         join=()) -> OrganState:
+         join=(), part: SliceMask | None = None) -> OrganState:
     """The organ walked from slice `start` (which must have a mask) in `directions` (+1 superior, -1
     inferior), as the module says; in the directions of `join` the walk only fills slices without a mask and
-    stops at the first one that has one (a click beyond the organ's end joins it, never replaces it). The
+    stops at the first one that has one (a click beyond the organ's end joins it, never replaces it). With a
+    `part` (a part of the organ on `start` that its masks miss: a + click there), the part alone is walked and
+    added to the masks it meets, up to the slice where it joins them (PART_JOINED of it inside them). The
     new state (start is not made an anchor here)."""
-    first = state.slices[start]
-    results = [_walk_one(dec, state, start, d, first, rules, d in join) for d in directions]
+    first = state.slices[start] if part is None else part
+    results = [_walk_one(dec, state, start, d, first, rules, d in join, part is not None) for d in directions]
     return _apply(state, results, start, dec_visits=sum(r.visited for r in results))
 
 
 def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule: str, margin: float,
-              k_range=None, box_limit=None, directions=(1, -1)) -> OrganMasks:
+              geometry: Geometry, k_range=None, box_limit=None, directions=(1, -1), guard: bool = True) -> OrganMasks:
     """One prompt's walk through the volume (segment_volume.py): from slice `start` (whose mask is
     `first`) in `directions`, each slice prompted with the previous slice's box grown by `margin` px;
     stops by `rule`, at the volume's ends, or (a 3D box) at the ends of `k_range` (inclusive), and with
-    `box_limit` (XYXY) boxes and masks stay inside it. The result holds `start` and the slices kept
+    `box_limit` (XYXY) boxes and masks stay inside it; `guard`: each new mask judged (`sambtcv.guard`, in the
+    mm of `geometry`). The result holds `start` and the slices kept
     beyond it, and a `Stop` per direction."""
     if box_limit is not None:
         first.mask &= box_mask(dec.hw, box_limit)
@@ -82,7 +99,7 @@ def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule
         return OrganMasks(organ, {}, 1, [Stop(start, d, "empty") for d in directions])
     state = OrganState(organ, {start: first}, z_range=None if k_range is None else tuple(k_range),
                        xy_limit=None if box_limit is None else tuple(float(v) for v in box_limit))
-    done = walk(dec, state, start, WalkRules(rule, margin), directions)
+    done = walk(dec, state, start, WalkRules(rule, margin, geometry, guard), directions)
     return OrganMasks(organ, done.slices, 1 + done.visited, list(done.stops), list(done.unsure))
 
 
@@ -102,7 +119,7 @@ def _apply(state: OrganState, results: list, start: int, dec_visits: int) -> Org
 
 
 def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: SliceMask,
-              rules: WalkRules, join: bool = False) -> _Direction:
+              rules: WalkRules, join: bool = False, part: bool = False) -> _Direction:
     out = _Direction()
     n = len(dec.stack)
     lo, hi = state.z_range if state.z_range is not None else (0, n - 1)
@@ -111,6 +128,7 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
         out.drop = _outer_beyond(state, start + d, d, n)
         return out
     ws = WalkState(dec.stack[start], first, rules.stop, rules.margin_px)
+    guard = Guard(rules.geometry, _shown(state, start, first, part, dec.hw)) if rules.guard else None
     prev, k, reason = first, start + d, None
     while lo <= k <= hi:
         if k in state.anchors:
@@ -124,12 +142,23 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
         if state.xy_limit is not None:
             new.mask &= box_mask(dec.hw, state.xy_limit)
         out.visited += 1
+        if guard is not None and new.area >= MIN_AREA:
+            new, refused = _guarded(guard, prev, new)
+            if refused:
+                out.unsure.append(Unsure(k, [refused]))
         if state.z_range is not None:
             reason, check = ("vanished", None) if new.area < MIN_AREA else (None, ws.check(prev, new, dec.stack[k]))
         else:
             reason, check = ws.stop_reason(prev, new, dec.stack[k])
         if reason:
             break
+        if part and old is not None and old.area:
+            if (new.mask & old.mask).sum() >= PART_JOINED * new.area:
+                reason = "joined"
+                break
+            out.kept[k] = union(old, new)
+            prev, k = new, k + d
+            continue
         if old is not None and old.area and iou_score(new.mask, old.mask) >= CONVERGED_IOU:
             reason = "converged"
             break
@@ -141,9 +170,32 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
     if reason is None:
         reason = "range" if state.z_range is not None and 0 <= k < n else "edge"
     out.stop = Stop(k - d, d, reason)
-    if reason not in ("anchor", "converged", "joined", "range", "edge"):
+    if not part and reason not in ("anchor", "converged", "joined", "range", "edge"):
         out.drop = _outer_beyond(state, k, d, n)
     return out
+
+
+def _shown(state: OrganState, start: int, first: SliceMask, part: bool, hw) -> np.ndarray:
+    """What the organ showed where the walk starts: its mask there, and the ellipse inscribed in the box the
+    user gave there (a first mask that misses part of the organ does not shrink the guard's limit)."""
+    sp = state.anchors.get(start)
+    if part or sp is None or sp.box is None:
+        return first.mask
+    x0, y0, x1, y1 = sp.box
+    yy, xx = np.ogrid[:hw[0], :hw[1]]
+    rx, ry = max((x1 - x0) / 2, 0.5), max((y1 - y0) / 2, 0.5)
+    return first.mask | (((xx - (x0 + x1) / 2) / rx) ** 2 + ((yy - (y0 + y1) / 2) / ry) ** 2 <= 1)
+
+
+def _guarded(guard: Guard, prev: SliceMask, new: SliceMask) -> tuple[SliceMask, str | None]:
+    """(mask, why the guard refused it or None): `new` where the guard admits it, else `new` cut to what the
+    organ may have grown into since `prev` (`sambtcv.guard`)."""
+    verdict = guard.check(prev.mask, new.mask)
+    if verdict.ok:
+        return new, None
+    mask = guard.clip(prev.mask, new.mask)
+    logits = np.where(mask, new.logits, np.minimum(new.logits, -1.0)).astype(np.float32)
+    return SliceMask(mask, logits, new.iou, None), verdict.reason
 
 
 def _outer_beyond(state: OrganState, k: int, d: int, n: int) -> list:

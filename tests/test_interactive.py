@@ -110,7 +110,7 @@ def decoders(val_case, litemedsam, mobilesam, tmp_path_factory):
 
 
 def _editor(decoders, case) -> Editor:
-    return Editor(decoders[0], EditRules(WalkRules("intensity", 9.0 / case.pixel_mm)), decoders[1])
+    return Editor(decoders[0], EditRules(WalkRules("intensity", 9.0 / case.pixel_mm, case.geometry)), decoders[1])
 
 
 def test_clicks_do_not_lower_the_dice_on_average(decoders, val_case):
@@ -268,7 +268,8 @@ def test_predictor_steps_in_new_processes_equal_one_session(decoders, val_case, 
             tmp_path / "cache", "--device", "cpu"]
     clicks, order = [{"fg": [], "bg": []} for _ in boxes], [[] for _ in boxes]
     segfm.write_case(inp / "case.npz", val_case.stack, spacing, boxes)
-    session = Editor(decoders[0], EditRules(WalkRules("intensity", 9.0 / val_case.pixel_mm)), decoders[1])
+    rules = EditRules(WalkRules("intensity", 9.0 / val_case.pixel_mm, val_case.geometry))
+    session = Editor(decoders[0], rules, decoders[1])
     for step in range(3):
         res = run_script(args)
         assert res.returncode == 2, res.stdout + res.stderr

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 
 from conftest import real_data, run_script
+from sambtcv.data import find_cases
+from sambtcv.names import organ_name
 
 
 def test_report_on_real_ct_with_vit_b(tmp_path):
@@ -78,6 +80,9 @@ def test_smoke_report_on_the_embedded_default(tmp_path):
         assert needle in report
     t5 = json.loads((results / "interactive_3d.json").read_text())
     assert t5["cases"] and all(len(o["dsc"]) == 3 for c in t5["cases"].values() for o in c["organs"].values())
+    for case, image, label in find_cases(tmp_path / "work" / "phantom_smoke")["val"]:  # every organ it holds
+        held = {organ_name(int(v)) for v in np.unique(nib.load(str(label)).dataobj) if v}
+        assert set(t5["cases"][case]["organs"]) == held and len(held) > 4, (held, t5["cases"][case]["organs"])
     vol = json.loads((results / "volume_3d.json").read_text())
     assert vol["model"] == "mobilesam" and vol["cases"]
     for case in vol["cases"]:

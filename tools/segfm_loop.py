@@ -1,7 +1,7 @@
 """The challenge's evaluation loop around predict_segfm.py: each step of each case in a new process, as the
 SEGFM3D challenge runs a submission's container (a 3D box, then 5 clicks at the largest error).
 
-    python tools/segfm_loop.py --data-dir RAW --organs spleen,right_kidney,left_kidney,liver --work DIR
+    python tools/segfm_loop.py --data-dir RAW --work DIR                 # every labelled organ (--organs a,b: some)
     python tools/segfm_loop.py --npz-dir CASES --work DIR        # challenge .npz files holding gts
 
 Each case is written as the challenge hands it over (imgs (D, H, W) uint8, spacing, boxes; the labels kept
@@ -32,7 +32,7 @@ from sambtcv.files import write_json  # noqa: E402
 DATA_DIR = None  # a dataset in one of the contract's layouts (its SPLIT is measured)
 NPZ_DIR = None  # or: challenge .npz files holding gts
 SPLIT = "val"  # with --data-dir: val | train
-ORGANS = "spleen,right_kidney,left_kidney,liver"  # with --data-dir: organs to measure where labelled
+ORGANS = "all"  # with --data-dir: organs to measure where labelled (all: BTCV's 13), e.g. spleen,liver
 WORK = None  # a new folder for the inputs, outputs and segfm_loop.json
 CLICKS = 5  # click steps after the box (>= 0)
 PREDICTOR_ARGS = ""  # more flags for predict_segfm.py (e.g. "--cache-dir DIR --model mobilesam")
