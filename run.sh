@@ -3,6 +3,7 @@
 #   ./run.sh report [run_report.py flags]   # the whole report on the embedded default (MobileSAM + phantom)
 #   ./run.sh test [pytest flags]            # the test suite
 #   ./run.sh viewer [viewer.py flags]       # the viewer in the browser (prints its URL)
+#   ./run.sh slicer-server [flags]          # 3D Slicer's nnInteractive extension on this engine (slicer_server.py)
 #   ./run.sh python SCRIPT [flags]          # any script in the project's environment
 # The virtual environment lives in ~/.cache/sam-btcv/venv-<hash of the requirements files> (override
 # with SAM_BTCV_VENV); it is rebuilt when they change. Two pinned steps: requirements.txt, then
@@ -53,6 +54,7 @@ case "$cmd" in
   viewer)
     web_deps || { echo "error: could not install the viewer's NiiVue into web/node_modules (npm ci in web/)" >&2; exit 2; }
     exec "$venv/bin/python" viewer.py "$@" ;;
+  slicer-server) exec "$venv/bin/python" slicer_server.py "$@" ;;
   python) exec "$venv/bin/python" "$@" ;;
-  *) echo "usage: ./run.sh report|test|viewer|python ..." >&2; exit 2 ;;
+  *) echo "usage: ./run.sh report|test|viewer|slicer-server|python ..." >&2; exit 2 ;;
 esac

@@ -15,7 +15,6 @@ Everything is checked before the server starts; a problem is one line ``error: .
 """
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from sambtcv.data import find_cases
 from sambtcv.errors import PipelineError
 from sambtcv.names import check_choice
 from sambtcv.runtime import RUNTIMES
-from sambtcv.server import LOOPBACK, Settings, create_app
+from sambtcv.server import LOOPBACK, Settings, check_port, create_app
 
 # ---------------------------------------------------------------------------------------------- config
 IMAGE = None  # a CT (.nii.gz / .nii) to open; empty: the synthetic phantom's validation CT
@@ -63,19 +62,6 @@ def default_ct() -> tuple[Path, Path]:
         write_phantom(PHANTOM_DIR, PHANTOM["n"], PHANTOM["seed"], shape=PHANTOM["shape"])
     _, image, label = find_cases(PHANTOM_DIR)["val"][0]
     return image, label
-
-
-def check_port(host: str, port: int) -> None:
-    if not 1 <= port <= 65535:
-        raise PipelineError(f"--port must be 1..65535, got {port}")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-    except OSError as exc:
-        raise PipelineError(f"cannot serve on {host}:{port} ({exc.strerror}); is another viewer running? give "
-                            f"another --port or --host") from None
 
 
 def settings_of(cfg) -> Settings:

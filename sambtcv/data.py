@@ -270,6 +270,16 @@ def to_uint8(image01: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image01, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def window(hu: np.ndarray, window_hu) -> np.ndarray:
+    """HU (any shape) through the HU window as `load_image` maps it (MONAI's ScaleIntensityRange, clipped), as
+    the uint8 slices the models see."""
+    from monai.transforms import ScaleIntensityRange
+
+    lo, hi = window_hu
+    scaled = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(np.asarray(hu, np.float32))
+    return to_uint8(np.asarray(scaled))
+
+
 def augmentation(seed: int):
     """The report's augmentation as MONAI transforms on a {"image", "label"} dict of (1, H, W) arrays
     (image in [0, 1]): random flip, random rotation (nearest for the label), random intensity shift,

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import re
+import socket
 import sys
 import traceback
 from contextlib import asynccontextmanager
@@ -119,6 +120,35 @@ def status_of(exc: PipelineError) -> int:
     if isinstance(exc, NotFound):
         return 404
     return getattr(exc, "status", 422)
+
+
+def check_port(host: str, port: int) -> None:
+    """`port` is free to serve on at `host` (a server's flags, checked before any model loads)."""
+    if not 1 <= port <= 65535:
+        raise PipelineError(f"--port must be 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise PipelineError(f"cannot serve on {host}:{port} ({exc.strerror}); is another server running there? "
+                            f"give another --port or --host") from None
+
+
+async def read_body(request: Request, max_bytes: int, what: str, setting: str) -> bytes:
+    """A request's body, read until `max_bytes` (ApiError 413 beyond it, naming the server's `setting`)."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > max_bytes:
+        raise ApiError(413, f"{what} is {int(size) / 2**20:.1f} MB, more than this server takes "
+                            f"({max_bytes / 2**20:.1f} MB, {setting})")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise ApiError(413, f"{what} is more than this server takes ({max_bytes / 2**20:.1f} MB, {setting})")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def nifti_response(data: bytes, filename: str) -> Response:
@@ -213,23 +243,9 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
             raise ApiError(404, f"unknown organ {name[:40]!r}; use one of {', '.join(ORGANS)}")
         return ORGAN_ID[name]
 
-    async def body_bytes(request: Request, max_bytes: int, what: str) -> bytes:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_bytes:
-            raise ApiError(413, f"{what} is {int(size) / 2**20:.1f} MB, more than this server takes "
-                                f"({max_bytes / 2**20:.1f} MB, --max-upload-mb)")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > max_bytes:
-                raise ApiError(413, f"{what} is more than this server takes ({max_bytes / 2**20:.1f} MB, "
-                                    f"--max-upload-mb)")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def json_body(request: Request, allow_empty: bool = False, max_bytes: int = MAX_JSON_BYTES):
         kind = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        data = await body_bytes(request, max_bytes, "the request body")
+        data = await read_body(request, max_bytes, "the request body", "--max-upload-mb")
         if not data.strip() and allow_empty:
             return {}
         if kind != "application/json":
@@ -248,7 +264,7 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
         if kind in ("application/json", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain"):
             raise ApiError(415, f"send {what} as the raw .nii, .nii.gz or .zip bytes (Content-Type: "
                                 f"application/octet-stream)")
-        data = await body_bytes(request, limit, what)
+        data = await read_body(request, limit, what, "--max-upload-mb")
         if not data:
             raise ApiError(422, f"{what} is empty; send the .nii or .nii.gz file's bytes")
         return data

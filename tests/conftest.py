@@ -5,7 +5,10 @@ import contextlib
 import multiprocessing
 import os
 import re
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,33 @@ def held_by_another_process(folder, what: str):
     finally:
         ours.send("done")
         holder.join(30)
+
+
+def wait_for(predicate, timeout=60.0):
+    t0 = time.time()
+    while not predicate():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(app):
+    """The app on a real uvicorn server (127.0.0.1, a free port) in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -9,14 +9,13 @@ import gzip
 import json
 import socket
 import threading
-import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 import viewer
-from conftest import fails
+from conftest import fails, serve, wait_for
 from sambtcv import cli, editor, interactive, sessions
 from sambtcv.data import find_cases
 from sambtcv.metrics import dice_score
@@ -116,7 +115,7 @@ def test_box_propagate_and_save_match_segment_volume(client, ct, tmp_path):
     dec = cli.volume_decoder(case, models, {
         "cache_dir": engine.cache_dir, "dtype": engine.dtype, "encoder_dtype": engine.encoder_dtype}, engine.device)
     walk = cli.walk_settings({"stop": "intensity", "margin_mm": "auto", "model": "litemedsam"})
-    labels = merge(segment(dec, [case_prompt(sp, case) for sp in spec], walk, case.pixel_mm), case.stack.shape)
+    labels = merge(segment(dec, [case_prompt(sp, case) for sp in spec], walk, case.geometry), case.stack.shape)
     out = write_label_map(labels, case, tmp_path / "sv.nii.gz")
     theirs, ours = np.asarray(nib.load(str(out)).dataobj), np.asarray(got.dataobj)
     gt = np.asarray(nib.load(str(label)).dataobj) == SPLEEN
@@ -356,13 +355,6 @@ def held_walks(monkeypatch):
         gate.set()
 
 
-def wait_for(predicate, timeout=60.0):
-    t0 = time.time()
-    while not predicate():
-        assert time.time() - t0 < timeout, "timed out"
-        time.sleep(0.05)
-
-
 def test_changes_while_propagating_get_409_and_other_volumes_go_on(client, ct, monkeypatch):
     image, _, ref = ct
     vid, other = upload(client, image.read_bytes()), upload(client, image.read_bytes())
@@ -405,29 +397,6 @@ def test_background_encodes_near_the_prompt(litemedsam, ct, tmp_path):
         w = c.post(f"/api/volumes/{vid}/organs/spleen/propagate", json={}).json()
         assert w["visited"] > len(near) - 1 and w["encoder_passes"] == w["visited"] - len(near)
     assert len(list((tmp_path / "cache").rglob("slices.npy"))) == 1  # one cache, each slice once
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(app):
-    """The app on a real uvicorn server (127.0.0.1, a free port) in a thread; yields its base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_a_client_that_leaves_mid_walk_leaves_it_running(engine, ct, monkeypatch):
