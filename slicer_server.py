@@ -74,8 +74,8 @@ def main(argv=None):
 
     engine = load_engine(cfg["model"], None, None, device, cfg["dtype"], cfg["encoder_dtype"], cfg["cache_dir"],
                          window=cfg["window_hu"], runtime=cfg["runtime"], point_model=cfg["point_model"])
-    settings = SlicerSettings(cfg["api_key"], cfg["max_sessions"], cfg["idle_timeout"], cfg["liveness_timeout"],
-                              cfg["max_image_mb"])
+    settings = SlicerSettings(cfg["api_key"], cfg["host"], cfg["max_sessions"], cfg["idle_timeout"],
+                              cfg["liveness_timeout"], cfg["max_image_mb"])
     app = create_slicer_app(engine, settings)
     import uvicorn
 

@@ -76,20 +76,20 @@ def unpack(data: bytes, max_bytes: int, what: str = "the array") -> np.ndarray:
     if total > max_bytes:
         raise PipelineError(f"{what} would hold {total / 2**20:.0f} MB, over the {max_bytes / 2**20:.0f} MB allowed")
     (count,) = struct.unpack("<I", take(4))
-    out = bytearray(total)
-    done = 0
+    chunks = []  # every chunk's header checked before any memory is taken for the array
     for _ in range(count):
         ulen, clen = struct.unpack("<QQ", take(16))
-        chunk = bytes(take(clen))
-        if ulen % dtype.itemsize or done + ulen > total:
-            raise PipelineError(f"{what}'s chunks do not add up to its shape {list(shape)}")
+        chunks.append((ulen, take(clen)))
+    if pos != len(view) or sum(u for u, _ in chunks) != total or any(u % dtype.itemsize for u, _ in chunks):
+        raise PipelineError(f"{what}'s chunks do not add up to its shape {list(shape)}")
+    out = np.empty(total, np.uint8)
+    done = 0
+    for ulen, chunk in chunks:
         try:
-            if blosc2.get_cbuffer_sizes(chunk)[0] != ulen:
-                raise ValueError("size")
-            out[done:done + ulen] = blosc2.decompress2(chunk)
+            if blosc2.get_cbuffer_sizes(bytes(chunk[:32]))[0] != ulen:
+                raise ValueError("its header gives another size")
+            out[done:done + ulen] = np.frombuffer(blosc2.decompress2(bytes(chunk)), np.uint8)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise PipelineError(f"{what} holds a chunk that does not decompress ({exc})") from None
         done += ulen
-    if done != total or pos != len(view):
-        raise PipelineError(f"{what}'s chunks do not add up to its shape {list(shape)}")
-    return np.frombuffer(bytes(out), dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+    return out.view(dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)

@@ -122,6 +122,13 @@ def status_of(exc: PipelineError) -> int:
     return getattr(exc, "status", 422)
 
 
+def foreign_host(request: Request, bound: str) -> bool:
+    """A server bound to loopback got a request naming another host (a page on another site rebound onto
+    127.0.0.1 by DNS): it must not answer."""
+    host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+    return bound in LOOPBACK and host not in LOOPBACK
+
+
 def check_port(host: str, port: int) -> None:
     """`port` is free to serve on at `host` (a server's flags, checked before any model loads)."""
     if not 1 <= port <= 65535:
@@ -221,11 +228,9 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
     async def guard(request: Request, call_next):
         """Requests must name this server as the host it was bound to (no DNS rebinding of a page on
         another site onto 127.0.0.1); responses are not framed by other sites."""
-        if settings.host in LOOPBACK:
-            host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
-            if host not in LOOPBACK:
-                return error(400, f"this viewer answers only requests for {settings.host}; open "
-                                  f"http://127.0.0.1:{settings.port}/")
+        if foreign_host(request, settings.host):
+            return error(400, f"this viewer answers only requests for {settings.host}; open "
+                              f"http://127.0.0.1:{settings.port}/")
         response = await call_next(request)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"

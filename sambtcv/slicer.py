@@ -41,6 +41,9 @@ from sambtcv.propagation import MIN_AREA, SliceMask
 ORGAN = 1  # the target buffer holds one segment: its organ id inside the engine
 SCRIBBLE_CLICKS = 5  # clicks spread along a scribble
 MAX_HISTORY = 64  # undo steps kept per session
+MAX_SLICES = 2048  # an image with more slices is refused (each is encoded once, about 2 MB of cache per model)
+MIN_SIDE = 8  # ... and one whose slices are smaller than this many pixels on a side
+ENCODE_BATCH = 4  # set_image encodes this many slices at a time, so other leases' clicks get the models between
 CAPABILITIES = {
     "supported_interactions": {"points": True, "bbox2d": True, "bbox3d": True, "scribble": True, "lasso": True},
     # the client requires these two; this engine has no interaction channels, so they only name nnInteractive's
@@ -158,6 +161,9 @@ class SlicerSession:
 
         if image.ndim != 4 or image.shape[0] < 1 or min(image.shape[1:]) < 1:
             raise PipelineError(f"the image must be [C, K, J, I] with C >= 1, got shape {list(image.shape)}")
+        if image.shape[1] > MAX_SLICES or min(image.shape[2:]) < MIN_SIDE:
+            raise PipelineError(f"the image's {image.shape[1]} slices of {image.shape[2]} x {image.shape[3]} are not a "
+                                f"CT this server takes (at most {MAX_SLICES} slices, at least {MIN_SIDE} px a side)")
         if image.dtype.kind == "f" and not np.isfinite(image[0]).all():
             raise PipelineError("the image has NaN or infinite voxels; no HU value can be assumed for them")
         self.shape = image.shape
@@ -173,12 +179,16 @@ class SlicerSession:
         self.history: list[OrganState | None] = []
         self.target: np.ndarray | None = None
         self.client_view: np.ndarray | None = None  # what the client's target buffer holds, by our replies
+        self.last_sent: list | None = None  # the last reply's box: sent again with the next (it may have been lost)
 
     def encode(self) -> int:
         """Every slice's embedding for the box model (walks), from the cache where it is there; passes made."""
-        dec = self.editor.dec
-        with dec.gate.use():
-            return dec.cache.fill(dec.device, rows=list(range(len(self.stack))), progress=False)
+        dec, passes = self.editor.dec, 0
+        for first in range(0, len(self.stack), ENCODE_BATCH):
+            with dec.gate.use():
+                rows = list(range(first, min(first + ENCODE_BATCH, len(self.stack))))
+                passes += dec.cache.fill(dec.device, rows=rows, progress=False)
+        return passes
 
     # ------------------------------------------------------------------ the target buffer
     def set_target(self, shape, dtype: str) -> None:
@@ -207,8 +217,15 @@ class SlicerSession:
                 self.target[k][sm.mask] = 1
 
     def reply(self, ran: bool = True) -> Reply:
-        """The target buffer's part that differs from what the client holds (and the client now holds it)."""
-        bbox = _hull(self.target != self.client_view)
+        """The target buffer's part that differs from what the client holds (which it now holds), with the last
+        reply's part again: a client that timed out never got it, and a reply overwrites, so resending is safe."""
+        if self.target is None:
+            return Reply(ran)
+        changed = self.target != self.client_view
+        if self.last_sent is not None:
+            changed[tuple(slice(lo, hi) for lo, hi in self.last_sent)] = True
+        bbox = _hull(changed)
+        self.last_sent = bbox
         if bbox is None:
             return Reply(ran)
         sub = tuple(slice(lo, hi) for lo, hi in bbox)
@@ -223,7 +240,7 @@ class SlicerSession:
     # ------------------------------------------------------------------ interactions
     def reset(self) -> None:
         """Nothing given, nothing segmented; the client zeroes its buffer itself."""
-        self.state, self.history = None, []
+        self.state, self.history, self.last_sent = None, [], None
         if self.target is not None:
             self._render()
             self.client_view[...] = 0
@@ -244,10 +261,10 @@ class SlicerSession:
             raise PipelineError(f"the initial segmentation must have the image's shape {list(self.target.shape)}, "
                                 f"got {list(seg.shape)}")
         slices = {int(k): _mask(seg[k] > 0) for k in np.flatnonzero((seg > 0).any(axis=(1, 2)))}
-        self.history = []
+        self.history, self.last_sent = [], None
         self.state = OrganState(ORGAN, slices, walked=True) if slices else None
         self._render()
-        self.client_view[...] = self.target
+        self.client_view[...] = seg.astype(self.target.dtype)  # the client copies the values as sent
 
     def bbox(self, box, positive: bool) -> None:
         self._need_target()
@@ -257,7 +274,7 @@ class SlicerSession:
             return
         ed, km = self.editor, (k0 + k1 - 1) // 2
         if k1 - k0 == 1:  # an axial box: the viewer's box and P
-            start = ed.prompt(self.state, ORGAN, k0, box=(i0, j0, i1 - 1, j1 - 1), fresh=True)
+            start = ed.prompt(_reaching(self.state, k0), ORGAN, k0, box=(i0, j0, i1 - 1, j1 - 1), fresh=True)
             self._change(ed.walk(start, k0))
         elif j1 - j0 > 1 and i1 - i0 > 1:  # a 3D box: the challenge's
             self._change(ed.box3d(ORGAN, k0, k1 - 1, km, (i0, j0, i1 - 1, j1 - 1)))
@@ -307,7 +324,7 @@ class SlicerSession:
                                                                          (old.mask & ~drawn if old is not None
                                                                           else np.zeros_like(drawn)))
         ed = self.editor
-        painted = ed.paint(self.state, ORGAN, k, now)
+        painted = ed.paint(_reaching(self.state, k), ORGAN, k, now)
         self._change(ed.walk(painted, k) if painted.slices[k].area >= MIN_AREA else painted)
 
     def full_mask(self, data: np.ndarray, bbox) -> np.ndarray:
@@ -329,19 +346,26 @@ class SlicerSession:
 
     # ------------------------------------------------------------------ checks and helpers
     def _box(self, box) -> tuple:
+        """Three half-open [first, end) pairs, rounded and clipped to the image (a drag that ends past its edge
+        is the box up to the edge); a box wholly outside it is refused."""
         try:
             pairs = [(int(round(float(lo))), int(round(float(hi)))) for lo, hi in box]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise PipelineError("a box is three [first, end) pairs of voxel indices") from None
-        if len(pairs) != 3 or any(not 0 <= lo < hi <= n for (lo, hi), n in zip(pairs, self.shape[1:])):
-            raise PipelineError(f"the box {box} is empty or outside the image {list(self.shape[1:])}; give three "
-                                f"[first, end) pairs inside it")
-        return tuple(pairs)
+        if len(pairs) != 3 or any(hi <= lo for lo, hi in pairs):
+            raise PipelineError(f"the box {box} is not three [first, end) pairs with first < end")
+        out = []
+        for (lo, hi), n in zip(pairs, self.shape[1:]):
+            if hi <= 0 or lo >= n:
+                raise PipelineError(f"the box {box} lies outside the image {list(self.shape[1:])}")
+            lo, hi = max(lo, 0), min(hi, n)
+            out.append((lo, hi))
+        return tuple(out)
 
     def _voxel(self, coords) -> tuple[int, int, int]:
         try:
             k, j, i = (int(round(float(v))) for v in coords)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise PipelineError("a point is three voxel indices [k, j, i]") from None
         if not all(0 <= v < n for v, n in zip((k, j, i), self.shape[1:])):
             raise PipelineError(f"the point {list(coords)} lies outside the image {list(self.shape[1:])}")
@@ -349,6 +373,7 @@ class SlicerSession:
 
     def _erase(self, k0, k1, j0, j1, i0, i1) -> None:
         if self.state is None:
+            self._change(None)  # an undo step all the same: Slicer counts every box
             return
         slices = dict(self.state.slices)
         for k in range(k0, k1):
@@ -359,6 +384,15 @@ class SlicerSession:
                 slices[k] = SliceMask(sm.mask & ~cut, np.where(cut, -PAINTED_LOGIT, sm.logits).astype(np.float32),
                                       sm.iou, None)
         self._change(replace(self.state, slices=slices))
+
+
+def _reaching(state: OrganState | None, k: int) -> OrganState | None:
+    """`state` with its slice range (from a 3D box) widened to slice k: a box or lasso there says the organ is
+    there too."""
+    if state is None or state.z_range is None:
+        return state
+    lo, hi = state.z_range
+    return replace(state, z_range=(min(lo, k), max(hi, k)))
 
 
 def _mask(m: np.ndarray) -> SliceMask:

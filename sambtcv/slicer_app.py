@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sambtcv import nnia
 from sambtcv.errors import PipelineError
-from sambtcv.server import ApiError, one_line, read_body
+from sambtcv.server import ApiError, foreign_host, one_line, read_body
 from sambtcv.slicer import CAPABILITIES, AtCapacity, Expired, Leases, SlicerSession
 
 LEASE_HEADER = "X-Lease-Token"
@@ -61,6 +61,7 @@ class SlicerSettings:
     """What slicer_server.py starts the server with."""
 
     api_key: str = ""  # empty: no key asked (only on a loopback host)
+    host: str = "127.0.0.1"  # the address bound: on loopback, requests naming another host are refused
     max_sessions: int = 2
     idle_timeout_s: float = 600.0
     liveness_timeout_s: float = 60.0
@@ -101,6 +102,8 @@ def create_slicer_app(engine, settings: SlicerSettings, leases: Leases | None = 
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
+        if foreign_host(request, settings.host):  # a page elsewhere rebound onto 127.0.0.1 (DNS rebinding)
+            return error(400, f"this server answers only requests for {settings.host}")
         if settings.api_key and request.url.path != "/healthz":
             given = request.headers.get("authorization", "")
             if not given.startswith("Bearer "):
@@ -119,7 +122,7 @@ def create_slicer_app(engine, settings: SlicerSettings, leases: Leases | None = 
             return {}
         try:
             body = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise ApiError(400, "the request body is not JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
@@ -131,7 +134,7 @@ def create_slicer_app(engine, settings: SlicerSettings, leases: Leases | None = 
             return {}
         try:
             meta = json.loads(text[:MAX_META_BYTES])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise ApiError(400, f"bad {META_HEADER} header: not JSON") from None
         if not isinstance(meta, dict):
             raise ApiError(400, f"bad {META_HEADER} header: not a JSON object")
@@ -141,7 +144,11 @@ def create_slicer_app(engine, settings: SlicerSettings, leases: Leases | None = 
         data = await read_body(request, limit, what, "--max-image-mb")
         if not data:
             raise ApiError(400, f"{what} is missing (an NNIA array is the body)")
-        return nnia.unpack(data, limit, what)
+        return await run_in_threadpool(nnia.unpack, data, limit, what)
+
+    def mask_limit(lease) -> int:
+        """A mask or segmentation holds at most the image's voxels (8 bytes each, the widest dtype)."""
+        return min(image_limit, 8 * int(np.prod(session_of(lease).shape[1:])))
 
     def flag(body: dict, name: str, default=None) -> bool:
         value = body.get(name, default)
@@ -232,8 +239,11 @@ def create_slicer_app(engine, settings: SlicerSettings, leases: Leases | None = 
                 and isinstance(dtype, str)):
             raise ApiError(400, "set_target_buffer takes {shape: [three positive ints], dtype: a type name}")
         lease = lease_of(request, active=True)
-        with lease.work:
-            session_of(lease).set_target(shape, dtype)
+
+        def locked():
+            with lease.work:
+                session_of(lease).set_target(shape, dtype)
+        await run_in_threadpool(locked)
         return {}
 
     @app.post("/set_do_autozoom")
@@ -246,9 +256,12 @@ def create_slicer_app(engine, settings: SlicerSettings, leases: Leases | None = 
     async def reset_interactions(request: Request):
         await json_of(request)
         lease = lease_of(request, active=True)
-        with lease.work:
-            if lease.session is not None:
-                lease.session.reset()
+
+        def locked():
+            with lease.work:
+                if lease.session is not None:
+                    lease.session.reset()
+        await run_in_threadpool(locked)
         return {}
 
     # ------------------------------------------------------------------ interactions
@@ -269,7 +282,7 @@ def create_slicer_app(engine, settings: SlicerSettings, leases: Leases | None = 
     async def mask_interaction(request: Request, kind: str) -> Response:
         meta = meta_of(request)
         positive, run = flag(meta, "include_interaction"), flag(meta, "run_prediction", True)
-        data = await array_of(request, image_limit, f"the {kind}")
+        data = await array_of(request, mask_limit(lease_of(request)), f"the {kind}")
 
         def work(s: SlicerSession):
             mask = s.full_mask(data, meta.get("interaction_bbox"))
@@ -287,7 +300,7 @@ def create_slicer_app(engine, settings: SlicerSettings, leases: Leases | None = 
     @app.post("/add_initial_seg_interaction")
     async def add_initial_seg(request: Request):
         run = flag(meta_of(request), "run_prediction", False)
-        seg = await array_of(request, image_limit, "the initial segmentation")
+        seg = await array_of(request, mask_limit(lease_of(request)), "the initial segmentation")
         return await interact(request, lambda s: s.initial(seg), run)
 
     @app.post("/undo")
@@ -315,7 +328,7 @@ def _spacing(value):
         return None
     try:
         vals = [float(v) for v in value]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ApiError(400, "image_properties.spacing must be three numbers (mm)") from None
     if len(vals) != 3 or not all(np.isfinite(vals)) or min(vals) <= 0:
         raise ApiError(400, "image_properties.spacing must be three positive numbers (mm)")

@@ -124,6 +124,15 @@ def test_the_unmodified_client_segments_corrects_and_undoes(engine, ct):
         assert 0 < lease["remaining_seconds"] <= lease["idle_timeout_seconds"]
 
 
+def test_too_many_slices_are_refused_before_any_encoding(engine):
+    from sambtcv.slicer import MAX_SLICES, SlicerSession
+
+    with pytest.raises(PipelineError, match="slices"):
+        SlicerSession(engine, np.zeros((1, MAX_SLICES + 1, 16, 16), np.int16), None)
+    with pytest.raises(PipelineError, match="px a side"):
+        SlicerSession(engine, np.zeros((1, 4, 2, 2), np.int16), None)
+
+
 def test_a_3d_box_is_walked_inside_its_slices(engine, ct):
     hu, spacing, lab = ct
     kidney = lab == ORGAN_ID["left_kidney"]
@@ -137,6 +146,8 @@ def test_a_3d_box_is_walked_inside_its_slices(engine, ct):
                                 [int(is_.min()), int(is_.max()) + 1]], include_interaction=True)
         assert dice_score(tb > 0, kidney) >= 0.7
         assert not tb[: ks[0]].any() and not tb[ks[-1] + 1:].any()
+        if ks[-1] + 1 < len(lab):  # a box on a slice past the 3D box widens the organ's slices to it
+            s.add_bbox_interaction([[int(ks[-1]) + 1, int(ks[-1]) + 2], [0, 8], [0, 8]], include_interaction=True)
 
 
 def test_leases_keys_and_capacity_as_the_client_expects(engine):
@@ -197,11 +208,25 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(engine, ct):
         assert post("/add_point_interaction", content=b"[1, 2", headers={"Content-Type": "application/json"}
                     ).status_code == 400
         assert post("/no_such_thing", json={}).status_code == 404
+        huge = {"coordinates": [1e999, 0, 0], "include_interaction": True, "run_prediction": True}
+        assert post("/add_point_interaction", content=json.dumps(huge).replace("inf", "1e999"),
+                    headers={"Content-Type": "application/json"}).status_code == 400
+        assert post("/add_point_interaction", content=b"[" * 20000 + b"]" * 20000).status_code == 400
+        assert post("/set_target_buffer", json={}, headers={"Host": "evil.example"}).status_code == 400
         assert httpx.post(f"{base}/heartbeat", headers={"X-Lease-Token": "0" * 32}).status_code == 410
-        _, box = _box(lab, ORGAN_ID["spleen"])
-        ok = post("/add_bbox_interaction", json={"bbox_coords": box, "include_interaction": True,
+        assert post("/predict", json={}).status_code == 200  # nothing to send yet, no error
+        k, box = _box(lab, ORGAN_ID["spleen"])
+        past_edge = [box[0], [box[1][0], lab.shape[1] + 40], [-7, box[2][1]]]  # a drag that ends past the edges
+        ok = post("/add_bbox_interaction", json={"bbox_coords": past_edge, "include_interaction": True,
                                                  "run_prediction": True})
-        assert ok.status_code == 200 and json.loads(ok.headers["X-Meta"])["bbox"] is not None
+        sent = json.loads(ok.headers["X-Meta"])["bbox"]
+        assert ok.status_code == 200 and sent is not None
+        assert all(0 <= lo < hi <= n for (lo, hi), n in zip(sent, lab.shape))
+        again = json.loads(post("/predict", json={}).headers["X-Meta"])["bbox"]  # the last reply, in case it was lost
+        assert again == sent
+        assert post("/add_bbox_interaction", json={"bbox_coords": [[k, k + 1], [lab.shape[1] + 1, lab.shape[1] + 9],
+                                                                   [0, 5]], "include_interaction": True}
+                    ).status_code == 400  # wholly outside
 
 
 @pytest.mark.parametrize("array", [np.arange(60, dtype=np.int16).reshape(3, 4, 5) - 30,
