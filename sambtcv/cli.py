@@ -242,7 +242,7 @@ def label_map_out(out, inputs: list[Path]) -> Path:
 
 
 def walk_settings(cfg):
-    """STOP and MARGIN_MM (for MODEL) as a `sambtcv.volume.WalkSettings`."""
+    """STOP, MARGIN_MM (for MODEL) and GUARD (default on) as a `sambtcv.volume.WalkSettings`."""
     from sambtcv.names import check_choice
     from sambtcv.propagation import STOP_RULES
     from sambtcv.volume import WalkSettings, margin_mm
@@ -250,7 +250,7 @@ def walk_settings(cfg):
     with flag("--stop"):
         check_choice(cfg["stop"], STOP_RULES, "stop rule")
     with flag("--margin-mm"):
-        return WalkSettings(cfg["stop"], margin_mm(cfg["margin_mm"], cfg["model"]))
+        return WalkSettings(cfg["stop"], margin_mm(cfg["margin_mm"], cfg["model"]), bool(cfg.get("guard", True)))
 
 
 @dataclass

@@ -68,6 +68,7 @@ class WalkSettings:
 
     stop: str  # propagation.STOP_RULES
     margin_mm: float  # added on each side of the previous slice's box
+    guard: bool = True  # each new mask judged against the last in mm (sambtcv.guard)
 
 
 # ---------------------------------------------------------------------------------------------- the CT
@@ -253,7 +254,7 @@ def segment(dec: VolumeDecoder, prompts: list[OrganPrompt], walk: WalkSettings, 
         first = dec.decode(p.k, p.prompt)
         limit = p.prompt.box if p.k_range is not None else None
         out.append(propagate(dec, p.organ, p.k, first, walk.stop, walk.margin_mm / geo.pixel_mm, geo, p.k_range,
-                                 limit))
+                                 limit, guard=walk.guard))
     return out
 
 
