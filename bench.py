@@ -105,7 +105,8 @@ TARGETS = {"viewer_prompt_median_s": 0.10, "viewer_click_median_s": 0.10, "viewe
            "zero_shot_speedup": 10.0, "encoder_bf16_speedup": 1.3, "encoder_bf16_mask_agreement": 0.99,
            "decoder_batched_speedup": 3.0, "peak_rss_ratio_4x": 1.2, "zero_shot_dice_max_abs_diff": 1e-4,
            "task1_linear_slack": 1.1, "volume_passes_per_visited_slice": 1.0, "report_minutes": 20,
-           "interactive_first_step_s_per_organ": 90.0, "interactive_later_step_s_per_organ": 15.0}
+           "interactive_first_step_s_per_organ": 90.0, "interactive_later_step_s_per_organ": 15.0,
+           "slicer_set_image_s": 600.0, "slicer_interaction_s": 60.0}  # slicer: nninteractive-client's timeouts
 # A child Python that runs a script as __main__ and reports its own peak RSS (KiB) at exit: VmHWM of
 # /proc/self/status, the high-water mark of this process's memory alone. (getrusage's ru_maxrss is not:
 # Linux carries the parent's peak into a child started by vfork + exec, as subprocess starts it.)
@@ -201,6 +202,7 @@ SECTION_NAMES = {  # in the order they run
     "precision": "3b. fp32 against bf16, and what auto picks (needs encoder and training)",
     "memory": "4. memory of a Task 2 epoch", "task1_scaling": "5. Task 1 scaling", "volume_3d": "6. 3D propagation",
     "viewer": "6b. the viewer's server", "interactive": "6c. the challenge's protocol, a process per step",
+    "slicer": "6d. 3D Slicer's protocol: two clients of slicer_server.py",
     "baselines": "7. baselines"}
 
 
@@ -806,6 +808,110 @@ def bench_interactive(cfg, work: Path) -> dict:
                                     "cache; a step's seconds per organ = its wall time / the organs of the case"}}
 
 
+def _slicer_cts(cfg, work: Path) -> list:
+    """Two 512 x 512 CTs as Slicer sends them: (name, HU [1, K, J, I] int16, spacing [sk, sj, si], label [K, J, I])."""
+    import nibabel as nib
+
+    from sambtcv.data import find_cases, phantom_shape
+    from sambtcv.phantom import write_phantom
+
+    if cfg["interactive_ct"]:
+        cases = find_cases(Path(cfg["interactive_ct"]))["val"][:2]
+    else:
+        with flag("--interactive-shape"):
+            shape = phantom_shape(cfg["interactive_shape"])
+        write_phantom(work / "slicer_raw", 2, cfg["seed"], shape=shape)
+        found = find_cases(work / "slicer_raw")
+        cases = (found["train"] + found["val"])[:2]
+    out = []
+    for name, image, label in cases:
+        img = nib.load(str(image))
+        hu = np.ascontiguousarray(np.asarray(img.dataobj).astype(np.int16).transpose(2, 1, 0)[None])
+        lab = np.ascontiguousarray(np.asarray(nib.load(str(label)).dataobj).astype(np.uint8).transpose(2, 1, 0))
+        si, sj, sk = (float(v) for v in img.header.get_zooms()[:3])
+        out.append((name, hu, [sk, sj, si], lab))
+    return out
+
+
+def _largest_error_click(pred: np.ndarray, gt: np.ndarray) -> tuple:
+    """([k, j, i], positive) of the challenge's next click (`sambtcv.segfm.next_click`) in the client's axes."""
+    from sambtcv import segfm
+
+    c = segfm.next_click(gt, pred)
+    return [c.z, c.y, c.x], c.positive
+
+
+def bench_slicer(cfg, work: Path) -> dict:
+    """3D Slicer's protocol: `slicer_server.py` in a subprocess (cold embedding cache, two leases), two clients
+    of the unmodified `nninteractive-client`, each with its own 512 x 512 CT: set_image, a box on the liver's
+    largest axial slice, 3 clicks at the largest error; the seconds of each call, the liver's DSC, and the
+    server's peak RSS (VmHWM) with both leases holding their CTs."""
+    import socket
+
+    import httpx
+    from nnInteractive.inference.remote import nnInteractiveRemoteInferenceSession
+
+    cts = _slicer_cts(cfg, work)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = work / "logs" / "slicer.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, str(HERE / "slicer_server.py"), "--port", str(port), "--cache-dir",
+                                   str(work / "slicer_cache"), "--max-sessions", "2"], cwd=HERE, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    base, calls, dsc = f"http://127.0.0.1:{port}", [], {}
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise PipelineError(f"slicer_server.py did not start (log {log})")
+            time.sleep(0.5)
+        sessions = [nnInteractiveRemoteInferenceSession(base) for _ in cts]
+        for s, (name, hu, spacing, lab) in zip(sessions, cts):
+            liver = lab == ORGAN_ID["liver"]
+            t0 = time.perf_counter()
+            s.set_image(hu, {"spacing": spacing})
+            calls.append(("set_image", name, time.perf_counter() - t0))
+            target = np.zeros(hu.shape[1:], np.uint8)
+            s.set_target_buffer(target)
+            k = int(np.argmax(liver.sum(axis=(1, 2))))
+            js, is_ = np.nonzero(liver[k])
+            t0 = time.perf_counter()
+            box = [[k, k + 1], [int(js.min()), int(js.max()) + 1], [int(is_.min()), int(is_.max()) + 1]]
+            s.add_bbox_interaction(box, include_interaction=True)
+            calls.append(("box", name, time.perf_counter() - t0))
+            dsc[name] = [dice_score(target > 0, liver)]
+            for _ in range(3):
+                where, positive = _largest_error_click(target > 0, liver)
+                t0 = time.perf_counter()
+                s.add_point_interaction(where, include_interaction=positive)
+                calls.append(("click", name, time.perf_counter() - t0))
+                dsc[name].append(dice_score(target > 0, liver))
+        with open(f"/proc/{server.pid}/status") as f:
+            peak_kb = int(next(v for v in f if v.startswith("VmHWM:")).split()[1])
+        for s in sessions:
+            s.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+    set_image = max(c[2] for c in calls if c[0] == "set_image")
+    interaction = max(c[2] for c in calls if c[0] != "set_image")
+    print(f"bench: slicer server set_image {set_image:.1f} s, interactions at most {interaction:.1f} s, peak RSS "
+          f"{peak_kb / 1024:.0f} MiB with {len(cts)} leases", flush=True)
+    return {"slicer": {"set_image_s_max": set_image, "interaction_s_max": interaction, "peak_rss_mib": peak_kb / 1024,
+                       "leases": len(cts), "shapes": [list(ct[1].shape) for ct in cts], "liver_dsc": dsc,
+                       "calls": [{"call": c, "case": n, "seconds": round(t, 2)} for c, n, t in calls],
+                       "note": "slicer_server.py in a subprocess, cold embedding cache, the unmodified "
+                               "nninteractive-client; DSC of the liver after the box and each click"}}
+
+
 def bench_baselines(cfg, sets: dict, device) -> dict:
     """Table 3's trained baselines: training samples/s and inference slices/s at the quick profile's input."""
     from sambtcv.baseline_nets import BASELINES, measure_speed
@@ -974,6 +1080,18 @@ def scale_rows(res: dict) -> list:
                   f"{inter['seconds_per_class_later_steps_max']:.1f} s (final DSC {inter['dsc_final_mean']:.3f})",
                   f"<= {t['interactive_later_step_s_per_organ']:g} s",
                   _met(inter["seconds_per_class_later_steps_max"] <= t["interactive_later_step_s_per_organ"])]]
+    sl = res.get("slicer")
+    if sl:
+        first = {n: v[0] for n, v in sl["liver_dsc"].items()}
+        rows += [["3D Slicer protocol: set_image of a 512 x 512 CT, cold cache (largest of two clients)",
+                  f"{sl['set_image_s_max']:.1f} s", f"<= {t['slicer_set_image_s']:g} s",
+                  _met(sl["set_image_s_max"] <= t["slicer_set_image_s"])],
+                 ["3D Slicer protocol: a box and its walk, or a click (largest)",
+                  f"{sl['interaction_s_max']:.1f} s (liver DSC after the box "
+                  f"{', '.join(f'{v:.3f}' for v in first.values())})", f"<= {t['slicer_interaction_s']:g} s",
+                  _met(sl["interaction_s_max"] <= t["slicer_interaction_s"])],
+                 [f"3D Slicer protocol: the server's peak RSS with {sl['leases']} leases on 512 x 512 CTs",
+                  f"{sl['peak_rss_mib']:.0f} MiB", "measured", "-"]]
     for model in res.get("baselines", {}).get("models", {}).values():
         rows.append([f"baseline {model['name']}: training / inference speed",
                      f"{model['train_samples_per_second']:.1f} samples/s / "
@@ -1044,6 +1162,8 @@ def main(argv=None):
             res.update(timed(name, bench_viewer, cfg, backbone, sets, work, device))
         elif name == "interactive":
             res.update(timed(name, bench_interactive, cfg, work))
+        elif name == "slicer":
+            res.update(timed(name, bench_slicer, cfg, work))
         elif name == "baselines":
             res.update(timed(name, bench_baselines, cfg, sets, device))
     res.update(report_stages(cfg))

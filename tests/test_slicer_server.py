@@ -12,13 +12,16 @@ import pytest
 
 import slicer_server
 from conftest import fails, serve
-from sambtcv import interactive, nnia
+from sambtcv import cli, interactive, nnia
 from sambtcv.data import find_cases
 from sambtcv.errors import PipelineError
 from sambtcv.metrics import dice_score
 from sambtcv.names import ORGAN_ID
+from sambtcv.prompts_file import loads, parse_prompts
+from sambtcv.propagation import merge
 from sambtcv.slicer import Leases
 from sambtcv.slicer_app import SlicerSettings, create_slicer_app
+from sambtcv.volume import case_prompt, load_case, segment
 
 remote = pytest.importorskip("nnInteractive.inference.remote")
 serialization = pytest.importorskip("nnInteractive.inference.remote.serialization")
@@ -122,6 +125,28 @@ def test_the_unmodified_client_segments_corrects_and_undoes(engine, ct):
         assert tb[z, y, x] == 0 and _inside(answered, tb != before)
         lease = s.lease_status()
         assert 0 < lease["remaining_seconds"] <= lease["idle_timeout_seconds"]
+
+
+def test_a_box_gives_the_label_map_segment_volume_gives_for_it(engine, ct, raw_phantom):
+    """A box on an axial slice through the client gives, voxel for voxel, what segment_volume.py's walk gives for
+    the same box in a prompts file (the phantom is stored in the slice frame's axes: x = I, y = J)."""
+    hu, spacing, lab = ct
+    k, box = _box(lab, ORGAN_ID["spleen"])
+    with serve(create_slicer_app(engine, SlicerSettings(api_key=KEY))) as base, _session(base) as s:
+        s.set_image(hu, {"spacing": spacing})
+        tb = np.zeros(hu.shape[1:], np.uint8)
+        s.set_target_buffer(tb)
+        s.add_bbox_interaction(box, include_interaction=True)
+    _, image, _ = find_cases(raw_phantom)["val"][0]
+    case = load_case(image.name, image, None, engine.window)
+    xyxy = [box[2][0], box[1][0], box[2][1] - 1, box[1][1] - 1]
+    spec = parse_prompts(loads(json.dumps({"spleen": {"slice": k, "box": xyxy}})))
+    models = cli.Models(engine.backbone, engine.decoder, engine.runtime)
+    dec = cli.volume_decoder(case, models, {"cache_dir": engine.cache_dir, "dtype": engine.dtype,
+                                            "encoder_dtype": engine.encoder_dtype}, engine.device)
+    walk = cli.walk_settings({"stop": engine.walk.stop, "margin_mm": "auto", "model": engine.model})
+    labels = merge(segment(dec, [case_prompt(sp, case) for sp in spec], walk, case.geometry), case.stack.shape)
+    assert np.array_equal(tb > 0, labels == ORGAN_ID["spleen"]) and tb.any()
 
 
 def test_too_many_slices_are_refused_before_any_encoding(engine):
