@@ -27,6 +27,9 @@ Measured in one run, on slices generated here (`preprocess.py`'s phantom, PHANTO
 7. Baselines: training samples/s and inference slices/s of each Table 3 model (`sambtcv.baseline_nets.measure_speed`).
 6c. The challenge's interactive protocol (`tools/segfm_loop.py`: `predict_segfm.py` in a new process per
    step) on a 512 x 512 CT: seconds per organ of the box step and of each click step.
+6d. 3D Slicer's protocol: `slicer_server.py` with two clients of the unmodified `nninteractive-client`, each
+   with its own 512 x 512 CT (INTERACTIVE_SHAPE phantoms or INTERACTIVE_CT's first two val cases): seconds of
+   set_image, of a box on the liver and of 3 clicks at the largest error, and the server's peak RSS.
 8. The stage times of the last `./run.sh report` (REPORT_RESULTS/stages.json), if one ran.
 """
 from __future__ import annotations
