@@ -49,6 +49,7 @@ CARRY = True  # a click also corrects the neighbouring slices that share its err
 GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (sambtcv.editor.Editor._gate)
 GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.guard)
 REPAIR = True  # a - click on a doubted wrong part removes its slab; a + click apart from the mask adds a part
+STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
 CLICKS = 5  # click steps after the box (the challenge: 5) (>= 0)
 FIRST = "box3d"  # step 1: box3d (the challenge's 3D box) | box (the viewer's: largest slice's box and P, no z range)
 NSD = True  # also the normalised surface Dice per step (slower on large CTs)
@@ -116,8 +117,8 @@ def measure(cfg, device, cases) -> dict:
 def settings_of(cfg, device) -> dict:
     """The record's settings: the run's constants, the runtime as resolved (auto -> what ran)."""
     keys = ("data_dir", "npz_dir", "split", "organs", "model", "point_model", "checkpoint", "finetuned", "stop",
-            "margin_mm", "click", "after_click", "carry", "gate", "guard", "repair", "mask_input", "clicks", "first",
-            "nsd", "window_hu", "dtype", "encoder_dtype", "runtime", "cache_dir")
+            "margin_mm", "click", "after_click", "carry", "gate", "guard", "repair", "stride_mm", "mask_input",
+            "clicks", "first", "nsd", "window_hu", "dtype", "encoder_dtype", "runtime", "cache_dir")
     out = {k: cfg[k] for k in keys}
     out["runtime"] = runtime.resolve(cfg["runtime"], device)
     for k in ("data_dir", "npz_dir"):

@@ -51,6 +51,7 @@ CARRY = True  # a click also corrects the neighbouring slices that share its err
 GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (sambtcv.editor.Editor._gate)
 GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.guard)
 REPAIR = True  # a - click on a doubted wrong part removes its slab; a + click apart from the mask adds a part
+STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder (fp32: LiteMedSAM measured better, MEASUREMENTS 10)

@@ -81,6 +81,7 @@ CACHE_DIR = config.CACHE_DIR_3D  # image embeddings by (volume content, model, e
 STOP = config.STOP  # when the walk ends (propagation.STOP_RULES): intensity | continuity | vanish | iou | overlap | ...
 MARGIN_MM = "auto"  # mm added on each side of the previous box to prompt the next slice, >= 0; auto: per model
 GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.guard)
+STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
 WINDOW_HU = config.WINDOW_HU  # HU window, as preprocess.py
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
@@ -157,14 +158,14 @@ def evaluate_split(cfg, env: DistEnv, res: Results, organs: list[int], walk: Wal
     scores = {name: done[name][0] for name in order}
     walks = {name: done[name][1] for name in order}
     result = {"model": backbone.name, "finetuned": cfg["finetuned"], "stop": walk.stop, "margin_mm": walk.margin_mm,
-              "guard": walk.guard,
+              "guard": walk.guard, "stride_mm": walk.stride_mm,
               "encoder_passes": sum(done[n][2] for n in order), "visited_slices": sum(done[n][3] for n in order),
               "seconds": round(time.perf_counter() - t0, 2), "processes": env.world, "cases": scores,
               "mean": mean_scores(scores), "walks": walks}
     settings = {"model": backbone.name, "backbone": backbone.key, "checkpoint": backbone.checkpoint,
                 "finetuned": cfg["finetuned"], "data_dir": str(Path(cfg["data_dir"]).resolve()), "split": cfg["split"],
                 "organs": [organ_name(o) for o in organs], "stop": walk.stop, "margin_mm": walk.margin_mm,
-                "guard": walk.guard, "window_hu": list(window), "dtype": cfg["dtype"],
+                "guard": walk.guard, "stride_mm": walk.stride_mm, "window_hu": list(window), "dtype": cfg["dtype"],
                 "encoder_dtype": cfg["encoder_dtype"], "runtime": models.runtime.name, "cache_dir": cfg["cache_dir"]}
     records.write_record(res.root, "volume_3d", settings, result,
                          {"id": None, "data": f"{cfg['split']} split of {cfg['data_dir']}"})

@@ -35,6 +35,7 @@ MAX_IMAGE_MB = 2048.0  # the largest image (or mask) a client may send, MB uncom
 MODEL = "litemedsam"  # boxes and walks (box-trained LiteMedSAM measured best on real CT: MEASUREMENTS 10)
 POINT_MODEL = "mobilesam"  # the model that answers clicks; empty: MODEL
 CACHE_DIR = config.CACHE_DIR_3D  # image embeddings by (volume content, model, encoder dtype), shared with the viewer
+STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
 WINDOW_HU = config.WINDOW_HU  # HU window the image is mapped through (as preprocess.py)
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
@@ -48,6 +49,7 @@ def check(cfg) -> None:
     """Every flag, before any model is loaded."""
     from sambtcv.backbones import check_model_name
     from sambtcv.data import parse_window
+    from sambtcv.volume import stride_mm
 
     for name in ("model", "point_model"):
         if cfg[name] or name == "model":
@@ -57,6 +59,8 @@ def check(cfg) -> None:
         check_choice(cfg["runtime"], RUNTIMES, "runtime")
     with flag("--window-hu"):
         parse_window(cfg["window_hu"])
+    with flag("--stride-mm"):
+        stride_mm(cfg["stride_mm"])
     if cfg["host"] not in LOOPBACK and not cfg["api_key"]:
         raise PipelineError(f"--host {cfg['host']} opens the server to other machines: give --api-key KEY too (the "
                             f"same key in Slicer's extension), or keep 127.0.0.1 and tunnel with ssh -L")
@@ -73,7 +77,8 @@ def main(argv=None):
     from sambtcv.slicer_app import SlicerSettings, create_slicer_app
 
     engine = load_engine(cfg["model"], None, None, device, cfg["dtype"], cfg["encoder_dtype"], cfg["cache_dir"],
-                         window=cfg["window_hu"], runtime=cfg["runtime"], point_model=cfg["point_model"])
+                         window=cfg["window_hu"], runtime=cfg["runtime"], point_model=cfg["point_model"],
+                         stride=cfg["stride_mm"])
     settings = SlicerSettings(cfg["api_key"], cfg["host"], cfg["max_sessions"], cfg["idle_timeout"],
                               cfg["liveness_timeout"], cfg["max_image_mb"])
     app = create_slicer_app(engine, settings)

@@ -41,6 +41,7 @@ MAX_UPLOAD_MB = 1024.0  # the largest CT or label file a client may upload, MB (
 CACHE_DIR = config.CACHE_DIR_3D  # image embeddings by (volume content, model, encoder dtype); segment_volume.py's too
 STOP = config.STOP  # when the walk ends (propagation.STOP_RULES): intensity | continuity | vanish | iou | overlap | ...
 MARGIN_MM = "auto"  # mm added on each side of the previous box to prompt the next slice, >= 0; auto: per model
+STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
 BACKGROUND_SLICES = 16  # slices on each side of the last prompted one encoded while the page is idle; 0: none (>= 0)
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
@@ -100,7 +101,7 @@ def settings_of(cfg) -> Settings:
                     click=cfg["click"], checkpoint=cfg["checkpoint"],
                     finetuned=cfg["finetuned"], device=cfg["device"], dtype=cfg["dtype"],
                     encoder_dtype=cfg["encoder_dtype"], cache_dir=cfg["cache_dir"], stop=cfg["stop"],
-                    margin_mm=cfg["margin_mm"], host=cfg["host"], port=cfg["port"],
+                    margin_mm=cfg["margin_mm"], stride_mm=cfg["stride_mm"], host=cfg["host"], port=cfg["port"],
                     max_upload_mb=cfg["max_upload_mb"], background_slices=cfg["background_slices"],
                     runtime=cfg["runtime"])
 

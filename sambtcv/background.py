@@ -65,9 +65,9 @@ class SessionDecoder(VolumeDecoder):
         with self.read_lock:  # the cache's lazily opened file descriptor is shared
             return super().embedding(k)
 
-    def decode(self, k: int, prompt: Prompt, mask_input=None) -> SliceMask:
+    def decode(self, k: int, prompt: Prompt, mask_input=None, embedding=None) -> SliceMask:
         with self.gate.use():
-            out = super().decode(k, prompt, mask_input)
+            out = super().decode(k, prompt, mask_input, embedding)
         if self.watch is not None:
             self.watch(k, out)
         return out

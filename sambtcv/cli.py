@@ -242,15 +242,18 @@ def label_map_out(out, inputs: list[Path]) -> Path:
 
 
 def walk_settings(cfg):
-    """STOP, MARGIN_MM (for MODEL) and GUARD (default on) as a `sambtcv.volume.WalkSettings`."""
+    """STOP, MARGIN_MM (for MODEL), GUARD (default on) and STRIDE_MM as a `sambtcv.volume.WalkSettings`."""
     from sambtcv.names import check_choice
     from sambtcv.propagation import STOP_RULES
-    from sambtcv.volume import WalkSettings, margin_mm
+    from sambtcv.volume import WalkSettings, margin_mm, stride_mm
 
     with flag("--stop"):
         check_choice(cfg["stop"], STOP_RULES, "stop rule")
+    with flag("--stride-mm"):
+        stride = stride_mm(cfg.get("stride_mm", config.STRIDE_MM))
     with flag("--margin-mm"):
-        return WalkSettings(cfg["stop"], margin_mm(cfg["margin_mm"], cfg["model"]), bool(cfg.get("guard", True)))
+        return WalkSettings(cfg["stop"], margin_mm(cfg["margin_mm"], cfg["model"]), bool(cfg.get("guard", True)),
+                            stride)
 
 
 @dataclass
@@ -319,7 +322,7 @@ def edit_rules(cfg, geo, in_range: bool):
     from sambtcv.editor import AFTER_CLICK, CLICK_RULES, EditRules
     from sambtcv.names import check_choice
     from sambtcv.propagation import STOP_RULES
-    from sambtcv.volume import margin_mm
+    from sambtcv.volume import margin_mm, stride_mm
     from sambtcv.walks import WalkRules
 
     with flag("--stop"):
@@ -330,7 +333,9 @@ def edit_rules(cfg, geo, in_range: bool):
         check_choice(cfg["click"], CLICK_RULES, "click rule")
     with flag("--after-click"):
         check_choice(cfg["after_click"], AFTER_CLICK, "after-click rule")
-    walk = WalkRules(cfg["stop"], margin / geo.pixel_mm, geo, bool(cfg.get("guard", True)))
+    with flag("--stride-mm"):
+        stride = stride_mm(cfg.get("stride_mm", config.STRIDE_MM))
+    walk = WalkRules(cfg["stop"], margin / geo.pixel_mm, geo, bool(cfg.get("guard", True)), stride)
     return EditRules(walk, bool(cfg["mask_input"]), cfg["click"], cfg["after_click"], bool(cfg.get("carry", True)),
                      bool(cfg.get("gate", True)), bool(cfg.get("repair", True)))
 

@@ -40,6 +40,7 @@ BASELINE_WEIGHT_DECAY = 1e-4  # AdamW weight decay of Table 3's baselines
 # 3D
 CACHE_DIR_3D = "data/embeddings_3d"  # image embeddings of whole volumes, by content, model and dtype
 STOP = "intensity"  # the rule that ends a 3D walk (sambtcv.propagation.STOP_RULES; docs/MEASUREMENTS.md, section 6)
+STRIDE_MM = 0.0  # > 0: a 3D box's first walk encodes a slice every this many mm, fills the rest; off (MEASUREMENTS 13)
 POINT_MASK = "smallest"  # which of SAM's three masks a point prompt keeps (sambtcv.decoder.POINT_MASK_RULES)
 RUNTIME = "auto"  # inference runtime of the encoder and the prompt decoder: auto | torch | openvino
 OPENVINO_CACHE = "data/model_cache"  # OpenVINO models converted from the weights (sambtcv.openvino_runtime)

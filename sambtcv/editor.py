@@ -29,7 +29,7 @@ from scipy import ndimage
 from sambtcv.anchors import OrganState, SlicePrompt
 from sambtcv.errors import PipelineError
 from sambtcv.prompts import bound_box, grow_box
-from sambtcv.propagation import INTENSITY_PERCENTILES, MIN_AREA, SliceMask, VolumeDecoder, main_part
+from sambtcv.propagation import AGREE_IOU_FLOOR, INTENSITY_PERCENTILES, MIN_AREA, SliceMask, VolumeDecoder, main_part
 from sambtcv.walks import WalkRules, union, walk
 
 PAINTED_LOGIT = 1e3  # a painted voxel's logit: the user's stroke wins over any model's mask of another organ
@@ -323,13 +323,17 @@ class Editor:
 
     def _separate_part(self, state: OrganState, k: int, x: float, y: float) -> np.ndarray | None:
         """The region a + click on slice k points at when it lies apart from the organ's mask there (no pixel
-        of it touches the mask): the point model's mask for the point with the best predicted IoU among those
-        that hold it and stay apart. None when the click refines the mask's edge instead."""
+        of it touches the mask): the smallest of the point model's masks for the point that holds it, stays
+        apart, is one structure by the model's own estimate (predicted IoU >= AGREE_IOU_FLOOR) and is no larger
+        than the organ's largest section so far. None when the click refines the mask's edge instead, or the
+        model sees no such part there."""
         xi, yi = int(round(x)), int(round(y))
         near = ndimage.binary_dilation(state.slices[k].mask, iterations=1)
+        largest = max(sm.area for sm in state.slices.values())
         found = self.point_dec.candidates(k, SlicePrompt().with_point(x, y, True).prompt())
-        apart = [c for c in found.masks if c.mask[yi, xi] and not (c.mask & near).any()]
-        return max(apart, key=lambda c: c.iou).mask if apart else None
+        apart = [c for c in found.masks if c.mask[yi, xi] and not (c.mask & near).any() and c.iou >= AGREE_IOU_FLOOR
+                 and c.area <= largest]
+        return min(apart, key=lambda c: c.area).mask if apart else None
 
     def add_part(self, state: OrganState, k: int, x: float, y: float, region: np.ndarray) -> OrganState:
         """A part of the organ on slice k that its mask misses (`_separate_part`): added there (k becomes an

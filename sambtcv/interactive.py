@@ -17,7 +17,7 @@ from sambtcv.background import ModelGate
 from sambtcv.data import parse_window
 from sambtcv.names import check_choice
 from sambtcv.propagation import STOP_RULES
-from sambtcv.volume import WalkSettings, margin_mm
+from sambtcv.volume import WalkSettings, margin_mm, stride_mm
 
 
 @dataclass
@@ -60,22 +60,24 @@ class Engine:
         from sambtcv.editor import EditRules
         from sambtcv.walks import WalkRules
 
-        return EditRules(WalkRules(self.walk.stop, self.walk.margin_mm / geo.pixel_mm, geo), self.mask_input,
-                         self.click)
+        walk = WalkRules(self.walk.stop, self.walk.margin_mm / geo.pixel_mm, geo, self.walk.guard, self.walk.stride_mm)
+        return EditRules(walk, self.mask_input, self.click)
 
 
-def walk_settings(stop: str, margin, model: str) -> WalkSettings:
+def walk_settings(stop: str, margin, model: str, stride=config.STRIDE_MM) -> WalkSettings:
     check_choice(stop, STOP_RULES, "stop rule")
-    return WalkSettings(stop, margin_mm(margin, model))
+    return WalkSettings(stop, margin_mm(margin, model), stride_mm=stride_mm(stride))
 
 
 def load_engine(model: str = config.MODEL, checkpoint=None, finetuned=None, device=None, dtype: str = config.DTYPE,
                 encoder_dtype: str = config.DTYPE, cache_dir=config.CACHE_DIR_3D, stop: str = config.STOP,
                 margin="auto", window=config.WINDOW_HU, backbone=None, runtime: str = config.RUNTIME,
-                point_model: str = "", point_backbone=None, click: str = "local", mask_input: bool = True) -> Engine:
+                point_model: str = "", point_backbone=None, click: str = "local", mask_input: bool = True,
+                stride=config.STRIDE_MM) -> Engine:
     """The models and settings (as segment_volume.py loads them); `backbone` / `point_backbone` reuse loaded
     ones; `runtime` (auto | torch | openvino) runs the encoders and decoders; `point_model` (empty: the
-    box model) answers clicks; dtype "auto" is resolved as the pages resolve it (`sambtcv.precision`)."""
+    box model) answers clicks; `stride` (mm, 0: every slice) is a first walk's step (`sambtcv.walks.WalkRules`);
+    dtype "auto" is resolved as the pages resolve it (`sambtcv.precision`)."""
     import torch
 
     from sambtcv import precision
@@ -92,7 +94,7 @@ def load_engine(model: str = config.MODEL, checkpoint=None, finetuned=None, devi
     for v in (dtype, encoder_dtype):
         precision.check_setting(v)
     check_choice(click, CLICK_RULES, "click rule")
-    walk = walk_settings(stop, margin, backbone.name if backbone is not None else model)
+    walk = walk_settings(stop, margin, backbone.name if backbone is not None else model, stride)
     if backbone is None:
         backbone = load_backbone(model, checkpoint, device)
     rt = runtimes.make(runtime, backbone, device, encoder_dtype, dtype)

@@ -160,12 +160,18 @@ class VolumeDecoder:
         return torch.from_numpy(self.cache.read(k))[None].to(self.device)
 
     @torch.no_grad()
-    def _outputs(self, k: int, prompt: Prompt, mask_input=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def blended(self, a: int, b: int, t: float) -> torch.Tensor:
+        """An embedding (1, 256, E, E) for a slice between slices a and b that is not encoded: theirs mixed
+        linearly, `t` in [0, 1] from a to b."""
+        return (1.0 - t) * self.embedding(a) + t * self.embedding(b)
+
+    def _outputs(self, k: int, prompt: Prompt, mask_input=None, embedding=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's low-res masks (1, M, L, L) and predicted IoUs (1, M) for one prompt on slice k.
         Points alone: multimask output (M = 3); a box, with or without points: single mask (M = 1).
-        `mask_input` (L, L): earlier low-res logits of this slice, SAM's dense prompt."""
+        `mask_input` (L, L): earlier low-res logits of this slice, SAM's dense prompt. `embedding`: use this
+        instead of slice k's own (`blended`)."""
         p = self.frame.prompt(prompt, self.hw)
-        emb = self.embedding(k)
+        emb = self.embedding(k) if embedding is None else embedding
 
         def batch(a) -> torch.Tensor:
             return torch.tensor(np.asarray(a)[None], dtype=torch.float32, device=self.device)
@@ -180,10 +186,11 @@ class VolumeDecoder:
         return masks.float(), iou.float()
 
     @torch.no_grad()
-    def decode(self, k: int, prompt: Prompt, mask_input=None) -> SliceMask:
+    def decode(self, k: int, prompt: Prompt, mask_input=None, embedding=None) -> SliceMask:
         """The mask of one prompt (slice frame) on slice k. Points alone: multimask output, the mask that
-        config.POINT_MASK keeps (`sambtcv.decoder.pick`); a box (with or without points): single mask."""
-        masks, iou = self._outputs(k, prompt, mask_input)
+        config.POINT_MASK keeps (`sambtcv.decoder.pick`); a box (with or without points): single mask.
+        `embedding`: decode on it instead of slice k's own (`blended`: a slice not encoded)."""
+        masks, iou = self._outputs(k, prompt, mask_input, embedding)
         keep = int(pick(masks, iou)[0])
         logits = self.frame.to_slice(masks[:, keep], self.hw)[0].cpu().numpy()
         return SliceMask(mask=logits > 0, logits=logits, iou=float(iou[0, keep]), lowres=masks[0, keep].cpu().numpy())

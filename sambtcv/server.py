@@ -94,6 +94,7 @@ class Settings:
     cache_dir: str = config.CACHE_DIR_3D
     stop: str = config.STOP
     margin_mm: str = "auto"
+    stride_mm: float = config.STRIDE_MM
     runtime: str = config.RUNTIME
     host: str = "127.0.0.1"
     port: int = 8765
@@ -172,7 +173,7 @@ def create_app(settings: Settings, engine=None, sessions: Sessions | None = None
             engine = load_engine(settings.model, settings.checkpoint, settings.finetuned, settings.device or None,
                                  settings.dtype, settings.encoder_dtype, settings.cache_dir, settings.stop,
                                  settings.margin_mm, runtime=settings.runtime, point_model=settings.point_model,
-                                 click=settings.click)
+                                 click=settings.click, stride=settings.stride_mm)
         sessions = Sessions(engine, settings.max_volumes, settings.background_slices)
     startup = None
     if settings.image is not None:

@@ -62,6 +62,15 @@ def margin_mm(text, model: str, in_range: bool = False) -> float:
     return value
 
 
+def stride_mm(value) -> float:
+    """A walk's stride in mm: a finite number >= 0 (0: every slice)."""
+    text = str(value).strip()
+    out = float(text) if DECIMAL.match(text) else math.nan
+    if not (math.isfinite(out) and out >= 0):
+        raise PipelineError(f"{{subject}} must be a number of mm >= 0 (0: every slice), got {text!r}", "stride")
+    return out
+
+
 @dataclass(frozen=True)
 class WalkSettings:
     """How an organ is followed through the volume (`sambtcv.walks.propagate`)."""
@@ -69,6 +78,7 @@ class WalkSettings:
     stop: str  # propagation.STOP_RULES
     margin_mm: float  # added on each side of the previous slice's box
     guard: bool = True  # each new mask judged against the last in mm (sambtcv.guard)
+    stride_mm: float = config.STRIDE_MM  # a first walk encodes a slice every this many mm (0: every slice)
 
 
 # ---------------------------------------------------------------------------------------------- the CT
@@ -254,7 +264,8 @@ def segment(dec: VolumeDecoder, prompts: list[OrganPrompt], walk: WalkSettings, 
         first = dec.decode(p.k, p.prompt)
         limit = p.prompt.box if p.k_range is not None else None
         out.append(propagate(dec, p.organ, p.k, first, walk.stop, walk.margin_mm / geo.pixel_mm, geo, p.k_range,
-                                 limit, guard=walk.guard))
+                                 limit, guard=walk.guard, stride_mm=walk.stride_mm,
+                                 box=None if p.prompt.points is not None else p.prompt.box))
     return out
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from sambtcv.anchors import OrganState
+from sambtcv import config
+from sambtcv.anchors import OrganState, SlicePrompt
 from sambtcv.guard import Geometry, Guard
 from sambtcv.metrics import iou_score
 from sambtcv.prompts import Prompt
@@ -41,6 +42,8 @@ from sambtcv.propagation import (
 
 CONVERGED_IOU = 0.95  # a walk stops where its new mask agrees this well with the mask there before
 PART_JOINED = 0.5  # a part's walk stops where this share of its mask lies inside the organ's masks
+FILL_IOU = 0.85  # two masks a stride apart that agree this well fill the slices between without encoding them
+STRIDE_SHARE = 0.5  # a walk strides only while its mask keeps this share of the largest section it has seen
 
 
 def union(a: SliceMask, b: SliceMask) -> SliceMask:
@@ -59,6 +62,13 @@ class WalkRules:
     margin_px: float
     geometry: Geometry  # the voxel size: the guard's limits are in mm
     guard: bool = True  # masks that outgrow or leave the organ's last section are cut (sambtcv.guard)
+    stride_mm: float = config.STRIDE_MM  # a 3D box's first walk encodes a slice every this many mm (`_first_walk`)
+
+    def stride(self) -> int:
+        """Slices from one visited slice to the next on a first walk (1: every slice)."""
+        if self.stride_mm <= 0:
+            return 1
+        return max(1, int(round(self.stride_mm / self.geometry.slice_mm)))
 
 
 @dataclass
@@ -86,20 +96,23 @@ def walk(dec: VolumeDecoder, state: OrganState, start: int, rules: WalkRules, di
 
 
 def propagate(dec: VolumeDecoder, organ: int, start: int, first: SliceMask, rule: str, margin: float,
-              geometry: Geometry, k_range=None, box_limit=None, directions=(1, -1), guard: bool = True) -> OrganMasks:
+              geometry: Geometry, k_range=None, box_limit=None, directions=(1, -1), guard: bool = True,
+              stride_mm: float = config.STRIDE_MM, box=None) -> OrganMasks:
     """One prompt's walk through the volume (segment_volume.py): from slice `start` (whose mask is
     `first`) in `directions`, each slice prompted with the previous slice's box grown by `margin` px;
     stops by `rule`, at the volume's ends, or (a 3D box) at the ends of `k_range` (inclusive), and with
     `box_limit` (XYXY) boxes and masks stay inside it; `guard`: each new mask judged (`sambtcv.guard`, in the
-    mm of `geometry`). The result holds `start` and the slices kept
-    beyond it, and a `Stop` per direction."""
+    mm of `geometry`); `stride_mm`: a slice encoded every this many mm, those between filled (`WalkRules`), when
+    the prompt was a `box` (XYXY; it also tells the guard the organ's size).
+    The result holds `start` and the slices kept beyond it, and a `Stop` per direction."""
     if box_limit is not None:
         first.mask &= box_mask(dec.hw, box_limit)
     if first.area < MIN_AREA:
         return OrganMasks(organ, {}, 1, [Stop(start, d, "empty") for d in directions])
-    state = OrganState(organ, {start: first}, z_range=None if k_range is None else tuple(k_range),
+    state = OrganState(organ, {start: first}, {} if box is None else {start: SlicePrompt(box=tuple(box))},
+                       z_range=None if k_range is None else tuple(k_range),
                        xy_limit=None if box_limit is None else tuple(float(v) for v in box_limit))
-    done = walk(dec, state, start, WalkRules(rule, margin, geometry, guard), directions)
+    done = walk(dec, state, start, WalkRules(rule, margin, geometry, guard, stride_mm), directions)
     return OrganMasks(organ, done.slices, 1 + done.visited, list(done.stops), list(done.unsure))
 
 
@@ -129,7 +142,9 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
         return out
     ws = WalkState(dec.stack[start], first, rules.stop, rules.margin_px)
     guard = Guard(rules.geometry, _shown(state, start, first, part, dec.hw)) if rules.guard else None
-    prev, k, reason = first, start + d, None
+    stride = rules.stride() if _first_walk(state, start, d, part, join) else 1
+    prev, at, reason, largest = first, start, None, first.area
+    k = _ahead(at, d, stride, lo, hi)
     while lo <= k <= hi:
         if k in state.anchors:
             reason = "anchor"
@@ -138,18 +153,11 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
         if join and old is not None and old.area >= MIN_AREA:
             reason = "joined"
             break
-        new = dec.decode(k, Prompt(box=next_box(prev.mask, rules.margin_px, state.xy_limit)))
-        if state.xy_limit is not None:
-            new.mask &= box_mask(dec.hw, state.xy_limit)
-        out.visited += 1
-        if guard is not None and new.area >= MIN_AREA:
-            new, refused = _guarded(guard, prev, new)
-            if refused:
-                out.unsure.append(Unsure(k, [refused]))
-        if state.z_range is not None:
-            reason, check = ("vanished", None) if new.area < MIN_AREA else (None, ws.check(prev, new, dec.stack[k]))
-        else:
-            reason, check = ws.stop_reason(prev, new, dec.stack[k])
+        new, reason, check = _visit(dec, state, ws, guard, out, prev, k, rules, abs(k - at), ranged=not part)
+        if reason and abs(k - at) > 1:  # the organ may end inside the stride: walk it slice by slice
+            out.unsure = [u for u in out.unsure if u.k != k]
+            stride, k, reason = 1, at + d, None
+            continue
         if reason:
             break
         if part and old is not None and old.area:
@@ -157,22 +165,94 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
                 reason = "joined"
                 break
             out.kept[k] = union(old, new)
-            prev, k = new, k + d
+            prev, at, k = new, k, k + d
             continue
         if old is not None and old.area and iou_score(new.mask, old.mask) >= CONVERGED_IOU:
             reason = "converged"
             break
         if check is not None and check.failing:
             out.unsure.append(Unsure(k, check.failing))
+        if abs(k - at) > 1:
+            _fill(dec, state, ws, guard, out, prev, at, new, k, rules)
         out.kept[k] = new
         ws.keep(dec.stack[k], new)
-        prev, k = new, k + d
+        prev, at, largest = new, k, max(largest, new.area)
+        if new.area < STRIDE_SHARE * largest:  # towards a pole sections change fast: every slice from here
+            stride = 1
+        k = _ahead(at, d, stride, lo, hi)
     if reason is None:
-        reason = "range" if state.z_range is not None and 0 <= k < n else "edge"
-    out.stop = Stop(k - d, d, reason)
+        reason = "range" if state.z_range is not None and 0 <= at + d < n else "edge"
+    out.stop = Stop(at, d, reason)
     if not part and reason not in ("anchor", "converged", "joined", "range", "edge"):
-        out.drop = _outer_beyond(state, k, d, n)
+        out.drop = _outer_beyond(state, at + d, d, n)
     return out
+
+
+def _first_walk(state: OrganState, start: int, d: int, part: bool, join: bool) -> bool:
+    """A 3D box's first walk this way: inside the box's slices (a z range), from a slice the user boxed (no
+    points), no masks beyond it yet. Only these stride; walks a click starts or repeats, and walks with no z range
+    to end them (a 2D box's), go slice by slice: a walk that must find the organ's end by itself lost its organ
+    more often with a stride (MEASUREMENTS 13)."""
+    sp = state.anchors.get(start)
+    boxed = sp is not None and sp.box is not None and not sp.points and not sp.painted
+    ranged = state.z_range is not None
+    return ranged and boxed and not part and not join and not any((j - start) * d > 0 for j in state.slices)
+
+
+def _ahead(at: int, d: int, stride: int, lo: int, hi: int) -> int:
+    """The next slice a walk visits from `at`: `stride` slices on, or the last slice of its range when the
+    stride would pass it."""
+    k = at + d * stride
+    if stride > 1 and not lo <= k <= hi and at != (hi if d > 0 else lo):
+        k = hi if d > 0 else lo
+    return k
+
+
+def _visit(dec: VolumeDecoder, state: OrganState, ws: WalkState, guard, out: _Direction, prev: SliceMask, k: int,
+           rules: WalkRules, steps: int = 1, ranged: bool = True):
+    """Slice k decoded from the previous mask's box (`steps` slices back), bounded, guarded: (mask, why the
+    walk stops there or None, its signals). Inside a 3D box's slices (and `ranged`) only a vanished mask stops
+    the walk; else the stop rule does. A part's walk (not `ranged`: from a click) also ends where the guard
+    refuses its mask: a part the user pointed at is followed only as long as it keeps its track."""
+    new = dec.decode(k, Prompt(box=next_box(prev.mask, rules.margin_px, state.xy_limit)))
+    if state.xy_limit is not None:
+        new.mask &= box_mask(dec.hw, state.xy_limit)
+    out.visited += 1
+    if guard is not None and new.area >= MIN_AREA:
+        new, refused = _guarded(guard, prev, new, steps)
+        if refused and not ranged:
+            return new, refused, None
+        if refused:
+            out.unsure.append(Unsure(k, [refused]))
+    if state.z_range is not None and ranged:
+        return new, *(("vanished", None) if new.area < MIN_AREA else (None, ws.check(prev, new, dec.stack[k])))
+    return new, *ws.stop_reason(prev, new, dec.stack[k])
+
+
+def _fill(dec: VolumeDecoder, state: OrganState, ws: WalkState, guard, out: _Direction, prev: SliceMask, at: int,
+          new: SliceMask, k: int, rules: WalkRules) -> None:
+    """The slices between two a stride apart. Where the two masks agree (IoU >= FILL_IOU) each is decoded, with
+    the box of the nearer mask, on an embedding mixed from theirs (`VolumeDecoder.blended`: no encoder pass);
+    where they do not, each is encoded and decoded in turn as a walk of single steps would."""
+    d = 1 if k > at else -1
+    between = range(at + d, k, d)
+    if iou_score(prev.mask, new.mask) >= FILL_IOU:
+        for j in between:
+            t = abs(j - at) / abs(k - at)
+            box = next_box(prev.mask if t <= 0.5 else new.mask, rules.margin_px, state.xy_limit)
+            sm = dec.decode(j, Prompt(box=box), embedding=dec.blended(at, k, t))
+            if state.xy_limit is not None:
+                sm.mask &= box_mask(dec.hw, state.xy_limit)
+            out.kept[j] = sm
+        return
+    p = prev
+    for j in between:
+        sm, _, check = _visit(dec, state, ws, guard, out, p, j, rules)
+        if check is not None and check.failing:
+            out.unsure.append(Unsure(j, check.failing))
+        out.kept[j] = sm
+        ws.keep(dec.stack[j], sm)
+        p = sm
 
 
 def _shown(state: OrganState, start: int, first: SliceMask, part: bool, hw) -> np.ndarray:
@@ -187,13 +267,13 @@ def _shown(state: OrganState, start: int, first: SliceMask, part: bool, hw) -> n
     return first.mask | (((xx - (x0 + x1) / 2) / rx) ** 2 + ((yy - (y0 + y1) / 2) / ry) ** 2 <= 1)
 
 
-def _guarded(guard: Guard, prev: SliceMask, new: SliceMask) -> tuple[SliceMask, str | None]:
+def _guarded(guard: Guard, prev: SliceMask, new: SliceMask, steps: int = 1) -> tuple[SliceMask, str | None]:
     """(mask, why the guard refused it or None): `new` where the guard admits it, else `new` cut to what the
-    organ may have grown into since `prev` (`sambtcv.guard`)."""
-    verdict = guard.check(prev.mask, new.mask)
+    organ may have grown into since `prev`, `steps` slices back (`sambtcv.guard`)."""
+    verdict = guard.check(prev.mask, new.mask, steps)
     if verdict.ok:
         return new, None
-    mask = guard.clip(prev.mask, new.mask)
+    mask = guard.clip(prev.mask, new.mask, steps)
     logits = np.where(mask, new.logits, np.minimum(new.logits, -1.0)).astype(np.float32)
     return SliceMask(mask, logits, new.iou, None), verdict.reason
 

@@ -24,3 +24,16 @@ def test_a_childs_peak_memory_is_its_own(tmp_path):
     script.write_text("x = bytearray(50 * 2**20)\n")  # the child itself needs about 60 MiB
     got = bench.run_script(str(script), [], tmp_path / "log.txt")
     assert ballast.sum() > 0 and 50 <= got["peak_rss_mib"] < 300, got
+
+
+def test_the_stride_section_refuses_a_stride_of_nothing_before_any_work(tmp_path):
+    """--sections stride compares a stride with every slice: a stride of 0 is refused before the phantom is built."""
+    import pytest
+
+    import bench
+    from sambtcv.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="--stride-mm"):
+        bench.main(["--sections", "stride", "--stride-mm", "0", "--work-dir", str(tmp_path / "work"),
+                    "--results-dir", str(tmp_path / "res")])
+    assert not (tmp_path / "work").exists() and not (tmp_path / "res").exists()

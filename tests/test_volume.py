@@ -271,7 +271,7 @@ def test_a_3d_box_bounds_the_first_mask_too():
     mask = np.zeros((20, 20), bool)
     mask[2:12, 2:12] = True  # spills out of the box on two sides
     dec = _FixedDecoder(mask)
-    out = propagate(dec, 1, 1, dec.decode(1, None), "vanish", 0, Geometry(), (0, 2), limit)
+    out = propagate(dec, 1, 1, dec.decode(1, None), "vanish", 0, Geometry(), (0, 2), limit, stride_mm=0)
     assert set(out.slices) == {0, 1, 2}
     assert all((sm.mask & ~box_mask(mask.shape, limit)).sum() == 0 and sm.area == 16 for sm in out.slices.values())
     mostly_out = np.zeros((20, 20), bool)
@@ -279,7 +279,7 @@ def test_a_3d_box_bounds_the_first_mask_too():
     mostly_out[8, 8:10] = True  # 2 pixels inside it
     assert (mostly_out & box_mask(mask.shape, limit)).sum() < MIN_AREA <= mostly_out.sum()
     dec = _FixedDecoder(mostly_out)
-    assert propagate(dec, 1, 1, dec.decode(1, None), "vanish", 0, Geometry(), (0, 2), limit).slices == {}
+    assert propagate(dec, 1, 1, dec.decode(1, None), "vanish", 0, Geometry(), (0, 2), limit, stride_mm=0).slices == {}
 
 
 def test_3d_cache_locks_one_volume_not_the_whole_folder(litemedsam, tmp_path):
@@ -329,14 +329,15 @@ def test_a_walk_says_where_and_why_it_stopped_and_where_it_was_unsure():
     dec = _ScriptedDecoder(masks)
     dec.stack[7][_square(6, 14)] = 20  # slice 7: the mask lies on dark tissue, the organ has ended
     masks[7] = _square(6, 14)
-    out = propagate(dec, 6, 3, dec.decode(3, None), "intensity", 1, Geometry(), guard=False)
+    out = propagate(dec, 6, 3, dec.decode(3, None), "intensity", 1, Geometry(), guard=False, stride_mm=0)
     report = walk_report(out, len(dec.stack))
     assert report["slices"] == [2, 6]
     assert {(s["direction"], s["slice"], s["reason"]) for s in report["stops"]} == {
         ("superior", 6, "intensity"), ("inferior", 2, "vanished")}
     assert [u["slice"] for u in report["unsure"]] == [5, 6]  # jumps to 4x the area and back
     assert all("area" in u["signals"] for u in report["unsure"])
-    guarded = walk_report(propagate(dec, 6, 3, dec.decode(3, None), "intensity", 1, Geometry()), len(dec.stack))
+    guarded = walk_report(propagate(dec, 6, 3, dec.decode(3, None), "intensity", 1, Geometry(), stride_mm=0),
+                          len(dec.stack))
     assert [(u["slice"], u["signals"]) for u in guarded["unsure"]] == [(5, ["outgrown"])]  # cut, so 6 is no jump
-    edge = walk_report(propagate(dec, 6, 3, dec.decode(3, None), "vanish", 1, Geometry()), len(dec.stack))
+    edge = walk_report(propagate(dec, 6, 3, dec.decode(3, None), "vanish", 1, Geometry(), stride_mm=0), len(dec.stack))
     assert {(s["slice"], s["reason"], s["at_volume_edge"]) for s in edge["stops"]} >= {(7, "edge", True)}

@@ -78,7 +78,7 @@ def test_a_leaking_walk_stays_the_organs_size_with_the_guard(guard):
     first = np.zeros(dec.hw, bool)
     first[40:50, 40:50] = True
     state = OrganState(1, {6: SliceMask(first, np.where(first, 2.0, -2.0).astype(np.float32), 0.9)}, z_range=(0, 11))
-    rules = WalkRules("intensity", 6.0, Geometry(1.0, 1.0), guard)
+    rules = WalkRules("intensity", 6.0, Geometry(1.0, 1.0), guard, stride_mm=0.0)
     done = walk(dec, state, 6, rules)
     areas = [done.slices[k].area for k in range(12)]
     if guard:
@@ -126,7 +126,7 @@ def _two_structures(n: int = 10, side: int = 64):
 
 
 def _editor(world: _World) -> Editor:
-    return Editor(world, EditRules(WalkRules("intensity", 2.0, Geometry(1.0, 1.0))), world)
+    return Editor(world, EditRules(WalkRules("intensity", 2.0, Geometry(1.0, 1.0), stride_mm=0.0)), world)
 
 
 def _state(world, masks: dict, anchor: int, unsure=()):
@@ -159,10 +159,10 @@ def test_a_minus_click_on_a_doubted_wrong_part_removes_its_slab(doubted):
 def test_a_plus_click_apart_from_the_mask_adds_a_part_walked_through_its_slab():
     """The organ has two parts on slices 3-8 (structure 2 counts as the organ there too), and the walk holds
     only the first. A + click on the missed part of slice 5 adds it there and walks it both ways, added to the
-    slices' masks, which keep what they had."""
+    slices' masks, which keep what they had. A region larger than the organ's largest section is no part of it."""
     regions = _two_structures()
-    regions[:3, 20:40, 36:56] = 0
-    regions[9:, 20:40, 36:56] = 0
+    regions[regions == 2] = 0
+    regions[3:9, 22:34, 40:52] = 2  # smaller than the organ's sections: a part of it, not another organ
     world = _World(regions)
     masks = {k: regions[k] == 1 for k in range(10)}
     state = _state(world, masks, anchor=2)
@@ -171,6 +171,11 @@ def test_a_plus_click_apart_from_the_mask_adds_a_part_walked_through_its_slab():
         assert np.array_equal(new.slices[k].mask & (regions[k] == 1), regions[k] == 1)
         assert (new.slices[k].mask & (regions[k] == 2)).sum() == (regions[k] == 2).sum(), k
     assert 5 in new.anchors and new.anchors[5].points == ((46.0, 30.0),)
+    regions[3:9, 22:34, 40:52] = 0
+    regions[3:9, 16:40, 36:56] = 2  # now larger than any section of the organ: the click edits near itself
+    world = _World(regions)
+    new = _editor(world).correct(_state(world, masks, anchor=2), 5, 46.0, 30.0, True)
+    assert all((new.slices[k].mask & (regions[k] == 2)).sum() < 0.25 * (regions[k] == 2).sum() for k in range(3, 9))
 
 
 def test_without_repair_a_click_only_edits_near_itself():
@@ -178,7 +183,7 @@ def test_without_repair_a_click_only_edits_near_itself():
     world = _World(regions)
     masks = {k: regions[k] == 1 for k in range(10)}
     ed = _editor(world)
-    ed.rules = EditRules(WalkRules("intensity", 2.0, Geometry(1.0, 1.0)), repair=False)
+    ed.rules = EditRules(WalkRules("intensity", 2.0, Geometry(1.0, 1.0), stride_mm=0.0), repair=False)
     new = ed.correct(_state(world, masks, anchor=2), 5, 46.0, 30.0, True)
     assert all(0 < (new.slices[k].mask & (regions[k] == 2)).sum() < 0.25 * (regions[k] == 2).sum() for k in (4, 5, 6))
 
@@ -242,3 +247,91 @@ def test_the_resample_tool_refuses_bad_input_before_any_work(tmp_path, capsys, a
     line = fails(capsys, resample_case.main, args)
     assert needle in line
     assert (foreign / "mine.txt").exists() and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- stride
+class _Counting(_World):
+    """`_World` that counts the slices it decodes on their own embedding (an encoder pass each, once) and those it
+    decodes on a mixed one (`blended`)."""
+
+    def __init__(self, regions):
+        super().__init__(regions)
+        self.encoded, self.blended_slices = set(), []
+
+    def blended(self, a, b, t):
+        self.encoded.update((a, b))
+        return ("mixed", a, b, t)
+
+    def decode(self, k, prompt, mask_input=None, embedding=None):
+        if embedding is None:
+            self.encoded.add(k)
+        else:
+            self.blended_slices.append(k)
+        return super().decode(k, prompt, mask_input)
+
+
+def _walked(regions, stride_mm, slice_mm=1.0, given=None, ranged=True):
+    """The organ (structure 1) walked both ways from the middle slice, which holds `given` (default: a box),
+    inside a 3D box's z range (the whole stack) when `ranged`."""
+    world = _Counting(regions)
+    k = len(regions) // 2
+    first = world._mask(k, 1)
+    state = OrganState(1, {k: first}, {k: given or SlicePrompt(box=(0.0, 0.0, 47.0, 47.0))},
+                       z_range=(0, len(regions) - 1) if ranged else None)
+    done = walk(world, state, k, WalkRules("vanish", 2.0, Geometry(1.0, slice_mm), True, stride_mm))
+    return world, done
+
+
+def test_a_stride_encodes_a_slice_every_few_mm_and_fills_the_rest_alike():
+    """On 1 mm slices with a 3 mm stride the walk encodes about a third of the organ's slices; the slices between
+    (their neighbours agree) are decoded on mixed embeddings, and every mask is the every-slice walk's."""
+    regions = np.zeros((31, 48, 48), np.int16)
+    regions[3:28, 14:30, 12:32] = 1
+    every, a = _walked(regions, 0.0)
+    strided, b = _walked(regions, 3.0)
+    assert set(a.slices) == set(b.slices) == set(range(3, 28))
+    assert all(np.array_equal(a.slices[k].mask, b.slices[k].mask) for k in a.slices)
+    assert len(strided.encoded) <= len(every.encoded) / 2 and strided.blended_slices
+    assert {s.reason for s in b.stops} == {"vanished"} and {s.k for s in b.stops} == {3, 27}
+
+
+def test_where_neighbours_disagree_the_slices_between_are_encoded():
+    """An organ that changes place between slices: no slice is filled from mixed embeddings there."""
+    regions = np.zeros((21, 48, 48), np.int16)
+    for k in range(2, 19):
+        x0 = 8 + 2 * k  # moves 2 px a slice: masks 3 slices apart overlap little
+        regions[k, 20:28, x0:x0 + 8] = 1
+    strided, b = _walked(regions, 3.0)
+    assert not strided.blended_slices
+    every, a = _walked(regions, 0.0)
+    assert set(a.slices) == set(b.slices) and all(np.array_equal(a.slices[k].mask, b.slices[k].mask) for k in a.slices)
+
+
+def test_thick_slices_and_walks_a_click_starts_go_slice_by_slice():
+    regions = np.zeros((11, 48, 48), np.int16)
+    regions[1:10, 14:30, 12:32] = 1
+    strided, _ = _walked(regions, 3.0, slice_mm=5.0)
+    assert not strided.blended_slices
+    clicked, _ = _walked(regions, 3.0, given=SlicePrompt().with_point(20.0, 20.0, True))
+    assert not clicked.blended_slices
+
+
+def test_a_walk_without_a_z_range_goes_slice_by_slice():
+    """A 2D box's walk finds the organ's end by itself: it encodes every slice it visits."""
+    regions = np.zeros((31, 48, 48), np.int16)
+    regions[3:28, 14:30, 12:32] = 1
+    unranged, b = _walked(regions, 3.0, ranged=False)
+    assert not unranged.blended_slices and unranged.encoded == set(range(2, 29)) - {15}  # 15: the given slice
+    assert set(b.slices) == set(range(3, 28))
+
+
+def test_towards_a_pole_the_walk_encodes_every_slice():
+    """Where the organ's section falls under STRIDE_SHARE of the largest it has shown, the walk strides no more:
+    every slice from there on is encoded, not filled (a pole changes fast)."""
+    regions = np.zeros((31, 48, 48), np.int16)
+    regions[3:21, 14:30, 12:32] = 1  # 320 px
+    regions[21:28, 18:26, 18:26] = 1  # 64 px: a fifth of it
+    strided, b = _walked(regions, 3.0)
+    assert set(b.slices) == set(range(3, 28))
+    assert set(range(22, 28)) <= strided.encoded and not set(range(22, 28)) & set(strided.blended_slices)
+    assert strided.blended_slices  # the organ's body still strides
