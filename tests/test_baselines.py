@@ -26,6 +26,7 @@ def smoke_run(tiny_slices, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_all_four_models_train_and_fill_table3(smoke_run, tiny_slices):
     res = json.loads((smoke_run / "baselines.json").read_text())
     assert list(res["models"]) == ["U-Net", "ResU-Net", "DeepLabV3", "SwinUNETR"]
@@ -57,6 +58,7 @@ def test_all_four_models_train_and_fill_table3(smoke_run, tiny_slices):
     assert "| DeepLabV3 |" in (smoke_run / "baselines.md").read_text()
 
 
+@pytest.mark.slow
 def test_one_model_again_keeps_the_other_rows_and_scores_other_slices(smoke_run, tiny_slices, tmp_path):
     out = tmp_path / "r"
     out.mkdir()

@@ -1,8 +1,11 @@
 """bench.py compares like with like: its naive SamPredictor loop keeps, for a point, the mask the pipeline
 keeps, so the zero-shot Dice of the two agree (the speed-up is then of the same computation)."""
+import pytest
+
 from conftest import slices_copy
 
 
+@pytest.mark.slow
 def test_naive_loop_and_pipeline_keep_the_same_point_mask(mobilesam, tiny_slices, tmp_path):
     import bench
 

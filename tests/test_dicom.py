@@ -64,6 +64,7 @@ def test_rescale_is_applied(phantom, tmp_path):
     assert np.abs(got - volume).max() <= 1  # stored (HU + 2000) / 2, read back as HU
 
 
+@pytest.mark.slow
 def test_segment_volume_takes_a_series_and_writes_a_seg(phantom, tmp_path, capsys):
     """--image FOLDER (and a .zip of it), --out seg.dcm: the SEG's masks are the NIfTI label map's; a
     series without FrameOfReferenceUID gets one in the SEG and the run says so."""

@@ -4,8 +4,11 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from conftest import run_script, slices_copy
+
+pytestmark = pytest.mark.slow  # whole pages, trained checkpoints or several processes
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same arithmetic in every process, so that results can be equal
 

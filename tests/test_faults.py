@@ -238,6 +238,7 @@ def killed_fit(out_dir: Path, kill_at: int, after: bool) -> None:
     assert proc.exitcode == -signal.SIGKILL, f"write {kill_at} was never reached (exit {proc.exitcode})"
 
 
+@pytest.mark.slow
 def test_kill_at_every_write_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     writes = []
     real_replace = os.replace
@@ -630,6 +631,9 @@ def test_truncated_nifti_gives_one_line(raw_copy, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- 9. modes and flags
+
+
+@pytest.mark.slow
 def test_outputs_get_the_users_umask(tmp_path):
     old = os.umask(0o022)
     try:

@@ -113,6 +113,7 @@ def _editor(decoders, case) -> Editor:
     return Editor(decoders[0], EditRules(WalkRules("intensity", 9.0 / case.pixel_mm, case.geometry)), decoders[1])
 
 
+@pytest.mark.slow
 def test_clicks_do_not_lower_the_dice_on_average(decoders, val_case):
     """The protocol on the phantom: a box, then 5 clicks; the mean DSC over organs never falls by more
     than 0.01 from one step to the next (the acceptance's bound), and ends above where the box left it."""
@@ -251,6 +252,9 @@ def test_a_plus_click_beyond_the_end_joins_the_organ_without_replacing_it(decode
 
 
 # ---------------------------------------------------------------------------------------------- predictor
+
+
+@pytest.mark.slow
 def test_predictor_steps_in_new_processes_equal_one_session(decoders, val_case, tmp_path):
     """predict_segfm.py called once per step (a new process each, as the challenge runs it) gives what the
     in-process protocol gives; a broken file beside it gets one line and no output, the good one is written,

@@ -15,6 +15,8 @@ from sambtcv.files import load_checkpoint
 from sambtcv.training import mask_losses
 from utils import ORGANS, PROMPT_TYPES, SliceSet
 
+pytestmark = pytest.mark.slow  # whole pages, trained checkpoints or several processes
+
 TINY_TRAIN = ["--epochs", "2", "--samples-per-epoch", "16", "--batch-size", "8", "--val-samples", "8"]
 
 

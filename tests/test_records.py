@@ -16,6 +16,7 @@ from sambtcv.errors import PipelineError
 SMALL = ["--samples-per-epoch", "4", "--batch-size", "4", "--val-samples", "4", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_partial_finetune_rerun_rows_state_their_own_settings(tiny_slices, tmp_path):
     """Two prompts trained for 1 epoch, then one of them again for 2 epochs at another lr: Table 2 shows
     both rows, each with its own epochs and lr and its own run, and no footer claims one setting for all."""

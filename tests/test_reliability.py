@@ -58,6 +58,7 @@ def _start_report(tmp_path: Path, name: str):
     raise AssertionError(proc.stderr.read()[-2000:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_report_leaves_no_stage_writing(tmp_path, sig):
     proc, results = _start_report(tmp_path, f"r{int(sig)}")

@@ -4,6 +4,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 
 from conftest import real_data, run_script
@@ -11,6 +12,7 @@ from sambtcv.data import find_cases
 from sambtcv.names import organ_name
 
 
+@pytest.mark.slow
 def test_report_on_real_ct_with_vit_b(tmp_path):
     root = real_data("real_ct_aorta")
     img = nib.load(str(root / "RawData/Training/img/img0101.nii.gz"))
@@ -51,6 +53,7 @@ def test_report_on_real_ct_with_vit_b(tmp_path):
     assert "left out of this run (`--skip 3d`)" in report and "left out of this run (`--skip baselines`)" in report
 
 
+@pytest.mark.slow
 def test_smoke_report_on_the_embedded_default(tmp_path):
     """`run_report.py` on the phantom and the default models, as a clean clone runs it (no ../shared), on a
     CPU without native bf16 (oneDNN capped at AVX2, as an AVX2-only CPU has it): every stage runs in fp32

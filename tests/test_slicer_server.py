@@ -68,6 +68,7 @@ def _session(base, **kw):
     return remote.nnInteractiveRemoteInferenceSession(base, api_key=KEY, **kw)
 
 
+@pytest.mark.slow
 def test_the_unmodified_client_segments_corrects_and_undoes(engine, ct):
     """Slicer's sequence through the real client: a box on the spleen's slice is walked through the CT (the buffer
     holds the spleen, Dice >= 0.8); a - point, a lasso, a scribble and a box on another plane change it, each

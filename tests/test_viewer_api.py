@@ -454,6 +454,7 @@ def test_default_ct_is_the_phantoms_validation_volume(tmp_path, monkeypatch):
     assert viewer.default_ct() == (image, label)  # written once
 
 
+@pytest.mark.slow
 def test_measure_speed_for_bench(litemedsam, mobilesam, ct, tmp_path):
     """bench.py's numbers come from one call: prompt and click times and a cold walk's passes per visited
     slice."""

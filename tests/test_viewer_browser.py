@@ -30,6 +30,7 @@ SCREENSHOT = ROOT / "results" / "figures" / "viewer.png"
 SPLEEN = ORGAN_ID["spleen"]
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no {CHROMIUM} (Debian's chromium; .ci/run installs it)"),
     pytest.mark.skipif(not (ROOT / "web" / NIIVUE).is_file(),
                        reason="web/node_modules is absent (./run.sh installs NiiVue with npm ci)"),

@@ -117,6 +117,7 @@ def evaluated(raw_phantom, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_evaluation_outputs_and_cache(evaluated, raw_phantom):
     res = json.loads((evaluated / "r1" / "volume_3d.json").read_text())
     case, image, label = _case_files(raw_phantom)
