@@ -170,12 +170,9 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
         if old is not None and old.area and iou_score(new.mask, old.mask) >= CONVERGED_IOU:
             reason = "converged"
             break
-        if check is not None and check.failing:
-            out.unsure.append(Unsure(k, check.failing))
         if abs(k - at) > 1:
             _fill(dec, state, ws, guard, out, prev, at, new, k, rules)
-        out.kept[k] = new
-        ws.keep(dec.stack[k], new)
+        _keep(dec, ws, out, k, new, check)
         prev, at, largest = new, k, max(largest, new.area)
         if new.area < STRIDE_SHARE * largest:  # towards a pole sections change fast: every slice from here
             stride = 1
@@ -247,12 +244,17 @@ def _fill(dec: VolumeDecoder, state: OrganState, ws: WalkState, guard, out: _Dir
         return
     p = prev
     for j in between:
-        sm, _, check = _visit(dec, state, ws, guard, out, p, j, rules)
-        if check is not None and check.failing:
-            out.unsure.append(Unsure(j, check.failing))
-        out.kept[j] = sm
-        ws.keep(dec.stack[j], sm)
-        p = sm
+        p, _, check = _visit(dec, state, ws, guard, out, p, j, rules)
+        _keep(dec, ws, out, j, p, check)
+
+
+def _keep(dec: VolumeDecoder, ws: WalkState, out: _Direction, k: int, sm: SliceMask, check) -> None:
+    """Slice k's mask kept by the walk: listed as unsure where its signals fail, and the walk's history of what
+    the organ looks like updated."""
+    if check is not None and check.failing:
+        out.unsure.append(Unsure(k, check.failing))
+    out.kept[k] = sm
+    ws.keep(dec.stack[k], sm)
 
 
 def _shown(state: OrganState, start: int, first: SliceMask, part: bool, hw) -> np.ndarray:

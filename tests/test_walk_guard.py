@@ -335,3 +335,17 @@ def test_towards_a_pole_the_walk_encodes_every_slice():
     assert set(b.slices) == set(range(3, 28))
     assert set(range(22, 28)) <= strided.encoded and not set(range(22, 28)) & set(strided.blended_slices)
     assert strided.blended_slices  # the organ's body still strides
+
+
+def test_a_parts_walk_ends_where_the_guard_refuses_its_mask():
+    """A + click's part is followed only while it keeps its track: where the structure under it swells past what
+    the part showed (slices 7-9), its walk ends instead of adding a cut-down piece of that structure."""
+    regions = _two_structures()
+    regions[regions == 2] = 0
+    regions[2:7, 22:34, 40:52] = 2  # the part the click points at (smaller than the organ's sections)
+    regions[7:, 16:40, 36:56] = 2  # above it, something three times its size
+    world = _World(regions)
+    masks = {k: regions[k] == 1 for k in range(10)}
+    new = _editor(world).correct(_state(world, masks, anchor=0), 4, 46.0, 30.0, True)
+    assert all((new.slices[k].mask & (regions[k] == 2)).sum() == (regions[k] == 2).sum() for k in range(2, 7))
+    assert all(not (new.slices[k].mask & (regions[k] == 2)).any() for k in range(7, 10))
