@@ -7,11 +7,11 @@
     python baselines.py --slices data/slices --results-dir results --model unet --resume --eval-slices data/real_slices
 
 Each model is a 14-class 2D segmenter (background + the 13 BTCV organs, no prompt) built by a maintained
-library (`sambtcv.baseline_nets`: MONAI ``UNet`` for U-Net and ResU-Net, torchvision's
+library (`sambtcv.study.baseline_nets`: MONAI ``UNet`` for U-Net and ResU-Net, torchvision's
 ``deeplabv3_resnet50`` with random weights, MONAI ``SwinUNETR(spatial_dims=2)``). Every model trains from
 scratch on the training split of SLICES (augmented copies that preprocess.py wrote are training slices
 like the others): each slice resized to a square INPUT_SIZE, intensities uint8 / 255, MONAI's
-``DiceCELoss``, AdamW, seeded order, with the project's one training loop (`sambtcv.training.fit`: epoch
+``DiceCELoss``, AdamW, seeded order, with the project's one training loop (`sambtcv.study.training.fit`: epoch
 0 = the starting weights, best/last checkpoints in RESULTS_DIR/baselines/<model>/ with epochs.csv, exact
 ``--resume``, a NaN loss stops the run). The best epoch is chosen by validation mDice on the validation
 split, which is also where the table's numbers come from (the report's train/validation-only design), so
@@ -35,8 +35,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from sambtcv import config, precision, records, tables
-from sambtcv.baseline_nets import (
+from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
+from sambtcv.core import config
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import Results, fixed, markdown_table
+from sambtcv.data.slices import SliceSet
+from sambtcv.models import precision
+from sambtcv.study import records, tables
+from sambtcv.study.baseline_nets import (
     BASELINES,
     SIZE_MULTIPLE,
     Settings,
@@ -50,11 +56,7 @@ from sambtcv.baseline_nets import (
     score,
     train_model,
 )
-from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
-from sambtcv.errors import PipelineError
-from sambtcv.files import Results, fixed, markdown_table
-from sambtcv.slices import SliceSet
-from sambtcv.training import check_some_to_resume, precheck_resume
+from sambtcv.study.training import check_some_to_resume, precheck_resume
 
 # ---------------------------------------------------------------------------------------------- config
 SLICES = config.SLICES  # output of preprocess.py: models train on its train split and are scored on its val split
@@ -111,7 +113,7 @@ class Inputs:
 
 def check_inputs(cfg, device) -> Inputs:
     """Every user error of the command line, as one line, before the results folder is touched. A model's
-    DTYPE "auto" becomes the precision `device` computes natively (`sambtcv.precision`)."""
+    DTYPE "auto" becomes the precision `device` computes natively (`sambtcv.models.precision`)."""
     with flag("--model"):
         keys = model_keys(cfg["model"])
     settings = {k: resolve_settings(cfg, k) for k in keys}

@@ -22,19 +22,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sambtcv import config, records
-from sambtcv.backbones import load_backbone
-from sambtcv.classifier import build_classifier
 from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
-from sambtcv.decoder import decode_batch
-from sambtcv.device import autocast
-from sambtcv.distributed import init_distributed
-from sambtcv.errors import PipelineError
-from sambtcv.evaluation import EVAL_EPOCH, PromptDataset
-from sambtcv.files import Results, load_checkpoint
-from sambtcv.names import NUM_ORGANS, check_choice, one_prompt_type
-from sambtcv.tables import slices_of
-from sambtcv.training import check_some_to_resume, fit, precheck_resume, run_batches, setup_training
+from sambtcv.core import config
+from sambtcv.core.device import autocast
+from sambtcv.core.distributed import init_distributed
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import Results, load_checkpoint
+from sambtcv.core.names import NUM_ORGANS, check_choice, one_prompt_type
+from sambtcv.models.backbones import load_backbone
+from sambtcv.models.classifier import build_classifier
+from sambtcv.models.decoder import decode_batch
+from sambtcv.study import records
+from sambtcv.study.evaluation import EVAL_EPOCH, PromptDataset
+from sambtcv.study.tables import slices_of
+from sambtcv.study.training import check_some_to_resume, fit, precheck_resume, run_batches, setup_training
 
 # ---------------------------------------------------------------------------------------------- config
 SLICES = config.SLICES  # output of preprocess.py

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from sambtcv import config, records, tables
-from sambtcv.backbones import load_backbone
-from sambtcv.classifier import load_classifier
 from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
-from sambtcv.decoder import load_decoder
-from sambtcv.embeddings import open_split
-from sambtcv.errors import PipelineError
-from sambtcv.evaluation import evaluate
-from sambtcv.files import Results, load_checkpoint, markdown_table, save_figure
-from sambtcv.metrics import DiceTable
-from sambtcv.names import ORGANS, SPLITS, check_choice, organ_name
+from sambtcv.core import config
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import Results, load_checkpoint, markdown_table, save_figure
+from sambtcv.core.metrics import DiceTable
+from sambtcv.core.names import ORGANS, SPLITS, check_choice, organ_name
+from sambtcv.models.backbones import load_backbone
+from sambtcv.models.classifier import load_classifier
+from sambtcv.models.decoder import load_decoder
+from sambtcv.models.embeddings import open_split
+from sambtcv.study import records, tables
+from sambtcv.study.evaluation import evaluate
 
 # ---------------------------------------------------------------------------------------------- config
 SLICES = config.SLICES  # output of preprocess.py

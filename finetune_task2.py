@@ -22,18 +22,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sambtcv import config, records, tables
-from sambtcv.backbones import load_backbone
 from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
-from sambtcv.decoder import POINT_MASK_RULES, PromptedDecoder, decode_batch
-from sambtcv.device import autocast
-from sambtcv.distributed import init_distributed
-from sambtcv.embeddings import SplitData
-from sambtcv.evaluation import EVAL_EPOCH, PromptDataset, evaluate, evaluation_settings
-from sambtcv.files import Results, load_checkpoint, markdown_table, save_figure
-from sambtcv.metrics import DiceTable, dice_score
-from sambtcv.names import POINT_PROMPTS, check_choice, prompt_types_arg
-from sambtcv.training import (
+from sambtcv.core import config
+from sambtcv.core.device import autocast
+from sambtcv.core.distributed import init_distributed
+from sambtcv.core.files import Results, load_checkpoint, markdown_table, save_figure
+from sambtcv.core.metrics import DiceTable, dice_score
+from sambtcv.core.names import POINT_PROMPTS, check_choice, prompt_types_arg
+from sambtcv.models.backbones import load_backbone
+from sambtcv.models.decoder import POINT_MASK_RULES, PromptedDecoder, decode_batch
+from sambtcv.models.embeddings import SplitData
+from sambtcv.study import records, tables
+from sambtcv.study.evaluation import EVAL_EPOCH, PromptDataset, evaluate, evaluation_settings
+from sambtcv.study.training import (
     LOSSES,
     check_some_to_resume,
     fit,

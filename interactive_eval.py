@@ -5,13 +5,13 @@ largest error (the protocol of the CVPR 2025 SEGFM3D challenge) -> interactive_3
     python interactive_eval.py --npz-dir CASES --results-dir results                   # challenge .npz files (with gts)
     python interactive_eval.py --data-dir RAW --model mobilesam --point-model ""       # one model for all
 
-Per case, through the engine the viewer and predict_segfm.py use (`sambtcv.editor`): step 1 gives each
+Per case, through the engine the viewer and predict_segfm.py use (`sambtcv.engine.editor`): step 1 gives each
 organ the challenge's 3D box (z range and a jittered 2D box on its middle slice) and walks it; steps 2-6
 each add one click per organ at the centre of its largest 26-connected error component (+ where the
 prediction misses the organ, - where it claims it wrongly). After every step: DSC and NSD (2 mm, MONAI's
 surface Dice) per organ; then the AUCs over the click steps, the final values and the seconds per step
 and organ. The record holds every number and click; Table 5 is the view. Boxes and clicks follow the
-challenge's rules and seeds (`sambtcv.segfm`), so the same data give the same table.
+challenge's rules and seeds (`sambtcv.engine.segfm`), so the same data give the same table.
 """
 from __future__ import annotations
 
@@ -20,14 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from sambtcv import config, names, records, runtime, tables
 from sambtcv.cli import editor, flag, load_editor_models, parse_config, results_folder, run_main, split_cases, start_run
-from sambtcv.errors import PipelineError
-from sambtcv.files import Results
-from sambtcv.guard import Geometry
-from sambtcv.names import check_choice, organ_name
-from sambtcv.protocol import FIRST_STEPS, class_name, run_case
-from sambtcv.volume import load_case
+from sambtcv.core import config, names
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import Results
+from sambtcv.core.names import check_choice, organ_name
+from sambtcv.engine.guard import Geometry
+from sambtcv.engine.protocol import FIRST_STEPS, class_name, run_case
+from sambtcv.engine.volume import load_case
+from sambtcv.models import runtime
+from sambtcv.study import records, tables
 
 # ---------------------------------------------------------------------------------------------- config
 DATA_DIR = None  # a dataset in one of the contract's layouts (its SPLIT is measured)
@@ -42,12 +44,12 @@ FINETUNED = None  # a Task 2 checkpoint of MODEL whose decoder is used instead o
 CACHE_DIR = config.CACHE_DIR_3D  # image embeddings by (volume content, model, encoder dtype)
 STOP = config.STOP  # the walk's stop rule where no z range bounds it (propagation.STOP_RULES)
 MARGIN_MM = "auto"  # mm around the previous mask's box; auto: per model, for walks inside a 3D box
-CLICK = "local"  # how a click changes its slice: local | joint (sambtcv.editor.CLICK_RULES)
-AFTER_CLICK = "none"  # what a click does beyond its slice: none | walk (sambtcv.editor.AFTER_CLICK)
+CLICK = "local"  # how a click changes its slice: local | joint (sambtcv.engine.editor.CLICK_RULES)
+AFTER_CLICK = "none"  # what a click does beyond its slice: none | walk (sambtcv.engine.editor.AFTER_CLICK)
 MASK_INPUT = True  # a clicked slice's earlier low-res logits go back to SAM as its mask prompt
-CARRY = True  # a click also corrects the neighbouring slices that share its error (sambtcv.editor.Editor.carry)
-GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (sambtcv.editor.Editor._gate)
-GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.guard)
+CARRY = True  # a click also corrects the neighbouring slices that share its error (Editor.carry)
+GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (Editor._gate)
+GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.engine.guard)
 REPAIR = True  # a - click on a doubted wrong part removes its slab; a + click apart from the mask adds a part
 STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
 CLICKS = 5  # click steps after the box (the challenge: 5) (>= 0)
@@ -77,7 +79,7 @@ def dataset_cases(cfg, organs: list[int]):
 
 def npz_cases(folder: Path):
     """The same of each challenge .npz with gts in `folder` (classes are its gts' values)."""
-    from sambtcv import segfm
+    from sambtcv.engine import segfm
 
     files = sorted(folder.glob("*.npz"))
     if not files:

@@ -3,7 +3,7 @@
     python modified_classifier.py                      # MobileSAM's decoder: parts, parameters, a check
     python modified_classifier.py --model litemedsam --prompt bound_box
 
-The model itself lives in `sambtcv.classifier` (classify_train_task3.py and classify_val_task3.py use it
+The model itself lives in `sambtcv.models.classifier` (classify_train_task3.py and classify_val_task3.py use it
 from there): `ClassifyingMaskDecoder` extends `segment_anything`'s `MaskDecoder` with a learned class
 token, a two-way transformer for it (`class_transformer`, initialised as a copy of the decoder's own) and
 `class_prediction_head`, an MLP from the class token's output to 13 organ logits. The class token runs
@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import torch
 
-from sambtcv import config
-from sambtcv.backbones import load_backbone
-from sambtcv.classifier import (  # noqa: F401 (users import them from here)
+from sambtcv.cli import flag, parse_config, run_main, start_run
+from sambtcv.core import config
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import markdown_table
+from sambtcv.core.names import NUM_ORGANS, POINT_PROMPTS, one_prompt_type
+from sambtcv.models.backbones import load_backbone
+from sambtcv.models.classifier import (  # noqa: F401 (users import them from here)
     ClassifyingDecoder,
     ClassifyingMaskDecoder,
     build_classifier,
 )
-from sambtcv.cli import flag, parse_config, run_main, start_run
-from sambtcv.decoder import PromptedDecoder
-from sambtcv.errors import PipelineError
-from sambtcv.files import markdown_table
-from sambtcv.names import NUM_ORGANS, POINT_PROMPTS, one_prompt_type
+from sambtcv.models.decoder import PromptedDecoder
 
 # ---------------------------------------------------------------------------------------------- config
 MODEL = config.MODEL  # mobilesam | litemedsam | vit_b | vit_l | vit_h

@@ -10,13 +10,13 @@ z_mid and the 2D box on z_mid), ``clicks`` (one {"fg": [[z, y, x], ...], "bg": [
 class i + 1 for the i-th box / clicks entry.
 
 Each call is a new process, as the challenge starts a container per step. The engine is the viewer's
-(`sambtcv.editor`): each class's box is walked through its z range, then its clicks are applied in the
-order given (`sambtcv.protocol.predict`), so step n gives what one long session gives after n - 1
+(`sambtcv.engine.editor`): each class's box is walked through its z range, then its clicks are applied in the
+order given (`sambtcv.engine.protocol.predict`), so step n gives what one long session gives after n - 1
 clicks. Embeddings come from the content-keyed cache in CACHE_DIR, so after the first call only newly
-clicked slices are encoded, and each class's state after each step is saved there too (`sambtcv.states`),
+clicked slices are encoded, and each class's state after each step is saved there too (`sambtcv.engine.states`),
 so a step applies only the click it adds. The boxes and clicks of the challenge's files are pickled
 object arrays; they are read by an unpickler that admits only lists, dicts and numbers
-(`sambtcv.segfm.SafeUnpickler`). A file that cannot be used gets one line ``error: NAME: what is wrong``,
+(`sambtcv.engine.segfm.SafeUnpickler`). A file that cannot be used gets one line ``error: NAME: what is wrong``,
 no output, and the exit status is 2 once the other files are written.
 """
 from __future__ import annotations
@@ -26,13 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-from sambtcv import config
 from sambtcv.cli import editor, flag, load_editor_models, parse_config, run_main, start_run
-from sambtcv.errors import PipelineError
-from sambtcv.files import check_can_create
-from sambtcv.guard import Geometry
-from sambtcv.protocol import predict
-from sambtcv.states import StateStore
+from sambtcv.core import config
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import check_can_create
+from sambtcv.engine.guard import Geometry
+from sambtcv.engine.protocol import predict
+from sambtcv.engine.states import StateStore
 
 # ---------------------------------------------------------------------------------------------- config
 INPUTS = None  # folder of the challenge's .npz inputs
@@ -44,12 +44,12 @@ FINETUNED = None  # a Task 2 checkpoint of MODEL whose decoder is used instead o
 CACHE_DIR = config.CACHE_DIR_3D  # image embeddings (by content, model, dtype) and classes' states: kept between steps
 STOP = config.STOP  # the walk's stop rule where no box bounds it (a class given by clicks alone)
 MARGIN_MM = "auto"  # mm around the previous mask's box; auto: per model, for walks inside a 3D box
-CLICK = "local"  # how a click changes its slice: local | joint (sambtcv.editor.CLICK_RULES)
-AFTER_CLICK = "none"  # what a click does beyond its slice: none | walk (sambtcv.editor.AFTER_CLICK)
+CLICK = "local"  # how a click changes its slice: local | joint (sambtcv.engine.editor.CLICK_RULES)
+AFTER_CLICK = "none"  # what a click does beyond its slice: none | walk (sambtcv.engine.editor.AFTER_CLICK)
 MASK_INPUT = True  # a clicked slice's earlier low-res logits go back to SAM as its mask prompt
-CARRY = True  # a click also corrects the neighbouring slices that share its error (sambtcv.editor.Editor.carry)
-GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (sambtcv.editor.Editor._gate)
-GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.guard)
+CARRY = True  # a click also corrects the neighbouring slices that share its error (Editor.carry)
+GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (Editor._gate)
+GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.engine.guard)
 REPAIR = True  # a - click on a doubted wrong part removes its slab; a + click apart from the mask adds a part
 STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
@@ -58,7 +58,7 @@ DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder (fp32: LiteMe
 ENCODER_DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the image encoder
 RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the decoder (auto: openvino on a CPU)
 # -----------------------------------------------------------------------------------------------------
-STATES_FOLDER = "segfm_states"  # in CACHE_DIR: sambtcv.states
+STATES_FOLDER = "segfm_states"  # in CACHE_DIR: sambtcv.engine.states
 
 
 def check_folders(cfg) -> tuple[list[Path], Path]:
@@ -86,7 +86,7 @@ def check_folders(cfg) -> tuple[list[Path], Path]:
 def engine_settings(cfg, ed) -> str:
     """What a class's saved state depends on besides its volume, box and clicks: the models, the rules (as
     the editor holds them, margins in px) and the code."""
-    from sambtcv.records import code_version
+    from sambtcv.study.records import code_version
 
     keys = ("model", "point_model", "checkpoint", "finetuned", "dtype", "encoder_dtype", "runtime", "stop")
     return json.dumps({**{k: cfg[k] for k in keys}, "rules": repr(ed.rules), "code": code_version()["version"]},
@@ -95,7 +95,7 @@ def engine_settings(cfg, ed) -> str:
 
 def predict_file(path: Path, outputs: Path, models, cfg, device) -> None:
     """One challenge file -> its segs, written atomically; PipelineError for a file that cannot be used."""
-    from sambtcv import segfm
+    from sambtcv.engine import segfm
 
     case = segfm.read_case(path)
     t0 = time.perf_counter()

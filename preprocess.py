@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sambtcv import config
 from sambtcv.cli import flag, parse_config, run_main, start_run
-from sambtcv.data import check_out_dir, parse_window, phantom_shape, preprocess
-from sambtcv.errors import PipelineError
-from sambtcv.phantom import write_phantom
+from sambtcv.core import config
+from sambtcv.core.errors import PipelineError
+from sambtcv.data.btcv import check_out_dir, parse_window, phantom_shape, preprocess
+from sambtcv.data.phantom import write_phantom
 
 # ---------------------------------------------------------------------------------------------- config
 DATA_DIR = None  # raw data folder in one of the contract's layouts (required)

@@ -24,14 +24,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sambtcv import config, names, precision, records
-from sambtcv.backbones import check_model_name
 from sambtcv.cli import flag, parse_config, results_folder, run_main, start_run
-from sambtcv.errors import PipelineError
-from sambtcv.files import Results, read_json
-from sambtcv.report import write_report
-from sambtcv.slices import PREPROCESS_FILE
-from sambtcv.stages import Stages
+from sambtcv.core import config, names
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import Results, read_json
+from sambtcv.data.slices import PREPROCESS_FILE
+from sambtcv.models import precision
+from sambtcv.models.backbones import check_model_name
+from sambtcv.study import records
+from sambtcv.study.report import write_report
+from sambtcv.study.stages import Stages
 
 # ---------------------------------------------------------------------------------------------- config
 PROFILE = "quick"  # quick (minutes on a 2-core CPU) | full (the report's settings; for a GPU) | smoke (tests)

@@ -27,9 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sambtcv import config, names, records, tables
 from sambtcv.cli import (
-    Models,
     ct_input,
     flag,
     input_file,
@@ -43,15 +41,16 @@ from sambtcv.cli import (
     volume_decoder,
     walk_settings,
 )
-from sambtcv.data import parse_window
-from sambtcv.distributed import DistEnv, init_distributed
-from sambtcv.errors import PipelineError
-from sambtcv.files import Results, save_figure
-from sambtcv.metrics import dice_score
-from sambtcv.names import NUM_ORGANS, organ_name
-from sambtcv.prompts_file import read_prompts_file
-from sambtcv.propagation import merge
-from sambtcv.volume import (
+from sambtcv.core import config, names
+from sambtcv.core.distributed import DistEnv, init_distributed
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import Results, save_figure
+from sambtcv.core.metrics import dice_score
+from sambtcv.core.names import NUM_ORGANS, organ_name
+from sambtcv.data.btcv import parse_window
+from sambtcv.data.prompts_file import read_prompts_file
+from sambtcv.engine.propagation import merge
+from sambtcv.engine.volume import (
     Case,
     WalkSettings,
     case_prompt,
@@ -63,6 +62,8 @@ from sambtcv.volume import (
     walk_report,
     write_label_map,
 )
+from sambtcv.models.loading import Loaded
+from sambtcv.study import records, tables
 
 # ---------------------------------------------------------------------------------------------- config
 IMAGE = None  # a CT to segment: a .nii.gz / .nii file, or a DICOM series (a folder of its files, or a .zip)
@@ -80,7 +81,7 @@ FINETUNED = None  # a Task 2 checkpoint whose decoder is used instead of the pre
 CACHE_DIR = config.CACHE_DIR_3D  # image embeddings by (volume content, model, encoder dtype)
 STOP = config.STOP  # when the walk ends (propagation.STOP_RULES): intensity | continuity | vanish | iou | overlap | ...
 MARGIN_MM = "auto"  # mm added on each side of the previous box to prompt the next slice, >= 0; auto: per model
-GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.guard)
+GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.engine.guard)
 STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
 WINDOW_HU = config.WINDOW_HU  # HU window, as preprocess.py
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
@@ -125,7 +126,7 @@ def print_walks(walks: dict) -> None:
               flush=True)
 
 
-def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Results, models: Models,
+def evaluate_cases(cases, window, walk: WalkSettings, cfg, env: DistEnv, res: Results, models: Loaded,
                    organs: list[int]) -> list:
     """This process's share of the cases, evaluated for `organs` (where labelled); their label maps and
     figures written. Returns [(name, scores, walks, encoder passes, visited slices)] of this rank, in case

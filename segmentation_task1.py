@@ -22,17 +22,18 @@ import time
 
 import numpy as np
 
-from sambtcv import config, tables
 from sambtcv.cli import flag, load_models, parse_config, results_folder, run_main, start_run
-from sambtcv.decoder import POINT_MASK_RULES
-from sambtcv.distributed import DistEnv, init_distributed
-from sambtcv.embeddings import open_split
-from sambtcv.evaluation import evaluate, evaluation_settings
-from sambtcv.files import Results, load_checkpoint, markdown_table, save_figure
-from sambtcv.metrics import DiceTable
-from sambtcv.names import ORGANS, SPLITS, check_choice, prompt_types_arg
-from sambtcv.records import write_record
-from sambtcv.slices import SliceSet
+from sambtcv.core import config
+from sambtcv.core.distributed import DistEnv, init_distributed
+from sambtcv.core.files import Results, load_checkpoint, markdown_table, save_figure
+from sambtcv.core.metrics import DiceTable
+from sambtcv.core.names import ORGANS, SPLITS, check_choice, prompt_types_arg
+from sambtcv.data.slices import SliceSet
+from sambtcv.models.decoder import POINT_MASK_RULES
+from sambtcv.models.embeddings import open_split
+from sambtcv.study import tables
+from sambtcv.study.evaluation import evaluate, evaluation_settings
+from sambtcv.study.records import write_record
 
 # ---------------------------------------------------------------------------------------------- config
 SLICES = config.SLICES  # output of preprocess.py

@@ -8,7 +8,7 @@ SlicerNNInteractive extension (and `nninteractive-client` 2.x from Python) segme
 
 In Slicer: Extensions Manager -> SlicerNNInteractive; in its panel set the server URL
 (http://127.0.0.1:1527) and, with --api-key, the key. What each Slicer tool does here (a box, a point, a
-scribble, a lasso, an initial segmentation, undo) is `sambtcv.slicer`'s docstring and the README's "In 3D
+scribble, a lasso, an initial segmentation, undo) is `sambtcv.servers.slicer`'s docstring and the README's "In 3D
 Slicer". Every image sent is windowed as every page windows CT (WINDOW_HU) and encoded for walks before
 `set_image` answers (the 3D embedding cache under CACHE_DIR: the same CT again is ready at once).
 Everything is checked before the models load; a problem is one line ``error: ...`` and exit status 2.
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import sys
 
-from sambtcv import config
 from sambtcv.cli import flag, parse_config, run_main, start_run
-from sambtcv.errors import PipelineError
-from sambtcv.names import check_choice
-from sambtcv.runtime import RUNTIMES
-from sambtcv.server import LOOPBACK, check_port
+from sambtcv.core import config
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.names import check_choice
+from sambtcv.models.runtime import RUNTIMES
+from sambtcv.servers.http import LOOPBACK, check_port
 
 # ---------------------------------------------------------------------------------------------- config
 PORT = 1527  # the port served on (nnInteractive's own server's default) (>= 1)
@@ -47,9 +47,9 @@ RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the de
 
 def check(cfg) -> None:
     """Every flag, before any model is loaded."""
-    from sambtcv.backbones import check_model_name
-    from sambtcv.data import parse_window
-    from sambtcv.volume import stride_mm
+    from sambtcv.data.btcv import parse_window
+    from sambtcv.engine.volume import stride_mm
+    from sambtcv.models.backbones import check_model_name
 
     for name in ("model", "point_model"):
         if cfg[name] or name == "model":
@@ -73,8 +73,8 @@ def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
     check(cfg)
-    from sambtcv.interactive import load_engine
-    from sambtcv.slicer_app import SlicerSettings, create_slicer_app
+    from sambtcv.engine.interactive import load_engine
+    from sambtcv.servers.slicer_app import SlicerSettings, create_slicer_app
 
     engine = load_engine(cfg["model"], None, None, device, cfg["dtype"], cfg["encoder_dtype"], cfg["cache_dir"],
                          window=cfg["window_hu"], runtime=cfg["runtime"], point_model=cfg["point_model"],

@@ -6,7 +6,7 @@
 
 For every case of the split: the case is loaded and cut into slices as segment_volume.py does, the
 upper bound (a ground-truth box on every slice that holds the organ) is decoded once, and then each
-rule of RULES (sambtcv.propagation.STOP_RULES) walks from one tight box on the organ's largest slice.
+rule of RULES (sambtcv.engine.propagation.STOP_RULES) walks from one tight box on the organ's largest slice.
 Slices are encoded once for all rules (the 3D embedding cache). Each case is reported on its own, per
 organ (a mean hides a collapse), with the slices the walk kept while unsure and why it stopped.
 Writes one record (RESULTS_DIR/records/study_3d/) and study_3d.json / .md built from it. The data
@@ -20,13 +20,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sambtcv import config, names, records
 from sambtcv.cli import flag, load_models, parse_config, results_folder, run_main, start_run, volume_decoder
-from sambtcv.data import check_geometry, find_cases, parse_window
-from sambtcv.errors import PipelineError
-from sambtcv.files import Results, markdown_table, write_json, write_text
-from sambtcv.propagation import STOP_RULES, merge
-from sambtcv.volume import WalkSettings, evaluate_case, every_slice_boxes, load_case, margin_mm
+from sambtcv.core import config, names
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import Results, markdown_table, write_json, write_text
+from sambtcv.data.btcv import check_geometry, find_cases, parse_window
+from sambtcv.engine.propagation import STOP_RULES, merge
+from sambtcv.engine.volume import WalkSettings, evaluate_case, every_slice_boxes, load_case, margin_mm
+from sambtcv.study import records
 
 # ---------------------------------------------------------------------------------------------- config
 DATA_DIR = None  # a dataset in one of the contract's layouts; empty: a diseased phantom (SYNTHETIC_LESIONS)
@@ -55,8 +56,8 @@ RUNTIME = config.RUNTIME  # auto | torch | openvino: runs the encoder and the de
 def study_cases(cfg) -> list[tuple]:
     """(case, image, label) of the cases to study: the split of DATA_DIR, or a diseased phantom."""
     if not cfg["data_dir"]:
-        from sambtcv.data import phantom_shape
-        from sambtcv.phantom import write_phantom
+        from sambtcv.data.btcv import phantom_shape
+        from sambtcv.data.phantom import write_phantom
 
         with flag("--synthetic-shape"):
             shape = phantom_shape(cfg["synthetic_shape"])

@@ -3,8 +3,8 @@ prompts, the one Dice and IoU, the per-organ Dice table, and the slices that pre
 
     python utils.py --slices data/slices        # what a slices folder holds: splits, slices, organs, a Dice check
 
-The code lives in the package (`sambtcv.names`, `sambtcv.prompts`, `sambtcv.metrics`, `sambtcv.slices`);
-this page gathers it for users who write their own loops::
+The code lives in the package (`sambtcv.core.names`, `sambtcv.core.prompts`, `sambtcv.core.metrics`,
+`sambtcv.data.slices`); this page gathers it for users who write their own loops::
 
     from utils import SliceSet, make_prompt, prompt_rng, dice_score
     slices = SliceSet("data/slices", "val")
@@ -15,10 +15,10 @@ Conventions: a slice is an (H, W) uint8 image with an (H, W) uint8 label of BTCV
 """
 from __future__ import annotations
 
-from sambtcv import config
 from sambtcv.cli import parse_config, run_main
-from sambtcv.files import markdown_table
-from sambtcv.metrics import (  # noqa: F401
+from sambtcv.core import config
+from sambtcv.core.files import markdown_table
+from sambtcv.core.metrics import (  # noqa: F401
     DiceTable,
     dice_from_counts,
     dice_score,
@@ -27,7 +27,7 @@ from sambtcv.metrics import (  # noqa: F401
     overlap_counts,
     per_organ_markdown,
 )
-from sambtcv.names import (  # noqa: F401
+from sambtcv.core.names import (  # noqa: F401
     NUM_ORGANS,
     ORGAN_ID,
     ORGANS,
@@ -38,7 +38,7 @@ from sambtcv.names import (  # noqa: F401
     prompt_types_arg,
     report_order,
 )
-from sambtcv.prompts import (  # noqa: F401
+from sambtcv.core.prompts import (  # noqa: F401
     BOX_MARGIN,
     Prompt,
     bound_box,
@@ -50,7 +50,7 @@ from sambtcv.prompts import (  # noqa: F401
     prompt_rng,
     random_points,
 )
-from sambtcv.slices import MANIFEST_FILE, PREPROCESS_FILE, SliceSet, load_preprocess_params  # noqa: F401
+from sambtcv.data.slices import MANIFEST_FILE, PREPROCESS_FILE, SliceSet, load_preprocess_params  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------- config
 SLICES = config.SLICES  # a folder that preprocess.py wrote

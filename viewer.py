@@ -18,13 +18,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sambtcv import config
 from sambtcv.cli import flag, input_file, label_map_out, parse_config, run_main, start_run, walk_settings
-from sambtcv.data import find_cases
-from sambtcv.errors import PipelineError
-from sambtcv.names import check_choice
-from sambtcv.runtime import RUNTIMES
-from sambtcv.server import LOOPBACK, Settings, check_port, create_app
+from sambtcv.core import config
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.names import check_choice
+from sambtcv.data.btcv import find_cases
+from sambtcv.models.runtime import RUNTIMES
+from sambtcv.servers.http import LOOPBACK, check_port
+from sambtcv.servers.server import Settings, create_app
 
 # ---------------------------------------------------------------------------------------------- config
 IMAGE = None  # a CT (.nii.gz / .nii) to open; empty: the synthetic phantom's validation CT
@@ -56,7 +57,7 @@ PHANTOM = {"n": 4, "seed": 0, "shape": (160, 160, 32)}
 
 def default_ct() -> tuple[Path, Path]:
     """The phantom's validation CT and its label, written under data/ when absent."""
-    from sambtcv.phantom import MARKER, write_phantom
+    from sambtcv.data.phantom import MARKER, write_phantom
 
     if not (PHANTOM_DIR / MARKER).is_file():
         print(f"writing the synthetic phantom to {PHANTOM_DIR} (once) ...", flush=True)
@@ -83,8 +84,8 @@ def settings_of(cfg) -> Settings:
         image = input_file(cfg["image"], "--image")
         label = input_file(cfg["label"], "--label") if cfg["label"] else None
     out = label_map_out(cfg["out"], [image] + ([label] if label else [])) if cfg["out"] else None
-    from sambtcv.backbones import check_model_name
-    from sambtcv.editor import CLICK_RULES
+    from sambtcv.engine.editor import CLICK_RULES
+    from sambtcv.models.backbones import check_model_name
 
     with flag("--model"):
         check_model_name(cfg["model"])

@@ -11,7 +11,7 @@ A page's configurable constants live in one fenced block at its top::
 
 Every ``NAME = value  # comment`` line of that block (and only that block) becomes a flag ``--name``;
 the comment is the flag's ``--help`` text, and a bound written in it as ``(>= N)`` is checked before
-any work. Every page also takes ``--profile NAME`` (`sambtcv.config`): the profile's values replace the
+any work. Every page also takes ``--profile NAME`` (`sambtcv.core.config`): the profile's values replace the
 constants' defaults, and flags given on the command line win over both.
 """
 from __future__ import annotations
@@ -23,11 +23,10 @@ import math
 import re
 import sys
 import tokenize
-from dataclasses import dataclass
 from pathlib import Path
 
-from sambtcv import config
-from sambtcv.errors import PipelineError
+from sambtcv.core import config
+from sambtcv.core.errors import PipelineError
 
 CONFIG_OPEN = re.compile(r"^# -+ config\s*$")
 CONFIG_CLOSE = re.compile(r"^# -+\s*$")
@@ -58,7 +57,7 @@ def flag(name: str):
 
 @contextlib.contextmanager
 def holding(lock, flag_name: str):
-    """Hold a `sambtcv.files.FolderLock` for the block; a failure to take it is said of `flag_name` (the
+    """Hold a `sambtcv.core.files.FolderLock` for the block; a failure to take it is said of `flag_name` (the
     block's own errors are not)."""
     with flag(flag_name):
         if hasattr(lock, "acquire"):
@@ -68,9 +67,9 @@ def holding(lock, flag_name: str):
 
 
 def results_folder(root):
-    """The results folder's lock (`sambtcv.files.results_lock`) held for the block, errors said of
+    """The results folder's lock (`sambtcv.core.files.results_lock`) held for the block, errors said of
     --results-dir."""
-    from sambtcv.files import results_lock
+    from sambtcv.core.files import results_lock
 
     return holding(results_lock(root), "--results-dir")
 
@@ -201,17 +200,21 @@ def _str2bool(text: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- start-up
-def make_runtime(cfg, backbone, device):
-    """The page's RUNTIME for `backbone` (`sambtcv.runtime.make`), its errors said of --runtime."""
-    from sambtcv import runtime
+def about_flag(setting: str):
+    """`sambtcv.models.loading`'s `about`: a loading step's error said of the page's flag for `setting`."""
+    return flag("--" + setting.replace("_", "-"))
 
-    with flag("--runtime"):
-        return runtime.make(cfg["runtime"], backbone, device, cfg["encoder_dtype"], cfg.get("dtype", "fp32"))
+
+def make_runtime(cfg, backbone, device):
+    """The page's RUNTIME for `backbone` (`sambtcv.models.loading.runtime_for`), its errors said of --runtime."""
+    from sambtcv.models import loading
+
+    return loading.runtime_for(loading.ModelSettings.of(cfg), backbone, device, about_flag)
 
 
 def input_file(path, name: str) -> Path:
-    """An existing, readable input file given by the flag `name` (`sambtcv.files.check_input_file`)."""
-    from sambtcv import files
+    """An existing, readable input file given by the flag `name` (`sambtcv.core.files.check_input_file`)."""
+    from sambtcv.core import files
 
     with flag(name):
         return files.check_input_file(path)
@@ -219,7 +222,8 @@ def input_file(path, name: str) -> Path:
 
 def ct_input(path, name: str) -> Path:
     """A CT given by the flag `name`: a NIfTI file, or a DICOM series (a folder of its files, or a .zip)."""
-    from sambtcv import dicom, files
+    from sambtcv.core import files
+    from sambtcv.data import dicom
 
     with flag(name):
         p = Path(path)
@@ -235,17 +239,17 @@ def ct_input(path, name: str) -> Path:
 def label_map_out(out, inputs: list[Path]) -> Path:
     """--out: a new or replaceable .nii/.nii.gz file (or .dcm, a DICOM SEG, for a DICOM series) in a writable
     folder, never one of the inputs."""
-    from sambtcv.volume import check_label_map_path
+    from sambtcv.engine.volume import check_label_map_path
 
     with flag("--out"):
         return check_label_map_path(out, inputs)
 
 
 def walk_settings(cfg):
-    """STOP, MARGIN_MM (for MODEL), GUARD (default on) and STRIDE_MM as a `sambtcv.volume.WalkSettings`."""
-    from sambtcv.names import check_choice
-    from sambtcv.propagation import STOP_RULES
-    from sambtcv.volume import WalkSettings, margin_mm, stride_mm
+    """STOP, MARGIN_MM (for MODEL), GUARD (default on) and STRIDE_MM as a `sambtcv.engine.volume.WalkSettings`."""
+    from sambtcv.core.names import check_choice
+    from sambtcv.engine.propagation import STOP_RULES
+    from sambtcv.engine.volume import WalkSettings, margin_mm, stride_mm
 
     with flag("--stop"):
         check_choice(cfg["stop"], STOP_RULES, "stop rule")
@@ -256,74 +260,46 @@ def walk_settings(cfg):
                             stride)
 
 
-@dataclass
-class Models:
-    """The backbone of MODEL / CHECKPOINT, its decoder (FINETUNED's, else the pretrained one) wrapped by
-    the runtime, and the runtime (RUNTIME) that runs them."""
+def load_models(cfg, device):
+    """A page's models for inference (`sambtcv.models.loading.Loaded`: MODEL / CHECKPOINT's backbone, FINETUNED's
+    decoder, RUNTIME); a bad model, --finetuned or --runtime fails here, before any data is read."""
+    from sambtcv.models import loading
 
-    backbone: object
-    decoder: object
-    runtime: object
+    return loading.load_one(loading.ModelSettings.of(cfg), device, about_flag)
 
 
-def load_models(cfg, device) -> Models:
-    """A page's models for inference; a bad model, --finetuned or --runtime fails here, before any data
-    is read."""
-    from sambtcv.backbones import load_backbone
-    from sambtcv.decoder import load_decoder
-
-    backbone = load_backbone(cfg["model"], cfg["checkpoint"], device)
-    rt = make_runtime(cfg, backbone, device)
-    with flag("--finetuned"):
-        decoder = load_decoder(backbone, cfg["finetuned"]).to(device)
-    return Models(backbone, rt.decoder(decoder, "finetuned" if cfg["finetuned"] else "pretrained"), rt)
-
-
-def volume_decoder(case, models: Models, cfg, device):
-    """`sambtcv.propagation.VolumeDecoder` of a loaded CT (`sambtcv.volume.Case`) with the page's models,
+def volume_decoder(case, models, cfg, device):
+    """`sambtcv.engine.propagation.VolumeDecoder` of a loaded CT (`sambtcv.engine.volume.Case`) with the page's models,
     CACHE_DIR, DTYPE and ENCODER_DTYPE."""
     return stack_decoder(case.stack, models, cfg, device)
 
 
-def stack_decoder(stack, models: Models, cfg, device):
-    """`sambtcv.propagation.VolumeDecoder` of a (K, H, W) uint8 slice stack with the page's models,
+def stack_decoder(stack, models, cfg, device):
+    """`sambtcv.engine.propagation.VolumeDecoder` of a (K, H, W) uint8 slice stack with the page's models,
     CACHE_DIR, DTYPE and ENCODER_DTYPE."""
-    from sambtcv.propagation import VolumeDecoder
+    from sambtcv.engine.propagation import VolumeDecoder
 
     return VolumeDecoder(stack, models.backbone, models.decoder, cfg["cache_dir"], device, cfg["dtype"],
                          cfg["encoder_dtype"], models.runtime)
 
 
-@dataclass
-class EditorModels:
-    """MODEL's models (boxes and walks) and POINT_MODEL's (clicks; None when it is MODEL)."""
+def load_editor_models(cfg, device):
+    """MODEL and POINT_MODEL (empty: MODEL) for `editor` (`sambtcv.models.loading.Models`); a bad name fails here,
+    before any data is read."""
+    from sambtcv.models import loading
 
-    box: Models
-    point: Models | None
-
-
-def load_editor_models(cfg, device) -> EditorModels:
-    """MODEL and POINT_MODEL (empty: MODEL) for `editor`; a bad name fails here, before any data is read."""
-    from sambtcv.backbones import check_model_name
-
-    box = load_models(cfg, device)
-    name = cfg.get("point_model") or cfg["model"]
-    with flag("--point-model"):
-        check_model_name(name)
-    if name == cfg["model"]:
-        return EditorModels(box, None)
-    return EditorModels(box, load_models({**cfg, "model": name, "checkpoint": None, "finetuned": None}, device))
+    return loading.load(loading.ModelSettings.of(cfg), device, about_flag)
 
 
 def edit_rules(cfg, geo, in_range: bool):
     """STOP, MARGIN_MM (for MODEL; `in_range`: walks inside a 3D box's slices), MASK_INPUT, CLICK,
-    AFTER_CLICK, CARRY, GATE, GUARD and REPAIR (default on) as `sambtcv.editor.EditRules` for a CT of voxel size `geo`
-    (`sambtcv.guard.Geometry`)."""
-    from sambtcv.editor import AFTER_CLICK, CLICK_RULES, EditRules
-    from sambtcv.names import check_choice
-    from sambtcv.propagation import STOP_RULES
-    from sambtcv.volume import margin_mm, stride_mm
-    from sambtcv.walks import WalkRules
+    AFTER_CLICK, CARRY, GATE, GUARD and REPAIR (default on) as `sambtcv.engine.editor.EditRules`
+    for a CT of voxel size `geo` (`sambtcv.engine.guard.Geometry`)."""
+    from sambtcv.core.names import check_choice
+    from sambtcv.engine.editor import AFTER_CLICK, CLICK_RULES, EditRules
+    from sambtcv.engine.propagation import STOP_RULES
+    from sambtcv.engine.volume import margin_mm, stride_mm
+    from sambtcv.engine.walks import WalkRules
 
     with flag("--stop"):
         check_choice(cfg["stop"], STOP_RULES, "stop rule")
@@ -340,9 +316,9 @@ def edit_rules(cfg, geo, in_range: bool):
                      bool(cfg.get("gate", True)), bool(cfg.get("repair", True)))
 
 
-def editor(stack, models: EditorModels, cfg, device, geo, in_range: bool = True):
-    """The engine (`sambtcv.editor.Editor`) on a (K, H, W) slice stack with the page's models and rules."""
-    from sambtcv.editor import Editor
+def editor(stack, models, cfg, device, geo, in_range: bool = True):
+    """The engine (`sambtcv.engine.editor.Editor`) on a (K, H, W) slice stack with the page's models and rules."""
+    from sambtcv.engine.editor import Editor
 
     point = stack_decoder(stack, models.point, cfg, device) if models.point is not None else None
     return Editor(stack_decoder(stack, models.box, cfg, device), edit_rules(cfg, geo, in_range), point)
@@ -355,8 +331,8 @@ PRECISION_FLAGS = ("dtype", "encoder_dtype")  # DTYPE / ENCODER_DTYPE: auto | fp
 def start_run(cfg: dict):
     """What every page does first: check the precision flags (before any work), allocator tuning,
     seeds, device, and `resolve_precision`. Returns the torch.device."""
-    from sambtcv import device as dev
-    from sambtcv import precision
+    from sambtcv.core import device as dev
+    from sambtcv.models import precision
 
     for key in PRECISION_FLAGS:
         if key in cfg:
@@ -372,39 +348,29 @@ def start_run(cfg: dict):
 
 def resolve_precision(cfg: dict, device) -> dict:
     """Replace ``auto`` in cfg's DTYPE / ENCODER_DTYPE by the precision that the device (and the page's
-    RUNTIME) computes natively (`sambtcv.precision`); note the choices for the records, print them once.
-    Returns {"dtype": Choice, ...}."""
-    from sambtcv import precision
+    RUNTIME; PyTorch for pages without one) computes natively (`sambtcv.models.loading.precision_choices`);
+    note the choices for the records, print them once. Returns {"dtype": Choice, ...}."""
+    from sambtcv.models import loading, precision
 
     keys = [k for k in PRECISION_FLAGS if k in cfg]
-    found = None
-    if any(cfg[k] == precision.AUTO for k in keys):
-        found = precision.support(device, _runtime_name(cfg, device))
-    choices = {k: precision.resolve(cfg[k], found) for k in keys}
+    asked = loading.ModelSettings(**{k: cfg.get(k, "fp32") for k in PRECISION_FLAGS},
+                                  runtime=cfg.get("runtime", "torch"))
+    choices = {k: v for k, v in loading.precision_choices(asked, device, about_flag).items() if k in keys}
     for k, choice in choices.items():
         cfg[k] = choice.used
     precision.note(choices)
-    if found is not None:
-        used = sorted({c.used for c in choices.values()})
-        print(f"precision: {'/'.join(used)} (auto: {found.detail})", flush=True)
+    auto = [c for c in choices.values() if c.asked == precision.AUTO]
+    if auto:
+        print(f"precision: {'/'.join(sorted({c.used for c in choices.values()}))} (auto: {auto[0].reason})",
+              flush=True)
     return choices
-
-
-def _runtime_name(cfg: dict, device) -> str:
-    """The runtime that runs the page's inference ("torch" for pages without RUNTIME)."""
-    if "runtime" not in cfg:
-        return "torch"
-    from sambtcv import runtime
-
-    with flag("--runtime"):
-        return runtime.resolve(cfg["runtime"], device)
 
 
 def split_cases(cfg) -> tuple[list, tuple]:
     """--data-dir's --split cases [(case, image, label)] and --window-hu, checked: the split named, not
     empty, every case readable and on its label's grid, before any work."""
-    from sambtcv.data import check_geometry, find_cases, parse_window
-    from sambtcv.names import SPLITS, check_choice
+    from sambtcv.core.names import SPLITS, check_choice
+    from sambtcv.data.btcv import check_geometry, find_cases, parse_window
 
     with flag("--split"):
         check_choice(cfg["split"], SPLITS, "split")

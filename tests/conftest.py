@@ -25,7 +25,7 @@ TINY_VOLUMES = 3  # two training cases and one validation case
 
 @pytest.fixture(scope="session")
 def raw_phantom(tmp_path_factory):
-    from sambtcv.phantom import write_phantom
+    from sambtcv.data.phantom import write_phantom
 
     raw = tmp_path_factory.mktemp("raw")
     write_phantom(raw, TINY_VOLUMES, seed=3, shape=TINY_SHAPE)
@@ -34,7 +34,7 @@ def raw_phantom(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_slices(raw_phantom, tmp_path_factory):
-    from sambtcv.data import preprocess
+    from sambtcv.data.btcv import preprocess
 
     out = tmp_path_factory.mktemp("slices") / "slices"
     preprocess(raw_phantom, out)
@@ -57,8 +57,8 @@ def cold(tiny_slices, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def litemedsam():
-    from sambtcv.backbones import load_backbone
-    from sambtcv.device import tune_allocator
+    from sambtcv.core.device import tune_allocator
+    from sambtcv.models.backbones import load_backbone
 
     tune_allocator()
     return load_backbone("litemedsam")
@@ -66,8 +66,8 @@ def litemedsam():
 
 @pytest.fixture(scope="session")
 def mobilesam():
-    from sambtcv.backbones import load_backbone
-    from sambtcv.device import tune_allocator
+    from sambtcv.core.device import tune_allocator
+    from sambtcv.models.backbones import load_backbone
 
     tune_allocator()
     return load_backbone("mobilesam")
@@ -124,7 +124,7 @@ def fails(capsys, main, argv) -> str:
 @contextlib.contextmanager
 def held_by_another_process(folder, what: str):
     """`files.exclusive(folder)` held by a forked process (an unrelated run) for the block; yields its pid."""
-    from sambtcv import files
+    from sambtcv.core import files
 
     fork = multiprocessing.get_context("fork")
     ours, theirs = fork.Pipe()

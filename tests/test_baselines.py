@@ -9,10 +9,10 @@ from torch import nn
 
 import baselines
 from conftest import fails
-from sambtcv.baseline_nets import measure_speed, predict_label, score
-from sambtcv.data import organ_stats
-from sambtcv.files import load_checkpoint, write_json
-from sambtcv.tables import data_description
+from sambtcv.core.files import load_checkpoint, write_json
+from sambtcv.data.btcv import organ_stats
+from sambtcv.study.baseline_nets import measure_speed, predict_label, score
+from sambtcv.study.tables import data_description
 from utils import MANIFEST_FILE, NUM_ORGANS, ORGANS, PREPROCESS_FILE, SliceSet
 
 SMOKE = ["--profile", "smoke", "--device", "cpu"]
@@ -175,7 +175,7 @@ def test_predictions_come_back_at_the_slice_size():
 
 def test_model_names_and_settings():
     from sambtcv.cli import parse_config
-    from sambtcv.config import load_profile
+    from sambtcv.core.config import load_profile
 
     assert baselines.model_keys("all") == ["unet", "resunet", "deeplabv3", "swinunetr"]
     assert baselines.model_keys("swinunetr, unet") == ["unet", "swinunetr"]

@@ -7,25 +7,25 @@ from conftest import slices_copy
 
 @pytest.mark.slow
 def test_naive_loop_and_pipeline_keep_the_same_point_mask(mobilesam, tiny_slices, tmp_path):
-    import bench
+    from sambtcv.bench.zero_shot import bench_zero_shot
 
     cfg = {"zero_shot_prompt": "one_central_point", "naive_items": 4, "seed": 0, "decode_batch": 8}
-    got = bench.bench_zero_shot(cfg, mobilesam, slices_copy(tiny_slices, tmp_path / "slices"), "cpu")
+    got = bench_zero_shot(cfg, mobilesam, slices_copy(tiny_slices, tmp_path / "slices"), "cpu")
     assert got["zero_shot"]["naive_items_per_prompt_type"] == 4
     assert got["zero_shot"]["per_sample_dice_max_abs_diff"] <= 1e-4, got["zero_shot"]["per_prompt"]
 
 
 def test_a_childs_peak_memory_is_its_own(tmp_path):
-    """bench.run_script's peak RSS is the child's alone, not the (much larger) memory of the process that
+    """sambtcv.bench.common.run_script's peak RSS is the child's alone, not the (much larger) memory of the process that
     started it: Linux's ru_maxrss carries the parent's peak into a child started by vfork + exec."""
     import numpy as np
 
-    import bench
+    from sambtcv.bench.common import run_script
 
     ballast = np.ones(600 * 2**20, dtype=np.uint8)  # 600 MiB touched in this process
     script = tmp_path / "small.py"
     script.write_text("x = bytearray(50 * 2**20)\n")  # the child itself needs about 60 MiB
-    got = bench.run_script(str(script), [], tmp_path / "log.txt")
+    got = run_script(str(script), [], tmp_path / "log.txt")
     assert ballast.sum() > 0 and 50 <= got["peak_rss_mib"] < 300, got
 
 
@@ -34,7 +34,7 @@ def test_the_stride_section_refuses_a_stride_of_nothing_before_any_work(tmp_path
     import pytest
 
     import bench
-    from sambtcv.errors import PipelineError
+    from sambtcv.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="--stride-mm"):
         bench.main(["--sections", "stride", "--stride-mm", "0", "--work-dir", str(tmp_path / "work"),

@@ -14,11 +14,11 @@ import pytest
 import segment_volume
 from conftest import fails, real_data
 from dicom_series import flipped, write_series, zipped
-from sambtcv import dicom
-from sambtcv.data import find_cases
-from sambtcv.names import ORGAN_ID
-from sambtcv.prompts import bound_box
-from sambtcv.volume import load_case
+from sambtcv.core.names import ORGAN_ID
+from sambtcv.core.prompts import bound_box
+from sambtcv.data import dicom
+from sambtcv.data.btcv import find_cases
+from sambtcv.engine.volume import load_case
 
 WINDOW = (-160, 240)
 
@@ -105,7 +105,7 @@ def test_preprocess_takes_a_case_that_is_a_series(raw_phantom, tmp_path, as_zip)
     slices its NIfTI gives."""
     import shutil
 
-    from sambtcv.data import preprocess
+    from sambtcv.data.btcv import preprocess
 
     raw = shutil.copytree(raw_phantom, tmp_path / "raw")
     img_dir = raw / "RawData" / "Training" / "img"
@@ -178,8 +178,8 @@ def test_the_viewer_opens_a_zipped_series_and_saves_a_seg(phantom, litemedsam, t
     import highdicom as hd
     from fastapi.testclient import TestClient
 
-    from sambtcv import interactive
-    from sambtcv.server import Settings, create_app
+    from sambtcv.engine import interactive
+    from sambtcv.servers.server import Settings, create_app
 
     image, label, volume, affine = phantom
     ref = load_case("ref", image, label, WINDOW).label

@@ -35,7 +35,7 @@ def test_task1_two_processes_equal_one(tiny_slices, tmp_path):
 
 
 def test_volume_evaluation_two_processes_equal_one(raw_phantom, tmp_path):
-    from sambtcv.data import find_cases
+    from sambtcv.data.btcv import find_cases
 
     data = tmp_path / "data"
     (data / "imagesTr").mkdir(parents=True)

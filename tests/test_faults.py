@@ -30,11 +30,13 @@ import finetune_task2
 import preprocess
 import segmentation_task1
 from conftest import fails, held_by_another_process, run_script
-from sambtcv import cli, files, records, training
-from sambtcv.embeddings import NOT_DONE, EmbeddingCache
-from sambtcv.errors import PipelineError
-from sambtcv.evaluation import evaluation_settings
-from sambtcv.files import Results
+from sambtcv import cli
+from sambtcv.core import files
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import Results
+from sambtcv.models.embeddings import NOT_DONE, EmbeddingCache
+from sambtcv.study import records, training
+from sambtcv.study.evaluation import evaluation_settings
 from utils import SliceSet
 
 SCRIPTS = ("preprocess", "segmentation_task1", "finetune_task2", "classify_train_task3", "classify_val_task3")
@@ -50,12 +52,12 @@ def snapshot(folder: Path) -> dict:
 @pytest.fixture
 def no_compute(monkeypatch):
     """Loading a backbone fails the test: whatever is checked must be refused before any work."""
-    from sambtcv import backbones as models
+    from sambtcv.models import backbones as models
 
     def load_backbone(*args, **kwargs):
         pytest.fail("the script started its work (loaded a backbone) before refusing")
 
-    # Task 1 loads through sambtcv.cli.load_models, which looks load_backbone up in sambtcv.backbones
+    # Task 1 loads through sambtcv.cli.load_models, which looks load_backbone up in sambtcv.models.backbones
     for module in (models, classify_val_task3):
         monkeypatch.setattr(module, "load_backbone", load_backbone)
 
@@ -149,7 +151,7 @@ def test_crafted_pickle_is_never_run(script, cold, tmp_path, capsys, no_compute)
 
 
 def test_non_checkpoints_and_other_tasks_checkpoints_give_one_line(cold, tmp_path, capsys, no_compute):
-    from sambtcv.backbones import BACKBONES
+    from sambtcv.models.backbones import BACKBONES
 
     junk = tmp_path / "junk.pt"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -610,7 +612,7 @@ def test_disk_full_while_filling_the_cache_gives_one_line_and_leaves_nothing(tmp
 @pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"task1": 3}', b'{"task1": {"key": "k"}}', b"\xff\xfe",
                                      b'{"task1": {"key": "k", "sec'])
 def test_corrupt_stages_json_is_ignored_with_a_note(tmp_path, capsys, content):
-    from sambtcv.stages import Stages
+    from sambtcv.study.stages import Stages
 
     res = Results(tmp_path)
     res.stages.write_bytes(content)

@@ -1,5 +1,5 @@
 """The challenge's interactive protocol (boxes, clicks, files), predict_segfm.py step by step in new
-processes, and the engine's anchors (sambtcv.editor, sambtcv.walks) on the tiny phantom."""
+processes, and the engine's anchors (sambtcv.engine.editor, sambtcv.engine.walks) on the tiny phantom."""
 from __future__ import annotations
 
 import io
@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from conftest import error_line, run_script
-from sambtcv import segfm
-from sambtcv.data import find_cases
-from sambtcv.editor import CARRY_INTENSITY, Editor, EditRules
-from sambtcv.errors import PipelineError
-from sambtcv.names import ORGAN_ID
-from sambtcv.propagation import VolumeDecoder, merge
-from sambtcv.protocol import predict, run_case
-from sambtcv.volume import load_case
-from sambtcv.walks import WalkRules
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.names import ORGAN_ID
+from sambtcv.data.btcv import find_cases
+from sambtcv.engine import segfm
+from sambtcv.engine.editor import CARRY_INTENSITY, Editor, EditRules
+from sambtcv.engine.propagation import VolumeDecoder, merge
+from sambtcv.engine.protocol import predict, run_case
+from sambtcv.engine.volume import load_case
+from sambtcv.engine.walks import WalkRules
 
 SCORED = [ORGAN_ID[o] for o in ("spleen", "right_kidney", "left_kidney", "liver")]
 
@@ -101,7 +101,7 @@ def val_case(raw_phantom):
 
 @pytest.fixture(scope="module")
 def decoders(val_case, litemedsam, mobilesam, tmp_path_factory):
-    from sambtcv.decoder import load_decoder
+    from sambtcv.models.decoder import load_decoder
 
     cache = tmp_path_factory.mktemp("interactive") / "cache"
     box = VolumeDecoder(val_case.stack, litemedsam, load_decoder(litemedsam).eval(), cache, "cpu")
@@ -176,7 +176,7 @@ def _leaking_liver(ed, case):
     both share (the kidney's pixels added to the liver's masks there): (state, the leak's slices, kidney)."""
     from dataclasses import replace
 
-    from sambtcv.propagation import SliceMask
+    from sambtcv.engine.propagation import SliceMask
 
     liver, kidney = ORGAN_ID["liver"], ORGAN_ID["right_kidney"]
     k = int(np.argmax((case.label == liver).sum(axis=(1, 2))))
@@ -295,7 +295,7 @@ def test_predictor_steps_in_new_processes_equal_one_session(decoders, val_case, 
 def test_a_saved_state_is_the_state(decoders, val_case, tmp_path):
     """A class's state survives the file it is kept in between the predictor's steps (merged segs, anchors,
     stops, low-res logits); a damaged file reads as missing (the step then replays)."""
-    from sambtcv.states import StateStore, from_bytes, to_bytes
+    from sambtcv.engine.states import StateStore, from_bytes, to_bytes
 
     ed = _editor(decoders, val_case)
     state, both, kidney = _leaking_liver(ed, val_case)

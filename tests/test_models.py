@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from modified_classifier import ClassifyingDecoder, ClassifyingMaskDecoder, build_classifier
-from sambtcv.backbones import InputFrame, encode_images, load_backbone
-from sambtcv.decoder import PromptedDecoder
-from sambtcv.embeddings import EmbeddingCache, open_split
-from sambtcv.errors import PipelineError
-from sambtcv.evaluation import PromptDataset
+from sambtcv.core.errors import PipelineError
+from sambtcv.models.backbones import InputFrame, encode_images, load_backbone
+from sambtcv.models.decoder import PromptedDecoder
+from sambtcv.models.embeddings import EmbeddingCache, open_split
+from sambtcv.study.evaluation import PromptDataset
 from utils import SliceSet, dice_score
 
 
@@ -78,7 +78,7 @@ def test_mobilesam_loads_strictly_from_its_package(mobilesam, tmp_path):
     state = torch.load(mobilesam.checkpoint, weights_only=True)
     assert set(state) == set(mobilesam.sam.state_dict())
     assert torch.equal(mobilesam.sam.mask_decoder.iou_token.weight, state["mask_decoder.iou_token.weight"])
-    from sambtcv.backbones import BACKBONES
+    from sambtcv.models.backbones import BACKBONES
 
     lite_file = BACKBONES["litemedsam"].weights()
     with pytest.raises(PipelineError, match=rf"checkpoint {lite_file} does not fit model mobilesam"):

@@ -1,4 +1,4 @@
-"""The OpenVINO runtime (sambtcv.openvino_runtime): conversion, the disk cache and its checks, and agreement
+"""The OpenVINO runtime (sambtcv.models.openvino_runtime): conversion, the disk cache and its checks, and agreement
 with the PyTorch image encoder and PromptedDecoder (LiteMedSAM, 256 input, on the tiny phantom)."""
 import json
 import sys
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from sambtcv import openvino_runtime as ovr
-from sambtcv.decoder import PromptedDecoder
-from sambtcv.errors import PipelineError
-from sambtcv.prompts import bound_box
-from sambtcv.slices import SliceSet
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.prompts import bound_box
+from sambtcv.data.slices import SliceSet
+from sambtcv.models import openvino_runtime as ovr
+from sambtcv.models.decoder import PromptedDecoder
 
 openvino = ovr.load_openvino()  # imported with its telemetry off (no forked sender holding our locks)
 
@@ -92,7 +92,7 @@ def test_decoder_matches_prompted_decoder_for_boxes_and_points(litemedsam, ov_ca
 def test_decoder_first_called_inside_bf16_autocast_converts(litemedsam, tmp_path, phantom):
     """A page decodes under its --dtype bf16 autocast, which is when a decoder graph is first converted:
     the graph is still traced in fp32 (autocast ops have no OpenVINO conversion)."""
-    from sambtcv.device import autocast
+    from sambtcv.core.device import autocast
 
     dec = ovr.OpenVinoDecoder(PromptedDecoder.from_backbone(litemedsam).eval(), "autocast", "bf16", tmp_path,
                               progress=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sambtcv import phantom  # noqa: E402
+from sambtcv.data import phantom  # noqa: E402
 
 # Same physical field of view as the default, at a quarter of the voxels: fast to write twice.
 SMALL_SHAPE = (96, 96, 32)

@@ -10,9 +10,9 @@ import classify_val_task3
 import finetune_task2
 import segmentation_task1
 from conftest import assert_figure, fails, run_script, slices_copy
-from sambtcv.errors import PipelineError
-from sambtcv.files import load_checkpoint
-from sambtcv.training import mask_losses
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import load_checkpoint
+from sambtcv.study.training import mask_losses
 from utils import ORGANS, PROMPT_TYPES, SliceSet
 
 pytestmark = pytest.mark.slow  # whole pages, trained checkpoints or several processes
@@ -219,7 +219,8 @@ def test_task3_classification(task2, cold_slices):
 def test_scripts_fail_cleanly_on_bad_input(tmp_path, capsys):
     line = fails(capsys, segmentation_task1.main, ["--slices", tmp_path / "none", "--results-dir", tmp_path / "r"])
     assert line.startswith("error: slices folder")
-    assert "unknown model 'vit_q'" in fails(capsys, segmentation_task1.main, ["--slices", tmp_path, "--model", "vit_q"])
+    argv = ["--slices", tmp_path, "--model", "vit_q"]
+    assert "unknown --model 'vit_q'" in fails(capsys, segmentation_task1.main, argv)
     assert not (tmp_path / "r").exists()
 
 

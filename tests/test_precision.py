@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from sambtcv import cli, precision, records, tables
+from sambtcv import cli
+from sambtcv.models import precision
+from sambtcv.study import records, tables
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ def test_a_capped_onednn_isa_counts_as_emulated(cpu_with_bf16, monkeypatch):
 
 
 def test_openvino_asks_its_cpu_plugin(cpu_with_bf16, monkeypatch):
-    from sambtcv import openvino_runtime
+    from sambtcv.models import openvino_runtime
 
     monkeypatch.setattr(openvino_runtime, "cpu_capabilities", lambda: ["FP32", "INT8"])
     found = precision.support("cpu", "openvino")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_SHAPE, real_data, run_script
-from sambtcv.data import augmentation, find_cases, preprocess
-from sambtcv.errors import PipelineError
+from sambtcv.core.errors import PipelineError
+from sambtcv.data.btcv import augmentation, find_cases, preprocess
 from utils import SliceSet
 
 

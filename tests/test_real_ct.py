@@ -6,8 +6,8 @@ import pytest
 
 import segmentation_task1
 from conftest import real_data
-from sambtcv.data import organ_stats
-from sambtcv.files import write_json
+from sambtcv.core.files import write_json
+from sambtcv.data.btcv import organ_stats
 from utils import MANIFEST_FILE, PREPROCESS_FILE
 
 

@@ -7,11 +7,11 @@ import pytest
 
 import baselines
 import finetune_task2
-from sambtcv import records, tables
 from sambtcv.cli import parse_config
-from sambtcv.config import load_profile
-from sambtcv.data import preprocess
-from sambtcv.errors import PipelineError
+from sambtcv.core.config import load_profile
+from sambtcv.core.errors import PipelineError
+from sambtcv.data.btcv import preprocess
+from sambtcv.study import records, tables
 
 SMALL = ["--samples-per-epoch", "4", "--batch-size", "4", "--val-samples", "4", "--device", "cpu"]
 
@@ -105,7 +105,7 @@ def test_profiles_are_applied_by_one_mechanism(tmp_path, capsys):
     broken = tmp_path / "profiles"
     shutil.copytree(load_profile.__globals__["PROFILES_DIR"], broken)
     (broken / "typo.toml").write_text("[finetune_task2]\nepoch = 3\n")
-    import sambtcv.config as config
+    import sambtcv.core.config as config
 
     old = config.PROFILES_DIR
     config.PROFILES_DIR = broken

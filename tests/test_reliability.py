@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 import baselines
 import segment_volume
 from conftest import ROOT, fails
-from sambtcv import files
-from sambtcv.data import find_cases
-from sambtcv.errors import PipelineError
-from sambtcv.files import Results
-from sambtcv.prompts_file import loads, parse_prompts, read_prompts_file
-from sambtcv.slices import check_manifest
-from sambtcv.volume import load_case
+from sambtcv.core import files
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import Results
+from sambtcv.data.btcv import find_cases
+from sambtcv.data.prompts_file import loads, parse_prompts, read_prompts_file
+from sambtcv.data.slices import check_manifest
+from sambtcv.engine.volume import load_case
 from test_faults import TINY_EPOCHS, fake_cache, fake_rows, run_state, tiny_fit
 
 

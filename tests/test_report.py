@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import real_data, run_script
-from sambtcv.data import find_cases
-from sambtcv.names import organ_name
+from sambtcv.core.names import organ_name
+from sambtcv.data.btcv import find_cases
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_smoke_report_on_the_embedded_default(tmp_path):
 
 def test_stage_keys_follow_the_code(tmp_path):
     """A profile changed in a stage's code (same command) makes the stages stale; run_report.py does not."""
-    from sambtcv.stages import code_id
+    from sambtcv.study.stages import code_id
 
     for name in ("baselines.py", "run_report.py"):
         (tmp_path / name).write_text("PROFILES = {'quick': 1}\n")
@@ -111,4 +111,18 @@ def test_stage_keys_follow_the_code(tmp_path):
     (tmp_path / "run_report.py").write_text("# edited\n")
     assert code_id(tmp_path) == before
     (tmp_path / "baselines.py").write_text("PROFILES = {'quick': 2}\n")
+    assert code_id(tmp_path) != before
+
+
+def test_stage_keys_follow_the_sub_packages_but_not_benchs_sections(tmp_path):
+    """A module deep in the package (sambtcv/engine/walks.py) is code the stages run; bench.py's sections are not."""
+    from sambtcv.study.stages import code_id
+
+    for rel in ("sambtcv/engine/walks.py", "sambtcv/bench/viewer.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("STEP = 1\n")
+    before = code_id(tmp_path)
+    (tmp_path / "sambtcv/bench/viewer.py").write_text("STEP = 2\n")
+    assert code_id(tmp_path) == before
+    (tmp_path / "sambtcv/engine/walks.py").write_text("STEP = 2\n")
     assert code_id(tmp_path) != before

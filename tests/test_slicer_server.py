@@ -12,16 +12,19 @@ import pytest
 
 import slicer_server
 from conftest import fails, serve
-from sambtcv import cli, interactive, nnia
-from sambtcv.data import find_cases
-from sambtcv.errors import PipelineError
-from sambtcv.metrics import dice_score
-from sambtcv.names import ORGAN_ID
-from sambtcv.prompts_file import loads, parse_prompts
-from sambtcv.propagation import merge
-from sambtcv.slicer import Leases
-from sambtcv.slicer_app import SlicerSettings, create_slicer_app
-from sambtcv.volume import case_prompt, load_case, segment
+from sambtcv import cli
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.metrics import dice_score
+from sambtcv.core.names import ORGAN_ID
+from sambtcv.data.btcv import find_cases
+from sambtcv.data.prompts_file import loads, parse_prompts
+from sambtcv.engine import interactive
+from sambtcv.engine.propagation import merge
+from sambtcv.engine.volume import case_prompt, load_case, segment
+from sambtcv.models.loading import Loaded
+from sambtcv.servers import nnia
+from sambtcv.servers.slicer import Leases
+from sambtcv.servers.slicer_app import SlicerSettings, create_slicer_app
 
 remote = pytest.importorskip("nnInteractive.inference.remote")
 serialization = pytest.importorskip("nnInteractive.inference.remote.serialization")
@@ -142,7 +145,7 @@ def test_a_box_gives_the_label_map_segment_volume_gives_for_it(engine, ct, raw_p
     case = load_case(image.name, image, None, engine.window)
     xyxy = [box[2][0], box[1][0], box[2][1] - 1, box[1][1] - 1]
     spec = parse_prompts(loads(json.dumps({"spleen": {"slice": k, "box": xyxy}})))
-    models = cli.Models(engine.backbone, engine.decoder, engine.runtime)
+    models = Loaded(engine.backbone, engine.decoder, engine.runtime)
     dec = cli.volume_decoder(case, models, {"cache_dir": engine.cache_dir, "dtype": engine.dtype,
                                             "encoder_dtype": engine.encoder_dtype}, engine.device)
     walk = cli.walk_settings({"stop": engine.walk.stop, "margin_mm": "auto", "model": engine.model})
@@ -151,7 +154,7 @@ def test_a_box_gives_the_label_map_segment_volume_gives_for_it(engine, ct, raw_p
 
 
 def test_too_many_slices_are_refused_before_any_encoding(engine):
-    from sambtcv.slicer import MAX_SLICES, SlicerSession
+    from sambtcv.servers.slicer import MAX_SLICES, SlicerSession
 
     with pytest.raises(PipelineError, match="slices"):
         SlicerSession(engine, np.zeros((1, MAX_SLICES + 1, 16, 16), np.int16), None)

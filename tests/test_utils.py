@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from sambtcv.cli import parse_config
-from sambtcv.errors import PipelineError
-from sambtcv.files import staged_dir
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.files import staged_dir
 from utils import (
     BOX_MARGIN,
     DiceTable,

@@ -1,4 +1,4 @@
-"""The viewer's HTTP API (sambtcv.server over sambtcv.interactive) with FastAPI's TestClient on the tiny
+"""The viewer's HTTP API (sambtcv.servers.server over sambtcv.engine.interactive) with FastAPI's TestClient on the tiny
 phantom, LiteMedSAM: upload, box -> mask, propagate, labels.nii.gz as segment_volume.py writes it, a
 correction, undo, erase, a reference label, bad inputs (one-line 4xx), 409 while a volume propagates,
 a client that leaves mid-walk, and viewer.py's checks before it serves."""
@@ -16,15 +16,18 @@ import pytest
 
 import viewer
 from conftest import fails, serve, wait_for
-from sambtcv import cli, editor, interactive, sessions
-from sambtcv.data import find_cases
-from sambtcv.metrics import dice_score
-from sambtcv.names import ORGAN_ID
-from sambtcv.prompts import bound_box
-from sambtcv.prompts_file import loads, parse_prompts
-from sambtcv.propagation import merge
-from sambtcv.server import Settings, create_app
-from sambtcv.volume import case_prompt, load_case, segment, write_label_map
+from sambtcv import cli
+from sambtcv.core.metrics import dice_score
+from sambtcv.core.names import ORGAN_ID
+from sambtcv.core.prompts import bound_box
+from sambtcv.data.btcv import find_cases
+from sambtcv.data.prompts_file import loads, parse_prompts
+from sambtcv.engine import editor, interactive
+from sambtcv.engine.propagation import merge
+from sambtcv.engine.volume import case_prompt, load_case, segment, write_label_map
+from sambtcv.models.loading import Loaded
+from sambtcv.servers import sessions
+from sambtcv.servers.server import Settings, create_app
 
 BASE = "http://127.0.0.1"  # the Host the server accepts (it refuses others)
 SPLEEN = ORGAN_ID["spleen"]
@@ -111,7 +114,7 @@ def test_box_propagate_and_save_match_segment_volume(client, ct, tmp_path):
     engine = client.app.state.sessions.engine
     case = load_case(image.name, image, None, engine.window)
     spec = parse_prompts(loads(json.dumps({"spleen": {"slice": k, "box": box}})))
-    models = cli.Models(engine.backbone, engine.decoder, engine.runtime)
+    models = Loaded(engine.backbone, engine.decoder, engine.runtime)
     dec = cli.volume_decoder(case, models, {
         "cache_dir": engine.cache_dir, "dtype": engine.dtype, "encoder_dtype": engine.encoder_dtype}, engine.device)
     walk = cli.walk_settings({"stop": "intensity", "margin_mm": "auto", "model": "litemedsam"})
@@ -316,7 +319,7 @@ def test_bad_requests_are_one_line_4xx(client, ct):
         (client.post(f"/api/volumes/{vid}/undo"), 422, "nothing to undo"),
         (client.post(f"/api/volumes/{vid}/save"), 409, "writes no file"),
         (client.put(f"/api/volumes/{vid}/focus", json={"slice": -1}), 422, "slice"),
-        (client.get("/../sambtcv/server.py"), 404, ""),
+        (client.get("/../sambtcv/servers/server.py"), 404, ""),
         (client.get("/web/app.js"), 404, ""),
         (client.delete("/api/volumes"), 405, ""),
         (client.get("/api/config", headers={"Host": "evil.example:8765"}), 400, "answers only"),
@@ -458,13 +461,13 @@ def test_default_ct_is_the_phantoms_validation_volume(tmp_path, monkeypatch):
 def test_measure_speed_for_bench(litemedsam, mobilesam, ct, tmp_path):
     """bench.py's numbers come from one call: prompt and click times and a cold walk's passes per visited
     slice."""
-    import bench
-    from sambtcv.names import organ_name
+    from sambtcv.bench.viewer import measure_viewer
+    from sambtcv.core.names import organ_name
 
     image, label, ref = ct
     extent = {o: int((ref == o).any(axis=(1, 2)).sum()) for o in range(1, 14) if (ref == o).any()}
     organ = min(extent, key=extent.get)  # the shortest walk: the fewest encoder passes in a test
-    r = bench.measure_viewer(litemedsam, image, label, tmp_path / "bench", organ=organ_name(organ), repeats=1,
+    r = measure_viewer(litemedsam, image, label, tmp_path / "bench", organ=organ_name(organ), repeats=1,
                              point_backbone=mobilesam)
     assert r["prompts"] == 1 and 0 < r["prompt_encoded_median_s"] and 0 < r["prompt_first_s"]
     assert 0 < r["click_median_s"] and 0 < r["box_and_points_median_s"]

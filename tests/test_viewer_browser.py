@@ -13,14 +13,15 @@ import pytest
 
 import viewer
 from conftest import ROOT
-from sambtcv import interactive
-from sambtcv.data import find_cases
-from sambtcv.metrics import dice_score
-from sambtcv.names import ORGAN_ID
-from sambtcv.phantom import write_phantom
-from sambtcv.prompts import bound_box
-from sambtcv.server import NIIVUE, Settings, create_app
-from sambtcv.volume import load_case
+from sambtcv.core.metrics import dice_score
+from sambtcv.core.names import ORGAN_ID
+from sambtcv.core.prompts import bound_box
+from sambtcv.data.btcv import find_cases
+from sambtcv.data.phantom import write_phantom
+from sambtcv.engine import interactive
+from sambtcv.engine.volume import load_case
+from sambtcv.servers.server import Settings, create_app
+from sambtcv.servers.viewer_page import NIIVUE
 from test_viewer_api import serve
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -10,14 +10,15 @@ import pytest
 
 import segment_volume
 from conftest import assert_figure, fails, held_by_another_process
-from sambtcv import data, volume
-from sambtcv.config import ORIENTATION
-from sambtcv.data import find_cases, load_label
-from sambtcv.errors import PipelineError
-from sambtcv.guard import Geometry
-from sambtcv.metrics import hd95
-from sambtcv.propagation import MIN_AREA, OrganMasks, SliceMask, box_mask, merge, next_box
-from sambtcv.walks import propagate
+from sambtcv.core.config import ORIENTATION
+from sambtcv.core.errors import PipelineError
+from sambtcv.core.metrics import hd95
+from sambtcv.data import btcv as data
+from sambtcv.data.btcv import find_cases, load_label
+from sambtcv.engine import volume
+from sambtcv.engine.guard import Geometry
+from sambtcv.engine.propagation import MIN_AREA, OrganMasks, SliceMask, box_mask, merge, next_box
+from sambtcv.engine.walks import propagate
 from utils import ORGAN_ID, dice_score
 
 
@@ -286,8 +287,8 @@ def test_a_3d_box_bounds_the_first_mask_too():
 def test_3d_cache_locks_one_volume_not_the_whole_folder(litemedsam, tmp_path):
     """Another run encoding one CT holds that CT's cache only: a run on another CT in the same --cache-dir
     proceeds, one on the same CT fails with one line."""
-    from sambtcv.decoder import load_decoder
-    from sambtcv.propagation import VolumeDecoder
+    from sambtcv.engine.propagation import VolumeDecoder
+    from sambtcv.models.decoder import load_decoder
 
     rng = np.random.default_rng(0)
     decoder = load_decoder(litemedsam)
@@ -323,7 +324,7 @@ def _square(lo, hi, side=24):
 
 
 def test_a_walk_says_where_and_why_it_stopped_and_where_it_was_unsure():
-    from sambtcv.volume import walk_report
+    from sambtcv.engine.volume import walk_report
 
     masks = {k: _square(6, 14) for k in range(2, 7)}
     masks[5] = _square(4, 20)  # kept (bright), but 4 times the area of its neighbour: unsure

@@ -1,5 +1,5 @@
-"""Walks that stay on their organ (sambtcv.guard), clicks that repair a walk gone astray (sambtcv.editor's
-remove_part / add_part), and CTs resampled to the resolutions users load (sambtcv.resample,
+"""Walks that stay on their organ (sambtcv.engine.guard), clicks that repair a walk gone astray (sambtcv.engine.editor's
+remove_part / add_part), and CTs resampled to the resolutions users load (sambtcv.data.resample,
 tools/resample_case.py). Scripted decoders stand in for the models, so each rule is tested alone."""
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, fails
-from sambtcv.anchors import OrganState, SlicePrompt
-from sambtcv.editor import Editor, EditRules
-from sambtcv.guard import GUARD_REASONS, Geometry, Guard
-from sambtcv.propagation import SIGNALS, Candidates, SliceMask, Unsure
-from sambtcv.resample import new_grid, resample
-from sambtcv.walks import WalkRules, walk
+from sambtcv.data.resample import new_grid, resample
+from sambtcv.engine.anchors import OrganState, SlicePrompt
+from sambtcv.engine.editor import Editor, EditRules
+from sambtcv.engine.guard import GUARD_REASONS, Geometry, Guard
+from sambtcv.engine.propagation import SIGNALS, Candidates, SliceMask, Unsure
+from sambtcv.engine.walks import WalkRules, walk
 
 sys.path.insert(0, str(ROOT / "tools"))
 import resample_case  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sambtcv.cli import parse_config, run_main  # noqa: E402
-from sambtcv.errors import PipelineError  # noqa: E402
+from sambtcv.core.errors import PipelineError  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- config
 MODEL = "litemedsam"  # litemedsam | mobilesam: whose encoder is quantized
@@ -43,8 +43,8 @@ PRESETS = ("transformer", "cnn", "weights")
 
 
 def slices_of(folder: Path, step: int, window=(-160.0, 240.0)):
-    from sambtcv.data import find_cases
-    from sambtcv.volume import load_case
+    from sambtcv.data.btcv import find_cases
+    from sambtcv.engine.volume import load_case
 
     found = find_cases(folder)
     for name, image, label in found["train"] + found["val"]:
@@ -64,10 +64,10 @@ def main(argv=None):
     except ImportError:
         raise PipelineError("this check needs NNCF: pip install nncf==3.4.0 (the project does not depend on "
                             "it)") from None
-    from sambtcv import openvino_runtime as ovr
-    from sambtcv.backbones import load_backbone
-    from sambtcv.decoder import load_decoder
-    from sambtcv.prompts import Prompt, bound_box
+    from sambtcv.core.prompts import Prompt, bound_box
+    from sambtcv.models import openvino_runtime as ovr
+    from sambtcv.models.backbones import load_backbone
+    from sambtcv.models.decoder import load_decoder
 
     bb = load_backbone(cfg["model"], None, "cpu")
     fp32 = ovr.OpenVinoEncoder(bb, "fp32", cfg["cache_dir"]).cache.model(None)

@@ -8,7 +8,7 @@ labelsTr/, dataset_0.json; BTCV ids: the liver, its tumours counted as liver, = 
 3D-IRCADb-01 (IRCAD, Strasbourg) is CC BY-NC-ND 4.0: evaluation only, never in a repository. Patient 17
 (512 x 512 x 119, 0.743 x 0.743 x 1.6 mm, two large liver tumours) is in the public repository
 alireza-da/TraumaDetectionProject at commit 23e58c4; `--git-dir` reads it from a bare clone of that
-repository. The CT series is read with the project's DICOM reader (`sambtcv.dicom`: its files carry no
+repository. The CT series is read with the project's DICOM reader (`sambtcv.data.dicom`: its files carry no
 FrameOfReferenceUID and their positions start at 0); each mask folder is a series on the same grid.
 OUT must not exist (or be a folder this tool wrote).
 """
@@ -24,8 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sambtcv.cli import parse_config, run_main  # noqa: E402
-from sambtcv.errors import PipelineError  # noqa: E402
-from sambtcv.files import check_replaceable, staged_dir, write_json  # noqa: E402
+from sambtcv.core.errors import PipelineError  # noqa: E402
+from sambtcv.core.files import check_replaceable, staged_dir, write_json  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- config
 SOURCE = None  # a 3D-IRCADb patient folder holding PATIENT_DICOM/ and MASKS_DICOM/<structure>/
@@ -58,7 +58,7 @@ def read_grid(folder: Path):
     """(SimpleITK image, its (k, j, i) array) of a DICOM series folder, through the project's reader."""
     import SimpleITK as sitk
 
-    from sambtcv import dicom
+    from sambtcv.data import dicom
 
     series = dicom.read_series(folder)
     nii = dicom.to_nifti(series, Path(tempfile.mkdtemp(prefix="ircadb-")) / "v.nii.gz")

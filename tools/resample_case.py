@@ -9,7 +9,7 @@ Every case of DATA_DIR (both splits, any of the contract's layouts, DICOM series
 imagesTr/<case>.nii.gz (int16 HU) and labelsTr/<case>.nii.gz (uint8, BTCV ids) with a dataset_0.json listing
 them all as validation; a case's entry in DATA_DIR's own dataset_0.json (its `labelled` ids, source,
 licence) is carried over, with the new shape and spacing. The grid keeps the volume's orientation and outer
-corner (`sambtcv.resample`). OUT must not exist (or be a folder this tool wrote).
+corner (`sambtcv.data.resample`). OUT must not exist (or be a folder this tool wrote).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sambtcv.cli import flag, parse_config, run_main  # noqa: E402
-from sambtcv.errors import PipelineError  # noqa: E402
-from sambtcv.files import check_replaceable, staged_dir, write_json  # noqa: E402
+from sambtcv.core.errors import PipelineError  # noqa: E402
+from sambtcv.core.files import check_replaceable, staged_dir, write_json  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- config
 DATA_DIR = None  # a labelled dataset in one of the contract's layouts
@@ -49,8 +49,8 @@ def source_entries(data_dir: Path) -> dict:
 def write_case(part: Path, case: str, image: Path, label: Path, spacing, extra: dict) -> dict:
     import nibabel as nib
 
-    from sambtcv.dicom import as_nifti
-    from sambtcv.resample import resample
+    from sambtcv.data.dicom import as_nifti
+    from sambtcv.data.resample import resample
 
     im = nib.load(str(as_nifti(image)))
     lab = nib.load(str(label))
@@ -72,8 +72,8 @@ def write_case(part: Path, case: str, image: Path, label: Path, spacing, extra: 
 
 
 def main(argv=None):
-    from sambtcv.data import check_geometry, find_cases
-    from sambtcv.resample import parse_spacing
+    from sambtcv.data.btcv import check_geometry, find_cases
+    from sambtcv.data.resample import parse_spacing
 
     cfg = parse_config(globals(), argv)
     if not cfg["data_dir"] or not cfg["out"]:

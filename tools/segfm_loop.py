@@ -9,7 +9,7 @@ apart), then for every step: `predict_segfm.py --inputs DIR/inputs --outputs DIR
 (its wall time is the step's time), the prediction scored (DSC per class), the next click per class added
 to the input (`clicks`, `clicks_order`, `prev_pred`) as the challenge's loop adds it. Writes
 DIR/segfm_loop.json: per case and class the DSC per step and each step's seconds. The boxes and clicks
-follow `sambtcv.segfm` (the challenge's rules and seeds), so this gives what `interactive_eval.py` gives
+follow `sambtcv.engine.segfm` (the challenge's rules and seeds), so this gives what `interactive_eval.py` gives
 in one process, plus the time a container per step costs.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sambtcv.cli import parse_config, run_main  # noqa: E402
-from sambtcv.errors import PipelineError  # noqa: E402
-from sambtcv.files import write_json  # noqa: E402
+from sambtcv.core.errors import PipelineError  # noqa: E402
+from sambtcv.core.files import write_json  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- config
 DATA_DIR = None  # a dataset in one of the contract's layouts (its SPLIT is measured)
@@ -46,9 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cases_of(cfg):
     """(name, imgs, spacing (z, y, x), gts with classes 1..n, organ names) of each case."""
-    from sambtcv import names, segfm
     from sambtcv.cli import split_cases
-    from sambtcv.volume import load_case
+    from sambtcv.core import names
+    from sambtcv.engine import segfm
+    from sambtcv.engine.volume import load_case
 
     if cfg["npz_dir"]:
         for path in sorted(Path(cfg["npz_dir"]).glob("*.npz")):
@@ -74,7 +75,7 @@ def cases_of(cfg):
 
 
 def run_case(work: Path, name: str, imgs, spacing, gts, labels: list, cfg) -> dict:
-    from sambtcv import segfm
+    from sambtcv.engine import segfm
 
     inputs, outputs = work / "inputs", work / "outputs"
     for folder in (inputs, outputs):

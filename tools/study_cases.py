@@ -26,8 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sambtcv.cli import parse_config, run_main  # noqa: E402
-from sambtcv.errors import PipelineError  # noqa: E402
-from sambtcv.files import check_replaceable, staged_dir, write_json  # noqa: E402
+from sambtcv.core.errors import PipelineError  # noqa: E402
+from sambtcv.core.files import check_replaceable, staged_dir, write_json  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- config
 OUT = "data/study_cases"  # the dataset to write (imagesTr/, labelsTr/, dataset_0.json, provenance.json)

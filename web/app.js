@@ -274,7 +274,7 @@ function organMask(k) {   // the drawing layer's current organ on slice k, (H, W
   }
   return out;
 }
-function runLengths(bits) {   // as sambtcv.sessions.rle: runs of 0s and 1s, a run of 0s first
+function runLengths(bits) {   // as sambtcv.servers.sessions.rle: runs of 0s and 1s, a run of 0s first
   const out = [];
   let value = 0, run = 0;
   for (const b of bits) { if (b === value) run++; else { out.push(run); value = b; run = 1; } }
