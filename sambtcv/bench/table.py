@@ -70,7 +70,7 @@ def training_rows(res: dict, t: dict) -> list:
     ]
 
 
-def scale_rows(res: dict, t: dict) -> list:
+def memory_rows(res: dict, t: dict) -> list:
     rows = []
     if "memory" in res:
         mem = res["memory"]["runs"]
@@ -78,6 +78,11 @@ def scale_rows(res: dict, t: dict) -> list:
                      f"{res['peak_rss_ratio_4x']:.3f} ({mem['1x']['peak_rss_mib']:.0f} -> "
                      f"{mem['4x']['peak_rss_mib']:.0f} MiB; N = {mem['1x']['train_slices']})",
                      f"<= {t['peak_rss_ratio_4x']:g}", _met(res["peak_rss_ratio_4x"] <= t["peak_rss_ratio_4x"])])
+    return rows
+
+
+def task1_scaling_rows(res: dict, t: dict) -> list:
+    rows = []
     if "task1_seconds_by_scale" in res:
         sc = res["task1_seconds_by_scale"]
         lo, hi = min(sc, key=int), max(sc, key=int)
@@ -85,6 +90,11 @@ def scale_rows(res: dict, t: dict) -> list:
         rows.append(["Task 1 wall time by scale (cold cache)", ", ".join(f"{k}x: {v:.1f} s" for k, v in sc.items()),
                      f"linear ({hi}x <= {t['task1_linear_slack']:.1f} x {int(hi) // int(lo)} x {lo}x)",
                      _met(linear_ok)])
+    return rows
+
+
+def volume_3d_rows(res: dict, t: dict) -> list:
+    rows = []
     if "volume_3d" in res:
         vol = res["volume_3d"]
         rows.append(["3D: encoder passes per visited slice (one box per organ, cold cache)",
@@ -92,6 +102,11 @@ def scale_rows(res: dict, t: dict) -> list:
                      f"{vol['seconds_per_organ_volume']:.1f} s per organ-volume",
                      f"= {t['volume_passes_per_visited_slice']:g}",
                      _met(vol["passes_per_visited_slice"] == t["volume_passes_per_visited_slice"])])
+    return rows
+
+
+def runtimes_rows(res: dict, t: dict) -> list:
+    rows = []
     rt = res.get("runtimes", {})
     if "encoder_seconds_per_slice" in rt:
         enc, dec, agree = rt["encoder_seconds_per_slice"], rt["decoder_seconds"], rt["agreement_vs_torch_fp32"]
@@ -113,6 +128,11 @@ def scale_rows(res: dict, t: dict) -> list:
                      f"{mem['torch']['peak_rss_mib']:.0f} -> {mem['openvino']['peak_rss_mib']:.0f} MiB "
                      f"({mem['torch']['seconds']:.0f} -> {mem['openvino']['seconds']:.0f} s)", "lower",
                      _met(mem["openvino"]["peak_rss_mib"] < mem["torch"]["peak_rss_mib"])])
+    return rows
+
+
+def viewer_rows(res: dict, t: dict) -> list:
+    rows = []
     view = res.get("viewer")
     if view:
         rows += [[f"viewer: prompt on an encoded slice, median of {view['prompts']} ({view['dtype']})",
@@ -135,6 +155,11 @@ def scale_rows(res: dict, t: dict) -> list:
                   f"({view['walk_encoder_passes']} / {view['walk_visited']})",
                   f"<= {t['volume_passes_per_visited_slice']:g}",
                   _met(view["walk_passes_per_visited_slice"] <= t["volume_passes_per_visited_slice"])]]
+    return rows
+
+
+def interactive_rows(res: dict, t: dict) -> list:
+    rows = []
     inter = res.get("interactive")
     if inter:
         rows += [["interactive protocol: step 1 (3D box), seconds per organ, largest case (a process per step)",
@@ -144,6 +169,11 @@ def scale_rows(res: dict, t: dict) -> list:
                   f"{inter['seconds_per_class_later_steps_max']:.1f} s (final DSC {inter['dsc_final_mean']:.3f})",
                   f"<= {t['interactive_later_step_s_per_organ']:g} s",
                   _met(inter["seconds_per_class_later_steps_max"] <= t["interactive_later_step_s_per_organ"])]]
+    return rows
+
+
+def slicer_rows(res: dict, t: dict) -> list:
+    rows = []
     sl = res.get("slicer")
     if sl:
         first = {n: v[0] for n, v in sl["liver_dsc"].items()}
@@ -156,6 +186,11 @@ def scale_rows(res: dict, t: dict) -> list:
                   _met(sl["interaction_s_max"] <= t["slicer_interaction_s"])],
                  [f"3D Slicer protocol: the server's peak RSS with {sl['leases']} leases on 512 x 512 CTs",
                   f"{sl['peak_rss_mib']:.0f} MiB", "measured", "-"]]
+    return rows
+
+
+def stride_rows(res: dict, t: dict) -> list:
+    rows = []
     st = res.get("stride")
     if st:
         e, s = st["every_slice"], st["stepped"]
@@ -167,17 +202,36 @@ def scale_rows(res: dict, t: dict) -> list:
                      f"fewer passes, DSC within {t['stride_dsc_change']:g}",
                      _met(s["encoder_passes"] < e["encoder_passes"]
                           and abs(st["dsc_change_mean"]) <= t["stride_dsc_change"])])
+    return rows
+
+
+def baselines_rows(res: dict, t: dict) -> list:
+    rows = []
     for model in res.get("baselines", {}).get("models", {}).values():
         rows.append([f"baseline {model['name']}: training / inference speed",
                      f"{model['train_samples_per_second']:.1f} samples/s / "
                      f"{model['infer_slices_per_second']:.1f} slices/s",
                      "measured", "-"])
+    return rows
+
+
+def report_stages_rows(res: dict, t: dict) -> list:
+    rows = []
     if res.get("report_stages"):
         rs = res["report_stages"]
         rows.append([f"`./run.sh report` ({rs['model']}, {rs['profile']} profile), stages that ran",
                      f"{rs['seconds']:.0f} s ({rs['seconds'] / 60:.1f} min)", f"<= {t['report_minutes']:g} min",
                      _met(rs["seconds"] <= 60 * t["report_minutes"])])
     return rows
+
+
+SCALE_ROWS = (memory_rows, task1_scaling_rows, volume_3d_rows, runtimes_rows, viewer_rows, interactive_rows,
+              slicer_rows, stride_rows, baselines_rows, report_stages_rows)  # in bench.md's order
+
+
+def scale_rows(res: dict, t: dict) -> list:
+    """The rows of every section past training that ran (each function says nothing of a section that did not)."""
+    return [row for rows in SCALE_ROWS for row in rows(res, t)]
 
 
 def report(res: dict, t: dict) -> str:
