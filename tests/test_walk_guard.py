@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, fails
 from sambtcv.data.resample import new_grid, resample
 from sambtcv.engine.anchors import OrganState, SlicePrompt
-from sambtcv.engine.editor import Editor, EditRules
+from sambtcv.engine.editor import DISK_PX, UNBACKED_CUT_LIMIT, Editor, EditRules
 from sambtcv.engine.guard import GUARD_REASONS, Geometry, Guard
 from sambtcv.engine.propagation import SIGNALS, Candidates, SliceMask, Unsure
 from sambtcv.engine.walks import WalkRules, walk
@@ -176,6 +176,23 @@ def test_a_plus_click_apart_from_the_mask_adds_a_part_walked_through_its_slab():
     world = _World(regions)
     new = _editor(world).correct(_state(world, masks, anchor=2), 5, 46.0, 30.0, True)
     assert all((new.slices[k].mask & (regions[k] == 2)).sum() < 0.25 * (regions[k] == 2).sum() for k in range(3, 9))
+
+
+def test_a_minus_click_sam_cannot_answer_cuts_as_wide_as_it_lies_deep():
+    """The mask holds the organ and, beside it, a wrong region that looks the same (one blob). A - click in the
+    middle of the wrong region, where SAM's answer would take more than the mask may lose, cuts a disk as wide as
+    the click lies deep in the mask (within the limit), from the wrong region alone; not a few pixels."""
+    regions = np.zeros((3, 64, 64), np.int16)
+    regions[:, 20:36, 8:24] = 1  # the organ
+    regions[:, 20:36, 24:40] = 2  # an isodense neighbour the walk took with it
+    world = _World(regions)
+    world.stack[regions == 2] = world.stack[regions == 1][0]
+    masks = {k: regions[k] > 0 for k in range(3)}
+    new = _editor(world).correct(_state(world, masks, anchor=0), 1, 32.0, 28.0, False)
+    cut = masks[1] & ~new.slices[1].mask
+    assert (cut & (regions[1] == 1)).sum() == 0
+    assert (cut & (regions[1] == 2)).sum() > 3 * int(np.pi * DISK_PX ** 2), int(cut.sum())
+    assert cut.sum() <= UNBACKED_CUT_LIMIT * masks[1].sum() + 1
 
 
 def test_without_repair_a_click_only_edits_near_itself():

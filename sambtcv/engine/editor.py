@@ -47,6 +47,7 @@ UNBACKED_CUT_LIMIT = 0.25  # ... where the region looks like the organ (its inte
 BAND_SCALE = 2.0  # a click changes pixels up to this many times its own distance from the mask's edge
 REACH_SCALE = 4.0  # ... and within this many times (its distance + 1 px) of the click
 DISK_PX = 3  # radius of the region a click changes when SAM finds none there
+FALLBACK_SHARE = 1.0  # ... or, for a - click, this share of its depth in the mask (Editor._fallback)
 CARRY_INTENSITY = 24  # a click is carried to the next slice while its pixel there differs by at most this (0..255)
 CARRY_GROWTH = 2.0  # ... and while what it changes there is at most this many times what it changed on the slice before
 CARRY_SLACK_PX = 50  # ... plus this many pixels
@@ -168,13 +169,26 @@ class Editor:
             changed, backed = self._gate(k, old.mask, changed, xi, yi, positive)
         limit = ADD_LIMIT if positive else CUT_LIMIT if backed else UNBACKED_CUT_LIMIT
         if not changed[yi, xi] or changed.sum() > limit * old.area:
-            changed = _disk(self.hw, xi, yi) & side
+            changed = self._fallback(old, side, depth[yi, xi], xi, yi, positive)
+            if self.rules.gate and not positive:  # only what looks like the clicked pixel, where it can tell
+                changed, _ = self._gate(k, old.mask, changed, xi, yi, positive)
         mask = old.mask | changed if positive else old.mask & ~changed
         logits = old.logits.copy()
         logits[changed] = EDGE_LOGIT if positive else -EDGE_LOGIT
         logits[yi, xi] = PAINTED_LOGIT if positive else -PAINTED_LOGIT
         mask[yi, xi] = bool(positive)
         return SliceMask(mask, logits.astype(np.float32), old.iou, None)
+
+    def _fallback(self, old: SliceMask, side: np.ndarray, depth: float, xi: int, yi: int, positive: bool) -> np.ndarray:
+        """What a click changes where SAM's region does not answer it: a disk around it. A - click cuts a disk of
+        FALLBACK_SHARE of its depth in the mask (the centre of a wrong region of that width), no more than
+        UNBACKED_CUT_LIMIT of the mask; a + click adds DISK_PX."""
+        r = float(DISK_PX)
+        if not positive and FALLBACK_SHARE > 0:
+            r = max(r, FALLBACK_SHARE * depth)
+            while r > DISK_PX and (_disk(self.hw, xi, yi, r) & side).sum() > UNBACKED_CUT_LIMIT * old.area:
+                r *= 0.8
+        return _disk(self.hw, xi, yi, max(r, DISK_PX)) & side
 
     def _gate(self, k: int, organ: np.ndarray, changed: np.ndarray, xi: int, yi: int, positive: bool) -> tuple:
         """(region, backed): the part of a click's `changed` region that the slice's intensities back. Where
