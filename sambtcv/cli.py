@@ -245,8 +245,9 @@ def label_map_out(out, inputs: list[Path]) -> Path:
         return check_label_map_path(out, inputs)
 
 
-def walk_settings(cfg):
-    """STOP, MARGIN_MM (for MODEL), GUARD (default on) and STRIDE_MM as a `sambtcv.engine.volume.WalkSettings`."""
+def walk_settings(cfg, in_range: bool = False):
+    """STOP, MARGIN_MM (for MODEL; `in_range`: walks inside a 3D box's slices), GUARD (default on) and STRIDE_MM as
+    a `sambtcv.engine.volume.WalkSettings`."""
     from sambtcv.core.names import check_choice
     from sambtcv.engine.propagation import STOP_RULES
     from sambtcv.engine.volume import WalkSettings, margin_mm, stride_mm
@@ -256,8 +257,8 @@ def walk_settings(cfg):
     with flag("--stride-mm"):
         stride = stride_mm(cfg.get("stride_mm", config.STRIDE_MM))
     with flag("--margin-mm"):
-        return WalkSettings(cfg["stop"], margin_mm(cfg["margin_mm"], cfg["model"]), bool(cfg.get("guard", True)),
-                            stride)
+        return WalkSettings(cfg["stop"], margin_mm(cfg["margin_mm"], cfg["model"], in_range),
+                            bool(cfg.get("guard", True)), stride)
 
 
 def load_models(cfg, device):
@@ -297,21 +298,12 @@ def edit_rules(cfg, geo, in_range: bool):
     for a CT of voxel size `geo` (`sambtcv.engine.guard.Geometry`)."""
     from sambtcv.core.names import check_choice
     from sambtcv.engine.editor import AFTER_CLICK, CLICK_RULES, EditRules
-    from sambtcv.engine.propagation import STOP_RULES
-    from sambtcv.engine.volume import margin_mm, stride_mm
-    from sambtcv.engine.walks import WalkRules
 
-    with flag("--stop"):
-        check_choice(cfg["stop"], STOP_RULES, "stop rule")
-    with flag("--margin-mm"):
-        margin = margin_mm(cfg["margin_mm"], cfg["model"], in_range)
+    walk = walk_settings(cfg, in_range).rules(geo)
     with flag("--click"):
         check_choice(cfg["click"], CLICK_RULES, "click rule")
     with flag("--after-click"):
         check_choice(cfg["after_click"], AFTER_CLICK, "after-click rule")
-    with flag("--stride-mm"):
-        stride = stride_mm(cfg.get("stride_mm", config.STRIDE_MM))
-    walk = WalkRules(cfg["stop"], margin / geo.pixel_mm, geo, bool(cfg.get("guard", True)), stride)
     return EditRules(walk, bool(cfg["mask_input"]), cfg["click"], cfg["after_click"], bool(cfg.get("carry", True)),
                      bool(cfg.get("gate", True)), bool(cfg.get("repair", True)))
 
@@ -322,7 +314,6 @@ def editor(stack, models, cfg, device, geo, in_range: bool = True):
 
     point = stack_decoder(stack, models.point, cfg, device) if models.point is not None else None
     return Editor(stack_decoder(stack, models.box, cfg, device), edit_rules(cfg, geo, in_range), point)
-
 
 
 PRECISION_FLAGS = ("dtype", "encoder_dtype")  # DTYPE / ENCODER_DTYPE: auto | fp32 | bf16

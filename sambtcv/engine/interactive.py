@@ -59,10 +59,8 @@ class Engine:
         """The editor's rules for a CT of voxel size `geo` (`sambtcv.engine.guard.Geometry`;
         `sambtcv.engine.editor.EditRules`)."""
         from sambtcv.engine.editor import EditRules
-        from sambtcv.engine.walks import WalkRules
 
-        walk = WalkRules(self.walk.stop, self.walk.margin_mm / geo.pixel_mm, geo, self.walk.guard, self.walk.stride_mm)
-        return EditRules(walk, self.mask_input, self.click)
+        return EditRules(self.walk.rules(geo), self.mask_input, self.click)
 
 
 def walk_settings(stop: str, margin, model: str, stride=config.STRIDE_MM) -> WalkSettings:
@@ -87,7 +85,6 @@ def load_engine(model: str = config.MODEL, checkpoint=None, finetuned=None, devi
 
     device = pick_device(device) if not isinstance(device, torch.device) else device
     settings = loading.ModelSettings(model, checkpoint, finetuned, runtime, dtype, encoder_dtype, point_model)
-    settings = loading.resolved(settings, device)  # a bad precision or runtime fails before any weights are read
     check_choice(click, CLICK_RULES, "click rule")
     walk = walk_settings(stop, margin, backbone.name if backbone is not None else model, stride)
     models = loading.load(settings, device, backbone=backbone, point_backbone=point_backbone)

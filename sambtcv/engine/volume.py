@@ -35,7 +35,7 @@ from sambtcv.data.btcv import (
 )
 from sambtcv.engine.guard import Geometry
 from sambtcv.engine.propagation import OrganMasks, VolumeDecoder, merge
-from sambtcv.engine.walks import propagate
+from sambtcv.engine.walks import WalkRules, propagate
 
 # The margin each model propagated best with (docs/MEASUREMENTS.md, section 6): box-trained LiteMedSAM
 # gains from a looser box, SAM's decoder (MobileSAM) from a tighter one.
@@ -79,6 +79,10 @@ class WalkSettings:
     margin_mm: float  # added on each side of the previous slice's box
     guard: bool = True  # each new mask judged against the last in mm (sambtcv.engine.guard)
     stride_mm: float = config.STRIDE_MM  # a first walk encodes a slice every this many mm (0: every slice)
+
+    def rules(self, geo) -> WalkRules:
+        """A walk's rules for a CT of voxel size `geo` (`sambtcv.engine.guard.Geometry`): the margin in its pixels."""
+        return WalkRules(self.stop, self.margin_mm / geo.pixel_mm, geo, self.guard, self.stride_mm)
 
 
 # ---------------------------------------------------------------------------------------------- the CT
@@ -336,7 +340,6 @@ def evaluate_case(case: Case, dec: VolumeDecoder, walk: WalkSettings, organs: li
         every_slice = merge(every_slice_boxes(dec, case, organs), case.stack.shape)
     return CaseResult(one_box, score_case(case, one_box, every_slice, organs),
                       {organ_name(om.organ): walk_report(om, len(case.stack)) for om in walks})
-
 
 
 def case_prompt(spec, case: Case) -> OrganPrompt:

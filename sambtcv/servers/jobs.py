@@ -26,7 +26,6 @@ def span(*states) -> list | None:
     return [min(ks), max(ks)] if ks else None
 
 
-
 @dataclass
 class Job:
     """A walk in progress (or done): what the page shows while it runs."""

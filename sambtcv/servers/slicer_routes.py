@@ -29,6 +29,7 @@ router = APIRouter()
 def lease_of(request: Request, active: bool = False, touch: bool = True):
     return request.app.state.leases.get(request.headers.get(LEASE_HEADER), active, touch)
 
+
 async def json_of(request: Request) -> dict:
     data = await read_body(request, MAX_JSON_BYTES, "the request body", "64 kB for JSON")
     if not data.strip():
@@ -40,6 +41,7 @@ async def json_of(request: Request) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
+
 
 def meta_of(request: Request) -> dict:
     text = request.headers.get(META_HEADER, "")
@@ -53,15 +55,18 @@ def meta_of(request: Request) -> dict:
         raise ApiError(400, f"bad {META_HEADER} header: not a JSON object")
     return meta
 
+
 async def array_of(request: Request, limit: int, what: str) -> np.ndarray:
     data = await read_body(request, limit, what, "--max-image-mb")
     if not data:
         raise ApiError(400, f"{what} is missing (an NNIA array is the body)")
     return await run_in_threadpool(nnia.unpack, data, limit, what)
 
+
 def mask_limit(request: Request, lease) -> int:
     """A mask or segmentation holds at most the image's voxels (8 bytes each, the widest dtype)."""
     return min(request.app.state.image_limit, 8 * int(np.prod(session_of(lease).shape[1:])))
+
 
 def flag(body: dict, name: str, default=None) -> bool:
     value = body.get(name, default)
@@ -69,10 +74,12 @@ def flag(body: dict, name: str, default=None) -> bool:
         raise ApiError(400, f"{name} must be true or false")
     return value
 
+
 def session_of(lease) -> SlicerSession:
     if lease.session is None:
         raise ApiError(400, "no image yet: send it first (set_image)")
     return lease.session
+
 
 def prediction(session: SlicerSession, run: bool) -> Response:
     """The reply to an interaction: with `run`, what changed since the client last heard; else nothing yet."""
@@ -85,22 +92,31 @@ def prediction(session: SlicerSession, run: bool) -> Response:
     return Response(nnia.pack(reply.values), media_type="application/octet-stream",
                     headers={META_HEADER: json.dumps(meta)})
 
-async def interact(request: Request, work, run: bool) -> Response:
-    """`work(session)` under the lease's lock, in a worker thread, then the prediction reply."""
+
+async def locked(request: Request, work):
+    """`work(lease)` under the (active) lease's lock, in a worker thread; what it returns."""
     lease = lease_of(request, active=True)
 
-    def locked():
+    def run():
         with lease.work:
-            session = session_of(lease)
-            work(session)
-            return prediction(session, run)
-    return await run_in_threadpool(locked)
+            return work(lease)
+    return await run_in_threadpool(run)
+
+
+async def interact(request: Request, work, run: bool) -> Response:
+    """`work(session)` under the lease's lock, in a worker thread, then the prediction reply."""
+    def apply(lease):
+        session = session_of(lease)
+        work(session)
+        return prediction(session, run)
+    return await locked(request, apply)
 
 
 # ---------------------------------------------------------------------------------------------- leases
 @router.get("/healthz")
 async def healthz():
     return {"ok": True}
+
 
 @router.get("/capabilities")
 async def capabilities(request: Request):
@@ -109,6 +125,7 @@ async def capabilities(request: Request):
     return {**CAPABILITIES, "inference_session_version": request.app.state.version,
             "license": "; ".join(LICENSES.get(n, f"{n}: see its checkpoint's licence") for n in names)}
 
+
 @router.post("/claim")
 async def claim(request: Request):
     leases = request.app.state.leases
@@ -116,15 +133,18 @@ async def claim(request: Request):
     return {"lease_token": lease.token, "idle_timeout_seconds": leases.idle_s,
             "liveness_timeout_seconds": leases.liveness_s, "max_sessions": leases.max_sessions}
 
+
 @router.post("/heartbeat")
 async def heartbeat(request: Request):
     return {"remaining_seconds": request.app.state.leases.remaining(lease_of(request))}
+
 
 @router.get("/lease_status")
 async def lease_status(request: Request):
     leases = request.app.state.leases
     return {"remaining_seconds": leases.remaining(lease_of(request, touch=False)),
             "idle_timeout_seconds": leases.idle_s}
+
 
 @router.post("/release")
 async def release(request: Request):
@@ -149,6 +169,7 @@ async def set_image(request: Request):
     await run_in_threadpool(load)
     return {"original_image_shape": list(image.shape)}
 
+
 @router.post("/set_target_buffer")
 async def set_target_buffer(request: Request):
     body = await json_of(request)
@@ -156,13 +177,9 @@ async def set_target_buffer(request: Request):
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)
             and isinstance(dtype, str)):
         raise ApiError(400, "set_target_buffer takes {shape: [three positive ints], dtype: a type name}")
-    lease = lease_of(request, active=True)
-
-    def locked():
-        with lease.work:
-            session_of(lease).set_target(shape, dtype)
-    await run_in_threadpool(locked)
+    await locked(request, lambda lease: session_of(lease).set_target(shape, dtype))
     return {}
+
 
 @router.post("/set_do_autozoom")
 async def set_do_autozoom(request: Request):
@@ -170,16 +187,15 @@ async def set_do_autozoom(request: Request):
     lease_of(request, active=True)
     return {}
 
+
 @router.post("/reset_interactions")
 async def reset_interactions(request: Request):
     await json_of(request)
-    lease = lease_of(request, active=True)
 
-    def locked():
-        with lease.work:
-            if lease.session is not None:
-                lease.session.reset()
-    await run_in_threadpool(locked)
+    def reset(lease):
+        if lease.session is not None:
+            lease.session.reset()
+    await locked(request, reset)
     return {}
 
 
@@ -190,6 +206,7 @@ async def add_bbox(request: Request):
     box, positive = body.get("bbox_coords"), flag(body, "include_interaction")
     return await interact(request, lambda s: s.bbox(box, positive), flag(body, "run_prediction", True))
 
+
 @router.post("/add_point_interaction")
 async def add_point(request: Request):
     body = await json_of(request)
@@ -197,6 +214,7 @@ async def add_point(request: Request):
     if not isinstance(coords, list) or len(coords) != 3:
         raise ApiError(400, "coordinates must be three voxel indices [k, j, i]")
     return await interact(request, lambda s: s.point(coords, positive), flag(body, "run_prediction", True))
+
 
 async def mask_interaction(request: Request, kind: str) -> Response:
     meta = meta_of(request)
@@ -208,13 +226,16 @@ async def mask_interaction(request: Request, kind: str) -> Response:
         (s.scribble if kind == "scribble" else s.lasso)(mask, positive)
     return await interact(request, work, run)
 
+
 @router.post("/add_scribble_interaction")
 async def add_scribble(request: Request):
     return await mask_interaction(request, "scribble")
 
+
 @router.post("/add_lasso_interaction")
 async def add_lasso(request: Request):
     return await mask_interaction(request, "lasso")
+
 
 @router.post("/add_initial_seg_interaction")
 async def add_initial_seg(request: Request):
@@ -222,16 +243,16 @@ async def add_initial_seg(request: Request):
     seg = await array_of(request, mask_limit(request, lease_of(request)), "the initial segmentation")
     return await interact(request, lambda s: s.initial(seg), run)
 
+
 @router.post("/undo")
 async def undo(request: Request):
     await json_of(request)
-    lease = lease_of(request, active=True)
 
-    def locked():
-        with lease.work:
-            session = session_of(lease)
-            return prediction(session, session.undo())
-    return await run_in_threadpool(locked)
+    def undo_one(lease):
+        session = session_of(lease)
+        return prediction(session, session.undo())
+    return await locked(request, undo_one)
+
 
 @router.post("/predict")
 async def predict(request: Request):
