@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, fails
 from sambtcv.data.resample import new_grid, resample
 from sambtcv.engine.anchors import OrganState, SlicePrompt
-from sambtcv.engine.editor import DISK_PX, UNBACKED_CUT_LIMIT, Editor, EditRules
+from sambtcv.engine.editor import ADD_LIMIT, DISK_MM, UNBACKED_CUT_LIMIT, Editor, EditRules, _follows
 from sambtcv.engine.guard import GUARD_REASONS, Geometry, Guard
 from sambtcv.engine.propagation import SIGNALS, Candidates, SliceMask, Unsure
 from sambtcv.engine.walks import WalkRules, walk
@@ -125,8 +125,8 @@ def _two_structures(n: int = 10, side: int = 64):
     return regions
 
 
-def _editor(world: _World) -> Editor:
-    return Editor(world, EditRules(WalkRules("intensity", 2.0, Geometry(1.0, 1.0), stride_mm=0.0)), world)
+def _editor(world: _World, pixel_mm: float = 1.0) -> Editor:
+    return Editor(world, EditRules(WalkRules("intensity", 2.0, Geometry(pixel_mm, 1.0), stride_mm=0.0)), world)
 
 
 def _state(world, masks: dict, anchor: int, unsure=()):
@@ -191,8 +191,55 @@ def test_a_minus_click_sam_cannot_answer_cuts_as_wide_as_it_lies_deep():
     new = _editor(world).correct(_state(world, masks, anchor=0), 1, 32.0, 28.0, False)
     cut = masks[1] & ~new.slices[1].mask
     assert (cut & (regions[1] == 1)).sum() == 0
-    assert (cut & (regions[1] == 2)).sum() > 3 * int(np.pi * DISK_PX ** 2), int(cut.sum())
+    assert (cut & (regions[1] == 2)).sum() > 3 * int(np.pi * DISK_MM ** 2), int(cut.sum())  # 1 mm pixels
     assert cut.sum() <= UNBACKED_CUT_LIMIT * masks[1].sum() + 1
+
+
+@pytest.mark.parametrize("pixel_mm", [0.75, 1.5, 3.0])
+def test_a_click_sam_cannot_answer_changes_as_many_mm_at_every_pixel_size(pixel_mm):
+    """A + click just outside a small organ's mask, where SAM sees nothing: the disk it adds is DISK_MM wide
+    (at least a pixel), the same in mm at 0.75, 1.5 and 3 mm pixels; not 3 pixels, which at 3 mm would be
+    larger than the organ's section."""
+    regions = np.zeros((3, 64, 64), np.int16)
+    regions[:, 28:36, 28:36] = 1
+    world = _World(regions)
+    masks = {k: regions[k] == 1 for k in range(3)}
+    new = _editor(world, pixel_mm).correct(_state(world, masks, anchor=0), 1, 40.0, 32.0, True)
+    added = int((new.slices[1].mask & ~masks[1]).sum())
+    radius_mm = max(DISK_MM, pixel_mm)
+    assert new.slices[1].mask[32, 40] and added * pixel_mm ** 2 <= np.pi * (radius_mm + pixel_mm) ** 2, added
+
+
+def test_a_plus_click_sam_cannot_answer_adds_as_wide_as_it_lies_from_the_mask():
+    """The mask misses an 8 px strip of the organ beside it. A + click in the middle of the strip, where SAM's
+    region (the whole strip) adds more than ADD_LIMIT of the mask, adds a disk as wide as the click lies from the
+    mask (within the limit), on the organ: not the smallest disk of a few pixels."""
+    regions = np.zeros((3, 64, 64), np.int16)
+    regions[:, 20:36, 8:32] = 1
+    world = _World(regions)
+    masks = {k: (regions[k] == 1) & (np.arange(64) < 24)[None, :] for k in range(3)}
+    new = _editor(world).correct(_state(world, masks, anchor=0), 1, 28.0, 28.0, True)
+    added = new.slices[1].mask & ~masks[1]
+    assert added.sum() > 2 * np.pi * DISK_MM ** 2, int(added.sum())
+    assert added.sum() <= ADD_LIMIT * masks[1].sum() + 1 and (added & (regions[1] == 1)).sum() >= 0.9 * added.sum()
+
+
+@pytest.mark.parametrize("pixel_mm", [0.75, 1.5, 3.0])
+def test_a_carried_change_may_grow_by_mm_not_by_pixels(pixel_mm):
+    """A carried click continues while its change on the next slice continues the last one (`_follows`): at most
+    CARRY_GROWTH times as large plus CARRY_SLACK_MM2, and near it. The same tissue gives the same verdict at every
+    pixel size: a 3 mm square of change followed by a 12 mm square around it is another error, a 6 mm square
+    continues it (50 pixels of slack would let the 12 mm square pass at 3 mm pixels)."""
+    geometry = Geometry(pixel_mm, 1.0)
+
+    def square(side_mm: float) -> np.ndarray:
+        n = int(round(side_mm / pixel_mm))
+        m = np.zeros((64, 64), bool)
+        m[32 - n // 2: 32 - n // 2 + n, 32 - n // 2: 32 - n // 2 + n] = True
+        return m
+
+    assert not _follows(square(12.0), square(3.0), geometry)
+    assert _follows(square(6.0), square(3.0), geometry)
 
 
 def test_without_repair_a_click_only_edits_near_itself():

@@ -46,12 +46,12 @@ CUT_LIMIT = 0.5  # a - click's region covering more of the organ's mask than thi
 UNBACKED_CUT_LIMIT = 0.25  # ... where the region looks like the organ (its intensities do not back the cut)
 BAND_SCALE = 2.0  # a click changes pixels up to this many times its own distance from the mask's edge
 REACH_SCALE = 4.0  # ... and within this many times (its distance + 1 px) of the click
-DISK_PX = 3  # radius of the region a click changes when SAM finds none there
-FALLBACK_SHARE = 1.0  # ... or, for a - click, this share of its depth in the mask (Editor._fallback)
+DISK_MM = 2.25  # radius of the region a click changes when SAM finds none there (3 px at 0.75 mm; at least 1 px)
+FALLBACK_SHARE = 1.0  # ... or this share of its distance from the mask's edge (Editor._fallback)
 CARRY_INTENSITY = 24  # a click is carried to the next slice while its pixel there differs by at most this (0..255)
 CARRY_GROWTH = 2.0  # ... and while what it changes there is at most this many times what it changed on the slice before
-CARRY_SLACK_PX = 50  # ... plus this many pixels
-CARRY_REACH = 3  # px: ... and lies mostly (CARRY_OVERLAP) within this distance of it
+CARRY_SLACK_MM2 = 28.0  # ... plus this area (50 px at 0.75 mm)
+CARRY_REACH_MM = 2.25  # ... and lies mostly (CARRY_OVERLAP) within this distance of it (3 px at 0.75 mm; >= 1 px)
 CARRY_OVERLAP = 0.5
 GATE_MIN_PX = 20  # the organ's intensity range on a slice needs at least this many of its pixels
 CORE_SHARE = 0.7  # a - click this deep in its part of the mask (share of the part's greatest depth) rejects the part
@@ -83,6 +83,11 @@ class Editor:
     def __init__(self, dec: VolumeDecoder, rules: EditRules, point_dec: VolumeDecoder | None = None):
         self.dec, self.rules = dec, rules
         self.point_dec = point_dec or dec
+
+    @property
+    def disk_px(self) -> float:
+        """DISK_MM in this stack's pixels, at least 1."""
+        return max(1.0, self.rules.walk.geometry.px(DISK_MM))
 
     @property
     def n_slices(self) -> int:
@@ -180,15 +185,17 @@ class Editor:
         return SliceMask(mask, logits.astype(np.float32), old.iou, None)
 
     def _fallback(self, old: SliceMask, side: np.ndarray, depth: float, xi: int, yi: int, positive: bool) -> np.ndarray:
-        """What a click changes where SAM's region does not answer it: a disk around it. A - click cuts a disk of
-        FALLBACK_SHARE of its depth in the mask (the centre of a wrong region of that width), no more than
-        UNBACKED_CUT_LIMIT of the mask; a + click adds DISK_PX."""
-        r = float(DISK_PX)
-        if not positive and FALLBACK_SHARE > 0:
+        """What a click changes where SAM's region does not answer it: a disk around it of FALLBACK_SHARE of its
+        `depth` (its distance from the mask's edge: the click sits in the middle of an error about that wide), cut
+        by a - click (at most UNBACKED_CUT_LIMIT of the mask) or added by a + click (at most ADD_LIMIT), and never
+        narrower than DISK_MM."""
+        floor = r = self.disk_px
+        limit = ADD_LIMIT if positive else UNBACKED_CUT_LIMIT
+        if FALLBACK_SHARE > 0:
             r = max(r, FALLBACK_SHARE * depth)
-            while r > DISK_PX and (_disk(self.hw, xi, yi, r) & side).sum() > UNBACKED_CUT_LIMIT * old.area:
+            while r > floor and (_disk(self.hw, xi, yi, r) & side).sum() > limit * old.area:
                 r *= 0.8
-        return _disk(self.hw, xi, yi, max(r, DISK_PX)) & side
+        return _disk(self.hw, xi, yi, max(r, floor)) & side
 
     def _gate(self, k: int, organ: np.ndarray, changed: np.ndarray, xi: int, yi: int, positive: bool) -> tuple:
         """(region, backed): the part of a click's `changed` region that the slice's intensities back. Where
@@ -211,7 +218,7 @@ class Editor:
         xi, yi = int(round(x)), int(round(y))
         found = self.point_dec.candidates(k, SlicePrompt().with_point(x, y, True).prompt())
         holding = [c.mask for c in found.masks if c.mask[yi, xi]]
-        return min(holding, key=lambda m: m.sum()) if holding else _disk(self.hw, xi, yi)
+        return min(holding, key=lambda m: m.sum()) if holding else _disk(self.hw, xi, yi, self.disk_px)
 
     def _alone(self, k: int, x: float, y: float, positive: bool, old) -> SliceMask:
         """A click on a slice where the organ has no mask: a + click gets SAM's region at the point, a -
@@ -390,7 +397,7 @@ class Editor:
                 anchored = replace(state, anchors={**state.anchors, j: sp})
                 new = self.edit(anchored, j, (x, y, positive))
                 now = new.mask ^ sm.mask
-                if changed is not None and not _follows(now, changed):
+                if changed is not None and not _follows(now, changed, self.rules.walk.geometry):
                     break
                 state = replace(anchored, slices={**state.slices, j: new})
                 j, changed = j + d, now
@@ -444,15 +451,16 @@ def _without(sm: SliceMask, cut: np.ndarray) -> SliceMask:
     return SliceMask(sm.mask & ~cut, logits, sm.iou, None)
 
 
-def _follows(change: np.ndarray, previous: np.ndarray) -> bool:
+def _follows(change: np.ndarray, previous: np.ndarray, geometry) -> bool:
     """A carried change continues the previous slice's change: not much larger than it, and mostly within
-    CARRY_REACH px of it (an error that shares the click's error, not another one)."""
+    CARRY_REACH_MM of it (an error that shares the click's error, not another one). `geometry`: the stack's
+    voxel size (`sambtcv.engine.guard.Geometry`)."""
     n = int(change.sum())
     if n == 0:
         return False
-    if n > CARRY_GROWTH * int(previous.sum()) + CARRY_SLACK_PX:
+    if n > CARRY_GROWTH * int(previous.sum()) + CARRY_SLACK_MM2 / geometry.pixel_mm ** 2:
         return False
-    near = ndimage.binary_dilation(previous, iterations=CARRY_REACH)
+    near = ndimage.binary_dilation(previous, iterations=max(1, int(round(geometry.px(CARRY_REACH_MM)))))
     return int((change & near).sum()) >= CARRY_OVERLAP * n
 
 
@@ -464,7 +472,7 @@ def _component(mask: np.ndarray, y: int, x: int) -> np.ndarray:
     return lab == lab[y, x]
 
 
-def _disk(hw, x: int, y: int, r: float = DISK_PX) -> np.ndarray:
+def _disk(hw, x: int, y: int, r: float) -> np.ndarray:
     yy, xx = np.ogrid[:hw[0], :hw[1]]
     return (yy - y) ** 2 + (xx - x) ** 2 <= r * r
 
