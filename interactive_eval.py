@@ -50,7 +50,7 @@ MASK_INPUT = True  # a clicked slice's earlier low-res logits go back to SAM as 
 CARRY = True  # a click also corrects the neighbouring slices that share its error (Editor.carry)
 GATE = True  # a click changes only pixels whose intensity backs it, where it can tell (Editor._gate)
 GUARD = True  # a walk cuts a mask that outgrows or leaves the organ's last section (sambtcv.engine.guard)
-REPAIR = True  # a - click on a doubted wrong part removes its slab; a + click apart from the mask adds a part
+REPAIR = True  # clicks repair: a wrong slab goes, a missed part or a doubted slice is walked (Editor.correct)
 STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
 CLICKS = 5  # click steps after the box (the challenge: 5) (>= 0)
 FIRST = "box3d"  # step 1: box3d (the challenge's 3D box) | box (the viewer's: largest slice's box and P, no z range)

@@ -413,3 +413,20 @@ def test_a_parts_walk_ends_where_the_guard_refuses_its_mask():
     new = _editor(world).correct(_state(world, masks, anchor=0), 4, 46.0, 30.0, True)
     assert all((new.slices[k].mask & (regions[k] == 2)).sum() == (regions[k] == 2).sum() for k in range(2, 7))
     assert all(not (new.slices[k].mask & (regions[k] == 2)).any() for k in range(7, 10))
+
+
+def test_a_plus_click_beside_a_doubted_slices_mask_walks_the_doubted_slices_again():
+    """The walk left the organ (structure 1) for its neighbour (2, touching it) on slices 6-9 and doubted 6-8. A
+    + click on the organ on slice 7 makes slice 7 the organ's region and walks from it through the doubted slices
+    (6-8), up to the first trusted one (5 below, 9 above), which keep their masks."""
+    regions = np.zeros((10, 64, 64), np.int16)
+    regions[:, 20:36, 8:24] = 1
+    regions[:, 20:40, 24:44] = 2
+    world = _World(regions)
+    masks = {k: regions[k] == (1 if k < 6 else 2) for k in range(10)}
+    state = _state(world, masks, anchor=2, unsure=(6, 7, 8))
+    new = _editor(world).correct(state, 7, 14.0, 28.0, True)
+    for k in range(10):
+        want = regions[k] == 1 if k in (6, 7, 8) else masks[k]
+        assert np.array_equal(new.slices[k].mask, want), k
+    assert new.anchors[7].points == ((14.0, 28.0),) and not any(u.k == 7 for u in new.unsure)

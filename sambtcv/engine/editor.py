@@ -73,7 +73,7 @@ class EditRules:
     after: str = "none"  # AFTER_CLICK: what a correction does beyond its slice (see Editor.correct)
     carry: bool = True  # a correction is carried to the neighbouring slices that share its error (Editor.carry)
     gate: bool = True  # a click changes only pixels whose intensity backs it, where it can tell (Editor._gate)
-    repair: bool = True  # a click on a wrong part removes it through its slab, one beside the mask adds a part
+    repair: bool = True  # a click on a wrong part removes its slab, one on a missed part or doubted slice walks it
 
 
 class Editor:
@@ -283,10 +283,13 @@ class Editor:
 
     def correct(self, state: OrganState, k: int, x: float, y: float, positive: bool,
                 walk_ends: bool = True) -> OrganState:
-        """A click on slice k and what follows from it (one step of the challenge's protocol): where the
-        organ had no mask on k (an end cut short), a walk from k (with `walk_ends`; the viewer leaves it to
-        P); else the click carried to the neighbouring slices that share its error (`carry`, when the rules
-        say so), then, by EditRules.after, nothing more ("none") or a walk from k ("walk")."""
+        """A click on slice k and what follows from it (one step of the challenge's protocol). With `repair`: a
+        - click on a doubted wrong part removes its slab (`remove_part`), a + click on a part apart from the mask
+        walks that part (`add_part`), a + click beside the mask of a slice the walk doubted walks the doubted
+        slices again from it (`redo_doubted`). Where the organ had no mask on k (an end cut short), a walk from k
+        (with `walk_ends`; the viewer leaves it to P); else the click carried to the neighbouring slices that share
+        its error (`carry`, when the rules say so), then, by EditRules.after, nothing more ("none") or a walk from
+        k ("walk")."""
         had = k in state.slices and state.slices[k].area >= MIN_AREA
         if had and self.rules.repair:
             if not positive and self._wrong_part(state, k, x, y):
@@ -295,6 +298,9 @@ class Editor:
                 region = self._separate_part(state, k, x, y)
                 if region is not None:
                     return self.add_part(state, k, x, y, region)
+                region = self._doubted_slice_region(state, k, x, y)
+                if region is not None:
+                    return self.redo_doubted(state, k, x, y, region)
         new = self.click(state, k, x, y, positive)
         if not had:  # an end cut short: walk outward from k, and toward the organ only across the gap
             return self.walk(new, k) if walk_ends and new.slices[k].area >= MIN_AREA else new
@@ -362,6 +368,28 @@ class Editor:
         apart = [c for c in found.masks if c.mask[yi, xi] and not (c.mask & near).any() and c.iou >= AGREE_IOU_FLOOR
                  and c.area <= largest]
         return min(apart, key=lambda c: c.area).mask if apart else None
+
+    def _doubted_slice_region(self, state: OrganState, k: int, x: float, y: float) -> np.ndarray | None:
+        """Where the walk doubted slice k and a + click there lies outside its mask: the smallest of the point
+        model's masks that holds the click, is one structure by its own estimate (AGREE_IOU_FLOOR) and is no
+        larger than the organ's largest section so far. None elsewhere."""
+        xi, yi = int(round(x)), int(round(y))
+        if not any(u.k == k for u in state.unsure) or state.slices[k].mask[yi, xi]:
+            return None
+        largest = max(sm.area for sm in state.slices.values())
+        found = self.point_dec.candidates(k, SlicePrompt().with_point(x, y, True).prompt())
+        fit = [c for c in found.masks if c.mask[yi, xi] and c.iou >= AGREE_IOU_FLOOR and c.area <= largest]
+        return min(fit, key=lambda c: c.area).mask if fit else None
+
+    def redo_doubted(self, state: OrganState, k: int, x: float, y: float, region: np.ndarray) -> OrganState:
+        """A + click beside the mask of a slice the walk doubted: the walk had lost the organ there. The slice
+        becomes the point model's region at the click (an anchor with the point), and the walk goes on from it
+        through the slices beyond that it doubted too, up to the first it trusted."""
+        sp = (state.anchors.get(k) or self._derived_box(state, k, SlicePrompt())).with_point(x, y, True)
+        logits = np.where(region, np.float32(EDGE_LOGIT), np.float32(-EDGE_LOGIT))
+        state = self._set_anchor(state, k, sp, SliceMask(region.copy(), logits, 1.0, None))
+        state = replace(state, unsure=tuple(u for u in state.unsure if u.k != k))
+        return walk(self.dec, state, k, self.rules.walk, doubted_only=True)
 
     def add_part(self, state: OrganState, k: int, x: float, y: float, region: np.ndarray) -> OrganState:
         """A part of the organ on slice k that its mask misses (`_separate_part`): added there (k becomes an

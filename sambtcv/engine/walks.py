@@ -83,15 +83,17 @@ class _Direction:
 
 
 def walk(dec: VolumeDecoder, state: OrganState, start: int, rules: WalkRules, directions=(1, -1),
-         join=(), part: SliceMask | None = None) -> OrganState:
+         join=(), part: SliceMask | None = None, doubted_only: bool = False) -> OrganState:
     """The organ walked from slice `start` (which must have a mask) in `directions` (+1 superior, -1
     inferior), as the module says; in the directions of `join` the walk only fills slices without a mask and
     stops at the first one that has one (a click beyond the organ's end joins it, never replaces it). With a
     `part` (a part of the organ on `start` that its masks miss: a + click there), the part alone is walked and
     added to the masks it meets, up to the slice where it joins them (PART_JOINED of it inside them). The
-    new state (start is not made an anchor here)."""
+    new state (start is not made an anchor here). With `doubted_only` the walk replaces only slices an earlier walk
+    doubted (`OrganState.unsure`) and stops at the first it trusted."""
     first = state.slices[start] if part is None else part
-    results = [_walk_one(dec, state, start, d, first, rules, d in join, part is not None) for d in directions]
+    results = [_walk_one(dec, state, start, d, first, rules, d in join, part is not None, doubted_only)
+               for d in directions]
     return _apply(state, results, start, dec_visits=sum(r.visited for r in results))
 
 
@@ -132,7 +134,7 @@ def _apply(state: OrganState, results: list, start: int, dec_visits: int) -> Org
 
 
 def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: SliceMask,
-              rules: WalkRules, join: bool = False, part: bool = False) -> _Direction:
+              rules: WalkRules, join: bool = False, part: bool = False, doubted_only: bool = False) -> _Direction:
     out = _Direction()
     n = len(dec.stack)
     lo, hi = state.z_range if state.z_range is not None else (0, n - 1)
@@ -144,10 +146,14 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
     guard = Guard(rules.geometry, _shown(state, start, first, part, dec.hw)) if rules.guard else None
     stride = rules.stride() if _first_walk(state, start, d, part, join) else 1
     prev, at, reason, largest = first, start, None, first.area
+    doubted = {u.k for u in state.unsure}
     k = _ahead(at, d, stride, lo, hi)
     while lo <= k <= hi:
         if k in state.anchors:
             reason = "anchor"
+            break
+        if doubted_only and k not in doubted:
+            reason = "joined"
             break
         old = state.slices.get(k)
         if join and old is not None and old.area >= MIN_AREA:

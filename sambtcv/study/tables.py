@@ -469,8 +469,8 @@ def interactive_markdown(view: dict) -> str:
               f"{', '.join(f'{v:.1f}' for v in m['seconds_mean'])}. Clicks: rule '{view['click']}', carried to "
               f"the slices sharing the error: {'yes' if view['carry'] else 'no'}, gated by intensity: "
               f"{'yes' if view['gate'] else 'no'}, after a click '{view['after_click']}', wrong parts removed "
-              f"through their slab and missed parts walked: {'yes' if view['repair'] else 'no'}. Walks guarded "
-              f"against masks that outgrow or leave the organ: {'yes' if view['guard'] else 'no'}. "
+              f"through their slab, missed parts and doubted slices walked: {'yes' if view['repair'] else 'no'}. "
+              f"Walks guarded against masks that outgrow or leave the organ: {'yes' if view['guard'] else 'no'}. "
               f"Precision: {view['precision']}; runtime {view['runtime']}. "
               f"Record: {view['record']}.\n")
 
