@@ -430,3 +430,18 @@ def test_a_plus_click_beside_a_doubted_slices_mask_walks_the_doubted_slices_agai
         want = regions[k] == 1 if k in (6, 7, 8) else masks[k]
         assert np.array_equal(new.slices[k].mask, want), k
     assert new.anchors[7].points == ((14.0, 28.0),) and not any(u.k == 7 for u in new.unsure)
+
+
+def test_a_plus_click_near_a_pole_adds_what_sam_sees_up_to_a_share_of_the_largest_section():
+    """Towards a pole the organ's section is small and its mask there smaller still (6 of 42 pixels). A + click
+    in the part it misses adds SAM's region there: what a + click may add is a share (ADD_LIMIT) of the organ's
+    largest section, not of the few pixels the slice's mask holds."""
+    regions = np.zeros((10, 64, 64), np.int16)
+    regions[:9, 20:36, 8:24] = 1
+    regions[9, 24:30, 8:15] = 1
+    world = _World(regions)
+    masks = {k: regions[k] == 1 for k in range(9)}
+    masks[9] = np.zeros((64, 64), bool)
+    masks[9][24:26, 8:11] = True
+    new = _editor(world).correct(_state(world, masks, anchor=2), 9, 13.0, 28.0, True)
+    assert np.array_equal(new.slices[9].mask, regions[9] == 1), int(new.slices[9].mask.sum())

@@ -41,7 +41,7 @@ from sambtcv.engine.walks import WalkRules, union, walk
 
 PAINTED_LOGIT = 1e3  # a painted voxel's logit: the user's stroke wins over any model's mask of another organ
 EDGE_LOGIT = 1.0  # the least |logit| a voxel a click added or cut gets (overlaps with other organs)
-ADD_LIMIT = 0.3  # a + click's region adding more than this fraction of the organ's mask is not a correction
+ADD_LIMIT = 0.3  # a + click's region adding more than this share of the organ's largest section is no correction
 CUT_LIMIT = 0.5  # a - click's region covering more of the organ's mask than this is the organ, not a leak
 UNBACKED_CUT_LIMIT = 0.25  # ... where the region looks like the organ (its intensities do not back the cut)
 BAND_SCALE = 2.0  # a click changes pixels up to this many times its own distance from the mask's edge
@@ -173,7 +173,8 @@ class Editor:
         if self.rules.gate:
             changed, backed = self._gate(k, old.mask, changed, xi, yi, positive)
         limit = ADD_LIMIT if positive else CUT_LIMIT if backed else UNBACKED_CUT_LIMIT
-        if not changed[yi, xi] or changed.sum() > limit * old.area:
+        base = max(old.area, _largest_section(state)) if positive else old.area
+        if not changed[yi, xi] or changed.sum() > limit * base:
             changed = self._fallback(old, side, depth[yi, xi], xi, yi, positive)
             if self.rules.gate and not positive:  # only what looks like the clicked pixel, where it can tell
                 changed, _ = self._gate(k, old.mask, changed, xi, yi, positive)
@@ -363,7 +364,7 @@ class Editor:
         model sees no such part there."""
         xi, yi = int(round(x)), int(round(y))
         near = ndimage.binary_dilation(state.slices[k].mask, iterations=1)
-        largest = max(sm.area for sm in state.slices.values())
+        largest = _largest_section(state)
         found = self.point_dec.candidates(k, SlicePrompt().with_point(x, y, True).prompt())
         apart = [c for c in found.masks if c.mask[yi, xi] and not (c.mask & near).any() and c.iou >= AGREE_IOU_FLOOR
                  and c.area <= largest]
@@ -376,7 +377,7 @@ class Editor:
         xi, yi = int(round(x)), int(round(y))
         if not any(u.k == k for u in state.unsure) or state.slices[k].mask[yi, xi]:
             return None
-        largest = max(sm.area for sm in state.slices.values())
+        largest = _largest_section(state)
         found = self.point_dec.candidates(k, SlicePrompt().with_point(x, y, True).prompt())
         fit = [c for c in found.masks if c.mask[yi, xi] and c.iou >= AGREE_IOU_FLOOR and c.area <= largest]
         return min(fit, key=lambda c: c.area).mask if fit else None
@@ -490,6 +491,11 @@ def _follows(change: np.ndarray, previous: np.ndarray, geometry) -> bool:
         return False
     near = ndimage.binary_dilation(previous, iterations=max(1, int(round(geometry.px(CARRY_REACH_MM)))))
     return int((change & near).sum()) >= CARRY_OVERLAP * n
+
+
+def _largest_section(state: OrganState) -> int:
+    """The organ's largest section so far, pixels."""
+    return max((sm.area for sm in state.slices.values()), default=0)
 
 
 def _component(mask: np.ndarray, y: int, x: int) -> np.ndarray:
