@@ -188,8 +188,8 @@ class Editor:
     def _fallback(self, old: SliceMask, side: np.ndarray, depth: float, xi: int, yi: int, positive: bool) -> np.ndarray:
         """What a click changes where SAM's region does not answer it: a disk around it of FALLBACK_SHARE of its
         `depth` (its distance from the mask's edge: the click sits in the middle of an error about that wide), cut
-        by a - click (at most UNBACKED_CUT_LIMIT of the mask) or added by a + click (at most ADD_LIMIT), and never
-        narrower than DISK_MM."""
+        by a - click (at most UNBACKED_CUT_LIMIT of the slice's mask) or added by a + click (at most ADD_LIMIT of
+        it), and never narrower than DISK_MM."""
         floor = r = self.disk_px
         limit = ADD_LIMIT if positive else UNBACKED_CUT_LIMIT
         if FALLBACK_SHARE > 0:
@@ -362,25 +362,27 @@ class Editor:
         apart, is one structure by the model's own estimate (predicted IoU >= AGREE_IOU_FLOOR) and is no larger
         than the organ's largest section so far. None when the click refines the mask's edge instead, or the
         model sees no such part there."""
-        xi, yi = int(round(x)), int(round(y))
         near = ndimage.binary_dilation(state.slices[k].mask, iterations=1)
+        return self._organ_region(state, k, x, y, avoid=near)
+
+    def _organ_region(self, state: OrganState, k: int, x: float, y: float, avoid=None) -> np.ndarray | None:
+        """The smallest of the point model's masks for a + point at (x, y) on slice k that holds the point, is one
+        structure by the model's own estimate (predicted IoU >= AGREE_IOU_FLOOR), is no larger than the organ's
+        largest section so far and touches no pixel of `avoid` ((H, W) bool, optional); None when none is."""
+        xi, yi = int(round(x)), int(round(y))
         largest = _largest_section(state)
         found = self.point_dec.candidates(k, SlicePrompt().with_point(x, y, True).prompt())
-        apart = [c for c in found.masks if c.mask[yi, xi] and not (c.mask & near).any() and c.iou >= AGREE_IOU_FLOOR
-                 and c.area <= largest]
-        return min(apart, key=lambda c: c.area).mask if apart else None
+        fit = [c for c in found.masks if c.mask[yi, xi] and c.iou >= AGREE_IOU_FLOOR and c.area <= largest
+               and (avoid is None or not (c.mask & avoid).any())]
+        return min(fit, key=lambda c: c.area).mask if fit else None
 
     def _doubted_slice_region(self, state: OrganState, k: int, x: float, y: float) -> np.ndarray | None:
-        """Where the walk doubted slice k and a + click there lies outside its mask: the smallest of the point
-        model's masks that holds the click, is one structure by its own estimate (AGREE_IOU_FLOOR) and is no
-        larger than the organ's largest section so far. None elsewhere."""
+        """Where the walk doubted slice k and a + click there lies outside its mask: the organ's region at the
+        click (`_organ_region`). None elsewhere."""
         xi, yi = int(round(x)), int(round(y))
         if not any(u.k == k for u in state.unsure) or state.slices[k].mask[yi, xi]:
             return None
-        largest = _largest_section(state)
-        found = self.point_dec.candidates(k, SlicePrompt().with_point(x, y, True).prompt())
-        fit = [c for c in found.masks if c.mask[yi, xi] and c.iou >= AGREE_IOU_FLOOR and c.area <= largest]
-        return min(fit, key=lambda c: c.area).mask if fit else None
+        return self._organ_region(state, k, x, y)
 
     def redo_doubted(self, state: OrganState, k: int, x: float, y: float, region: np.ndarray) -> OrganState:
         """A + click beside the mask of a slice the walk doubted: the walk had lost the organ there. The slice
