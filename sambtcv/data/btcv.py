@@ -25,7 +25,7 @@ from sambtcv.core.names import NUM_ORGANS, SPLITS, organ_name
 from sambtcv.data.slices import MANIFEST_FILE, PREPROCESS_FILE
 
 LAYOUTS = ("RawData/Training/img + label", "dataset_0.json", "imagesTr + labelsTr")
-MIN_PHANTOM_SIDE = 6  # voxels per side; 6 slices still hold 11-12 organs on 4 slices (the tests' phantom)
+MIN_PHANTOM_SIDE = 6  # voxels per side; 6 slices still hold 11-12 organs on 4 slices (profiles/smoke.toml)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 

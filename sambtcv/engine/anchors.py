@@ -111,3 +111,7 @@ class OrganState:
     def in_range(self, k: int, n_slices: int) -> bool:
         lo, hi = self.z_range if self.z_range is not None else (0, n_slices - 1)
         return lo <= k <= hi
+
+    def doubted(self) -> set:
+        """The slices a walk kept although it doubted them (`unsure`)."""
+        return {u.k for u in self.unsure}

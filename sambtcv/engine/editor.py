@@ -345,7 +345,7 @@ class Editor:
     def _doubted(self, state: OrganState, k: int, part: np.ndarray) -> bool:
         """A part of slice k's mask is in doubt where the walk doubted the slice (`OrganState.unsure`), or where
         under UNLIKE_SHARE of it looks like the organ on its nearest given slice (5th-95th percentile)."""
-        if any(u.k == k for u in state.unsure):
+        if k in state.doubted():
             return True
         given = [j for j, sp in state.anchors.items() if not sp.carried and j in state.slices
                  and state.slices[j].area >= GATE_MIN_PX]
@@ -380,7 +380,7 @@ class Editor:
         """Where the walk doubted slice k and a + click there lies outside its mask: the organ's region at the
         click (`_organ_region`). None elsewhere."""
         xi, yi = int(round(x)), int(round(y))
-        if not any(u.k == k for u in state.unsure) or state.slices[k].mask[yi, xi]:
+        if k not in state.doubted() or state.slices[k].mask[yi, xi]:
             return None
         return self._organ_region(state, k, x, y)
 

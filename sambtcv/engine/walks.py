@@ -146,7 +146,7 @@ def _walk_one(dec: VolumeDecoder, state: OrganState, start: int, d: int, first: 
     guard = Guard(rules.geometry, _shown(state, start, first, part, dec.hw)) if rules.guard else None
     stride = rules.stride() if _first_walk(state, start, d, part, join) else 1
     prev, at, reason, largest = first, start, None, first.area
-    doubted = {u.k for u in state.unsure}
+    doubted = state.doubted() if doubted_only else set()
     k = _ahead(at, d, stride, lo, hi)
     while lo <= k <= hi:
         if k in state.anchors:
