@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the environment (once per requirements files) and run the report or the tests.
 #   ./run.sh report [run_report.py flags]   # the whole report on the embedded default (MobileSAM + phantom)
-#   ./run.sh test [pytest flags]            # the test suite
+#   ./run.sh test [pytest flags] [paths]    # the test suite (tests/, or the paths given), one worker per core
 #   ./run.sh viewer [viewer.py flags]       # the viewer in the browser (prints its URL)
 #   ./run.sh slicer-server [flags]          # 3D Slicer's nnInteractive extension on this engine (slicer_server.py)
 #   ./run.sh python SCRIPT [flags]          # any script in the project's environment
@@ -50,7 +50,9 @@ case "$cmd" in
   report) exec "$venv/bin/python" run_report.py "$@" ;;
   test)
     web_deps || echo "warning: could not install web/node_modules; the browser test will skip" >&2
-    exec "$venv/bin/python" -m pytest -q tests "$@" ;;
+    # pytest-xdist: a worker per core, tests handed out one at a time (-n 0 runs in this process); with no
+    # paths given pytest runs pyproject.toml's testpaths (tests/)
+    exec "$venv/bin/python" -m pytest -q -n auto --maxschedchunk 1 "$@" ;;
   viewer)
     web_deps || { echo "error: could not install the viewer's NiiVue into web/node_modules (npm ci in web/)" >&2; exit 2; }
     exec "$venv/bin/python" viewer.py "$@" ;;

@@ -43,7 +43,7 @@ CACHE_DIR = config.CACHE_DIR_3D  # image embeddings by (volume content, model, e
 STOP = config.STOP  # when the walk ends (propagation.STOP_RULES): intensity | continuity | vanish | iou | overlap | ...
 MARGIN_MM = "auto"  # mm added on each side of the previous box to prompt the next slice, >= 0; auto: per model
 STRIDE_MM = config.STRIDE_MM  # > 0: a 3D box's first walk encodes a slice every this many mm (MEASUREMENTS 13); 0: all
-BACKGROUND_SLICES = 16  # slices on each side of the last prompted one encoded while the page is idle; 0: none (>= 0)
+BACKGROUND_SLICES = 2048  # slices each side of the one in view encoded while idle, from opening (all); 0: none
 SEED = config.SEED  # accepted for a uniform interface; nothing here is random (>= 0)
 DEVICE = config.DEVICE  # cpu | cuda; empty: cuda when present
 DTYPE = config.DTYPE  # auto | fp32 | bf16 autocast of the decoder

@@ -13,6 +13,16 @@ from pathlib import Path
 
 import pytest
 
+
+def _share_the_cores_between_workers():
+    """Under pytest-xdist (`-n N`) each worker, and every process it starts, computes on its share of the
+    cores: N workers of all-core thread pools on one CPU would slow each other many times."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
+_share_the_cores_between_workers()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -174,3 +184,23 @@ def serve(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+LONGEST_FIRST = ("test_report.py", "test_distributed.py", "test_viewer_browser.py", "test_records.py")  # measured
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first, dealt across LONGEST_FIRST's files in turn (each file's first test, then each
+    one's second, ...), then the other slow tests, then the quick ones. `./run.sh test` hands tests to its
+    workers one or two at a time in this order, so the long ones start at once on every worker and the quick
+    ones fill the gaps at the end, instead of a report running alone after everything else."""
+    seen = {}
+
+    def rank(item):
+        name = item.path.name
+        if name in LONGEST_FIRST:
+            seen[name] = seen.get(name, -1) + 1
+            return (0, seen[name], LONGEST_FIRST.index(name))
+        return (1 if item.get_closest_marker("slow") is not None else 2, 0, 0)
+
+    items.sort(key=rank)

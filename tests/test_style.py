@@ -31,3 +31,24 @@ def test_ruff_catches_a_violation(tmp_path):
     r = subprocess.run([*ruff(), "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
                         "--output-format", "concise", str(bad)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "F401" in r.stdout and "E501" in r.stdout, r.stdout + r.stderr
+
+
+def test_run_sh_test_runs_the_paths_given_and_else_the_suite():
+    """`./run.sh test tests/one.py` runs that module alone (it ran the whole suite beside it once); with no path,
+    the suite (pyproject.toml's testpaths)."""
+    import os
+
+    if not (Path(sys.prefix) / ".complete").is_file():
+        import pytest
+
+        pytest.skip("this environment was not made by run.sh")
+    env = dict(os.environ, SAM_BTCV_VENV=sys.prefix)
+
+    def collected(*args):
+        r = subprocess.run(["bash", "run.sh", "test", "--collect-only", "-n", "0", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return {line.split("::")[0] for line in r.stdout.splitlines() if "::" in line}
+
+    assert collected("tests/test_walk_guard.py") == {"tests/test_walk_guard.py"}
+    assert {"tests/test_walk_guard.py", "tests/test_style.py", "tests/test_report.py"} <= collected()

@@ -9,6 +9,7 @@ import gzip
 import json
 import socket
 import threading
+import time
 
 import nibabel as nib
 import numpy as np
@@ -384,22 +385,71 @@ def test_changes_while_propagating_get_409_and_other_volumes_go_on(client, ct, m
     assert answer["r"].status_code == 200 and answer["r"].json()["voxels"] > 0
 
 
-def test_background_encodes_near_the_prompt(litemedsam, ct, tmp_path):
-    """While the volume is idle, the slices next to the prompted one are encoded (once); the walk then
-    makes fewer encoder passes than the slices it visits."""
+@pytest.fixture
+def fresh_engine(litemedsam, tmp_path):
+    """An engine of its own, with an empty embedding cache under tmp_path / "cache"."""
+    return interactive.load_engine(device="cpu", cache_dir=tmp_path / "cache", backbone=litemedsam)
+
+
+def encoded_and_boxed(c, ct) -> str:
+    """The phantom CT uploaded, encoded whole by the background, then its spleen boxed on its largest slice."""
+    image, _, ref = ct
+    vid = upload(c, image.read_bytes())
+    wait_for(lambda: c.get(f"/api/volumes/{vid}").json()["encoded"] == len(ref))
+    k, box = largest(ref, SPLEEN)
+    c.post(f"/api/volumes/{vid}/organs/spleen/prompt", json={"slice": k, "box": box})
+    return vid
+
+
+def test_background_encodes_from_opening_nearest_the_slice_in_view_first(fresh_engine, ct, tmp_path):
+    """From the moment a CT opens, before any prompt, the slices nearest the middle one (what the page shows
+    first) are encoded while the volume is idle; moving the focus moves where it encodes next (once each)."""
     from fastapi.testclient import TestClient
 
     image, _, ref = ct
-    fresh = interactive.load_engine(device="cpu", cache_dir=tmp_path / "cache", backbone=litemedsam)
-    k, box = largest(ref, SPLEEN)
-    near = [j for j in (k - 1, k, k + 1) if 0 <= j < len(ref)]
-    with TestClient(create_app(Settings(background_slices=1), engine=fresh), base_url=BASE) as c:
+    mid = len(ref) // 2
+    with TestClient(create_app(Settings(background_slices=1), engine=fresh_engine), base_url=BASE) as c:
         vid = upload(c, image.read_bytes())
-        c.post(f"/api/volumes/{vid}/organs/spleen/prompt", json={"slice": k, "box": box})
-        wait_for(lambda: c.get(f"/api/volumes/{vid}").json()["encoded"] == len(near))
-        w = c.post(f"/api/volumes/{vid}/organs/spleen/propagate", json={}).json()
-        assert w["visited"] > len(near) - 1 and w["encoder_passes"] == w["visited"] - len(near)
+        wait_for(lambda: c.get(f"/api/volumes/{vid}").json()["encoded"] == 3)  # mid - 1, mid, mid + 1
+        assert c.put(f"/api/volumes/{vid}/focus", json={"slice": 0}).status_code == 200
+        wait_for(lambda: c.get(f"/api/volumes/{vid}").json()["encoded"] == len({mid - 1, mid, mid + 1, 0, 1}))
     assert len(list((tmp_path / "cache").rglob("slices.npy"))) == 1  # one cache, each slice once
+
+
+def test_a_walk_after_the_background_finished_makes_no_encoder_pass(fresh_engine, ct):
+    """With every slice in reach (the viewer's default), an idle CT is encoded whole before the user's box: the
+    walk then only decodes."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Settings(), engine=fresh_engine), base_url=BASE) as c:
+        vid = encoded_and_boxed(c, ct)
+        w = c.post(f"/api/volumes/{vid}/organs/spleen/propagate", json={}).json()
+        assert w["visited"] > 1 and w["encoder_passes"] == 0
+
+
+def test_the_background_waits_while_any_walk_runs(fresh_engine, ct, tmp_path, monkeypatch):
+    """A walk on one CT has the models to itself: the background encodes no other CT meanwhile (it once filled
+    the walk's gaps between slices with another volume's, and a walk on a 512 x 512 CT took 8 s longer), and
+    goes on once the walk ends."""
+    from fastapi.testclient import TestClient
+
+    image, _, ref = ct
+    nii = nib.load(str(image))
+    other = tmp_path / "other.nii.gz"  # another CT (other content, so another cache)
+    nib.save(nib.Nifti1Image(np.asarray(nii.dataobj) + 1, nii.affine, nii.header), str(other))
+    with TestClient(create_app(Settings(), engine=fresh_engine), base_url=BASE) as c:
+        vid = encoded_and_boxed(c, ct)
+        with held_walks(monkeypatch) as gate:
+            walker = threading.Thread(target=lambda: c.post(f"/api/volumes/{vid}/organs/spleen/propagate", json={}))
+            walker.start()
+            wait_for(lambda: (c.get(f"/api/volumes/{vid}").json().get("job") or {}).get("running"))
+            second = upload(c, other.read_bytes())
+            time.sleep(3)
+            during = c.get(f"/api/volumes/{second}").json()["encoded"]
+            gate.set()
+            walker.join(120)
+        assert during == 0
+        wait_for(lambda: c.get(f"/api/volumes/{second}").json()["encoded"] == len(ref))
 
 
 def test_a_client_that_leaves_mid_walk_leaves_it_running(engine, ct, monkeypatch):

@@ -86,9 +86,9 @@ class SessionDecoder(VolumeDecoder):
 
 
 class BackgroundEncoder:
-    """A thread that encodes the slices near each open volume's focus while the volumes are idle: the most
-    recently touched volume first, nearest slices first, up to `slices` away. `sessions()` lists the open
-    volumes (objects with `touched`, `closed`, `busy()`, `focus`, `n_slices` and `decoders`)."""
+    """A thread that encodes the slices near each open volume's focus while every volume is idle (no walk runs
+    on any): the most recently touched volume first, nearest slices first, up to `slices` away. `sessions()`
+    lists the open volumes (objects with `touched`, `closed`, `busy()`, `focus`, `n_slices` and `decoders`)."""
 
     def __init__(self, sessions, slices: int):
         self.sessions, self.slices = sessions, slices
@@ -107,8 +107,11 @@ class BackgroundEncoder:
         self._thread.join(timeout=30)
 
     def _next(self):
-        for s in sorted(self.sessions(), key=lambda s: s.touched, reverse=True):
-            if s.closed or s.busy() or s.focus is None:
+        sessions = self.sessions()
+        if any(s.busy() for s in sessions):  # a walk runs: its gaps between slices are not the background's
+            return None
+        for s in sorted(sessions, key=lambda s: s.touched, reverse=True):
+            if s.closed or s.focus is None:
                 continue
             for d in range(self.slices + 1):
                 for k in (s.focus + d, s.focus - d):

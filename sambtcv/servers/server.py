@@ -80,7 +80,7 @@ class Settings:
     port: int = 8765
     max_upload_mb: float = 1024.0
     max_volumes: int = 8
-    background_slices: int = 16
+    background_slices: int = 2048  # each side of the slice in view, encoded while idle: every slice of a CT
     web_dir: Path = field(default_factory=lambda: WEB_DIR)
 
 

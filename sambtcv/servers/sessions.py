@@ -107,7 +107,7 @@ class VolumeSession(Walking, LabelMaps):
         self.history: list[tuple[int, OrganState | None]] = []
         self.version = 0
         self.job: Job | None = None
-        self.focus: int | None = None
+        self.focus: int | None = self.n_slices // 2  # the slice a viewer shows first: encoding starts there
         self.touched = time.monotonic()
         self.closed = False
         self._image: bytes | None = None
@@ -427,6 +427,7 @@ class Sessions:
             raise
         with self._lock:
             self._by_id[vid] = session
+        self.wake()  # the background encodes while the user looks for the organ
         return session
 
     @staticmethod
