@@ -110,7 +110,7 @@ def run_stages(cfg, res: Results, device, others: list[str], skip: list[str]) ->
                outputs=[Results.best(res.classifier_run)])
     stages.run("task 3: classify (validate)", ["classify_val_task3.py", *main], slices, outputs=[res.figure("fig3")])
     if "interactive" not in skip:
-        stages.run("Table 5: interactive 3D (box + 5 clicks)",
+        stages.run("Table 5: interactive 3D (box + clicks)",
                    ["interactive_eval.py", "--data-dir", str(raw), "--split", "val", "--results-dir", str(res.root),
                     *common, "--cache-dir", str(Path(cfg["work_dir"]) / "embeddings_3d")], slices)
     if "3d" not in skip:

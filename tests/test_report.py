@@ -81,6 +81,7 @@ def test_smoke_report_on_the_embedded_default(tmp_path):
     for needle in ("Table 2", "Table 3", "Table 4", "3D: one box per organ", "A synthetic abdominal CT phantom",
                    "Table 5: interactive 3D (box + 2 clicks"):
         assert needle in report
+    assert "box + 5 clicks" not in report  # the stage's row in the time table said 5 where the profile ran 2
     t5 = json.loads((results / "interactive_3d.json").read_text())
     assert t5["cases"] and all(len(o["dsc"]) == 3 for c in t5["cases"].values() for o in c["organs"].values())
     for case, image, label in find_cases(tmp_path / "work" / "phantom_smoke")["val"]:  # every organ it holds

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,14 +35,13 @@ def test_ruff_catches_a_violation(tmp_path):
     assert r.returncode == 1 and "F401" in r.stdout and "E501" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.slow  # two pytest processes
 def test_run_sh_test_runs_the_paths_given_and_else_the_suite():
     """`./run.sh test tests/one.py` runs that module alone (it ran the whole suite beside it once); with no path,
     the suite (pyproject.toml's testpaths)."""
     import os
 
     if not (Path(sys.prefix) / ".complete").is_file():
-        import pytest
-
         pytest.skip("this environment was not made by run.sh")
     env = dict(os.environ, SAM_BTCV_VENV=sys.prefix)
 

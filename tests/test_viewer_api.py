@@ -427,6 +427,7 @@ def test_a_walk_after_the_background_finished_makes_no_encoder_pass(fresh_engine
         assert w["visited"] > 1 and w["encoder_passes"] == 0
 
 
+@pytest.mark.slow  # a held walk and a 3 s watch
 def test_the_background_waits_while_any_walk_runs(fresh_engine, ct, tmp_path, monkeypatch):
     """A walk on one CT has the models to itself: the background encodes no other CT meanwhile (it once filled
     the walk's gaps between slices with another volume's, and a walk on a 512 x 512 CT took 8 s longer), and

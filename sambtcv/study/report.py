@@ -149,7 +149,7 @@ def volume_section(found: StageRecords, skip: set) -> str:
 
 def interactive_section(found: StageRecords, skip: set) -> str:
     """Table 5: the challenge's interactive protocol on the validation cases."""
-    r, note = _stage_record(found, skip, "interactive", "Table 5: interactive 3D (box + 5 clicks)", "interactive_3d",
+    r, note = _stage_record(found, skip, "interactive", "Table 5: interactive 3D (box + clicks)", "interactive_3d",
                             "Table 5")
     if r is None:
         return note

@@ -446,7 +446,7 @@ def interactive_view(r: rec.Record) -> dict:
 def interactive_markdown(view: dict) -> str:
     m = view["mean"]
     if not m:
-        return "## Table 5: interactive 3D (box + 5 clicks)\n\nNo labelled organ to measure.\n"
+        return "## Table 5: interactive 3D (box + clicks)\n\nNo labelled organ to measure.\n"
     n = len(m["dsc"])
     steps = ["box"] + [f"+{i} click{'s' if i > 1 else ''}" for i in range(1, n)]
     rows = [[f"{case} {organ}", *o["dsc"], o["dsc_auc"], o["nsd_final"], o["seconds"][0],
