@@ -2,6 +2,7 @@
 fails on a violation. `ruff check .` from the project folder shows them; `ruff check --fix .` mends most."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -39,8 +40,6 @@ def test_ruff_catches_a_violation(tmp_path):
 def test_run_sh_test_runs_the_paths_given_and_else_the_suite():
     """`./run.sh test tests/one.py` runs that module alone (it ran the whole suite beside it once); with no path,
     the suite (pyproject.toml's testpaths)."""
-    import os
-
     if not (Path(sys.prefix) / ".complete").is_file():
         pytest.skip("this environment was not made by run.sh")
     env = dict(os.environ, SAM_BTCV_VENV=sys.prefix)
