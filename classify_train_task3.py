@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
 from sambtcv.core import config
 from sambtcv.core.device import autocast
-from sambtcv.core.distributed import init_distributed
+from sambtcv.core.distributed import DistEnv, distributed
 from sambtcv.core.errors import PipelineError
 from sambtcv.core.files import Results, load_checkpoint
 from sambtcv.core.names import NUM_ORGANS, check_choice, one_prompt_type
@@ -127,8 +127,7 @@ def validation_fn(setup, cfg: dict, prompt_type: str):
     return validate
 
 
-def train(cfg: dict, device, res: Results, prompt_type: str, finetuned: str | None) -> dict:
-    env = init_distributed(device)
+def train(cfg: dict, env: DistEnv, res: Results, prompt_type: str, finetuned: str | None) -> dict:
     backbone = load_backbone(cfg["model"], cfg["checkpoint"], env.device)
     setup = setup_training(env, backbone, cfg["slices"], cfg["encoder_dtype"], cfg["encode_batch"], "classification",
                            make_runtime(cfg, backbone, env.device))
@@ -166,13 +165,13 @@ def main(argv=None):
     with flag("--class-weighting"):
         check_choice(cfg["class_weighting"], WEIGHTINGS, "class weighting")
     res = Results(cfg["results_dir"])
-    with results_folder(res.root):
+    with distributed(device) as env, results_folder(res.root):
         finetuned = start_decoder(cfg, res, prompt_type)
         if cfg["resume"]:
             check_some_to_resume({"classifier": precheck_resume(res.classifier_run, "classifier",
                                                                 dict(cfg, prompt=prompt_type))},
                                  {"classifier": res.classifier_run})
-        run = train(cfg, device, res, prompt_type, finetuned)
+        run = train(cfg, env, res, prompt_type, finetuned)
         if run["main"]:
             records.write_record(res.root, "task3_train", run["config"],
                                  {"best": run["best"], "last": run["last"], "best_epoch": run["best_epoch"],

@@ -25,7 +25,7 @@ import torch
 from sambtcv.cli import flag, make_runtime, parse_config, results_folder, run_main, start_run
 from sambtcv.core import config
 from sambtcv.core.device import autocast
-from sambtcv.core.distributed import init_distributed
+from sambtcv.core.distributed import DistEnv, distributed
 from sambtcv.core.files import Results, load_checkpoint, markdown_table, save_figure
 from sambtcv.core.metrics import DiceTable, dice_score
 from sambtcv.core.names import POINT_PROMPTS, check_choice, prompt_types_arg
@@ -213,6 +213,19 @@ def evaluate_runs(setup, cfg: dict, res: Results, runs: dict, prompts, rt) -> li
     return written
 
 
+def train_and_evaluate(cfg: dict, env: DistEnv, res: Results, prompts: list[str], resume: dict) -> dict | None:
+    """Finetune one decoder per prompt type, then Tables 2-3 (their view; None on ranks other than 0)."""
+    backbone = load_backbone(cfg["model"], cfg["checkpoint"], env.device)
+    rt = make_runtime(cfg, backbone, env.device)
+    setup = setup_training(env, backbone, cfg["slices"], cfg["encoder_dtype"], cfg["encode_batch"], "finetuning", rt)
+    runs = {p: train_prompt(setup, cfg, res, p, resume[p]) for p in prompts}
+    if not setup.env.main:
+        return None
+    evaluate_runs(setup, cfg, res, runs, prompts, rt)
+    view = tables.write_table2(res.root)
+    tables.write_table3(res.root)
+    return view
+
 def main(argv=None):
     cfg = parse_config(globals(), argv)
     device = start_run(cfg)
@@ -228,17 +241,10 @@ def main(argv=None):
                   for p in prompts}
         if cfg["resume"]:
             check_some_to_resume(resume, {p: res.finetune_run(p) for p in prompts})
-        env = init_distributed(device)
-        backbone = load_backbone(cfg["model"], cfg["checkpoint"], env.device)
-        rt = make_runtime(cfg, backbone, env.device)
-        setup = setup_training(env, backbone, cfg["slices"], cfg["encoder_dtype"], cfg["encode_batch"], "finetuning",
-                               rt)
-        runs = {p: train_prompt(setup, cfg, res, p, resume[p]) for p in prompts}
-        if not setup.env.main:
+        with distributed(device) as env:
+            view = train_and_evaluate(cfg, env, res, prompts, resume)
+        if view is None:  # not rank 0
             return
-        evaluate_runs(setup, cfg, res, runs, prompts, rt)
-        view = tables.write_table2(res.root)
-        tables.write_table3(res.root)
     print(markdown_table(["prompt type", "mDice original", "mDice finetuned", "improved (%)"],
                          [[p, view["mdice_original"][p], view["mdice_finetuned"][p], view["improved_pct"][p]]
                           for p in view["mdice_finetuned"]]), end="")

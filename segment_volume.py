@@ -42,7 +42,7 @@ from sambtcv.cli import (
     walk_settings,
 )
 from sambtcv.core import config, names
-from sambtcv.core.distributed import DistEnv, init_distributed
+from sambtcv.core.distributed import DistEnv, distributed
 from sambtcv.core.errors import PipelineError
 from sambtcv.core.files import Results, save_figure
 from sambtcv.core.metrics import dice_score
@@ -224,8 +224,7 @@ def main(argv=None):
         raise PipelineError("give --image CT.nii.gz (with --prompts or --label, and --out) or --data-dir RAW "
                             "(evaluation)")
     res = Results(cfg["results_dir"])
-    env = init_distributed(device)
-    with results_folder(res.root):
+    with distributed(device) as env, results_folder(res.root):
         view = evaluate_split(cfg, env, res, organs, walk)
     if view is None:  # not rank 0
         return

@@ -24,7 +24,7 @@ import numpy as np
 
 from sambtcv.cli import flag, load_models, parse_config, results_folder, run_main, start_run
 from sambtcv.core import config
-from sambtcv.core.distributed import DistEnv, init_distributed
+from sambtcv.core.distributed import DistEnv, distributed
 from sambtcv.core.files import Results, load_checkpoint, markdown_table, save_figure
 from sambtcv.core.metrics import DiceTable
 from sambtcv.core.names import ORGANS, SPLITS, check_choice, prompt_types_arg
@@ -159,8 +159,7 @@ def main(argv=None):
         with flag("--finetuned"):
             load_checkpoint(cfg["finetuned"], "finetune")
     res = Results(cfg["results_dir"])
-    env = init_distributed(device)
-    with results_folder(res.root):
+    with distributed(device) as env, results_folder(res.root):
         result = run(cfg, env, res)
     if result is None:  # not rank 0
         return

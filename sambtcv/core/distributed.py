@@ -6,7 +6,9 @@ dealt out by rank, results gathered on rank 0, which alone writes). gloo on CPU,
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,7 +49,23 @@ class DistEnv:
         return box[0]
 
 
-def init_distributed(device: torch.device) -> DistEnv:
+@contextmanager
+def distributed(device: torch.device) -> Iterator[DistEnv]:
+    """This process's `DistEnv` for the block: in torchrun's process group (WORLD_SIZE > 1), which it leaves
+    on the way out, or a single process.
+
+    Leaving matters: a gloo rank that exits still in the group can abort in the group's teardown
+    ("terminate called without an active exception", exit -6) while the other ranks finish their work.
+    """
+    env = _join(device)
+    try:
+        yield env
+    finally:
+        if env.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _join(device: torch.device) -> DistEnv:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); otherwise a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -57,5 +75,7 @@ def init_distributed(device: torch.device) -> DistEnv:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        import torchvision  # noqa: F401  (its C++ ops loaded while a gloo group is live keep the group's threads
+        # alive past destroy_process_group, and a process that exits with them can abort: loaded first, they do not)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistEnv(rank, world, device)
