@@ -31,6 +31,9 @@ Measured in one run, on slices generated here (`preprocess.py`'s phantom, PHANTO
 6d. 3D Slicer's protocol: `slicer_server.py` with two clients of the unmodified `nninteractive-client`, each
    with its own 512 x 512 CT (INTERACTIVE_SHAPE phantoms or INTERACTIVE_CT's first two val cases): seconds of
    set_image, of a box on the liver and of 3 clicks at the largest error, and the server's peak RSS.
+6f. The viewer's first box + P (the server side, background encoder on, cold cache) on INTERACTIVE_CT's first CT
+   or an INTERACTIVE_SHAPE phantom: seconds from opening and from the box to the walk's end, the box sent at once
+   and after VIEWER_READ_S s of reading.
 6e. Fewer encoder passes: the challenge's 3D box per organ walked through a CT of thin slices (a STRIDE_SHAPE phantom at
    STRIDE_SLICE_MM, or STRIDE_CT's val split) every slice and with a STRIDE_MM stride, each from a cold
    cache: passes, seconds and each organ's DSC (the stepped walk within 0.005 of the every-slice walk).
@@ -68,6 +71,7 @@ ENCODER_SLICES = 16  # slices timed through the image encoder, per dtype (>= 1)
 ENCODER_BATCHES = "1"  # slices per encoder pass to time (comma list; a GPU profits from more than 1)
 VIEWER_POINT_MODEL = "mobilesam"  # the model that answers the viewer measurement's clicks; empty: MODEL
 VIEWER_DTYPE = "auto"  # auto | fp32 | bf16: encoder and decoder precision of the viewer measurement
+VIEWER_READ_S = 30.0  # first_walk: seconds a user reads the CT before the box, measured beside a box sent at once
 TRAIN_PROMPT = "bound_box"  # prompt type of the decoder-training samples
 TRAIN_BATCH = 32  # samples per SGD step in the batched measurement (>= 1)
 TRAIN_SAMPLES = 128  # samples timed per mode (batched, one at a time) and dtype (>= 1)
@@ -95,7 +99,7 @@ TARGETS = {"viewer_prompt_median_s": 0.10, "viewer_click_median_s": 0.10, "viewe
            "decoder_batched_speedup": 3.0, "peak_rss_ratio_4x": 1.2, "zero_shot_dice_max_abs_diff": 1e-4,
            "task1_linear_slack": 1.1, "volume_passes_per_visited_slice": 1.0, "report_minutes": 20,
            "interactive_first_step_s_per_organ": 90.0, "interactive_later_step_s_per_organ": 15.0,
-           "stride_dsc_change": 0.005,
+           "stride_dsc_change": 0.005, "viewer_first_walk_s": 45.0,
            "slicer_set_image_s": 600.0, "slicer_interaction_s": 60.0}  # slicer: nninteractive-client's timeouts
 
 
@@ -104,7 +108,9 @@ SECTION_NAMES = {  # in the order they run
     "runtimes": "2b. runtimes: PyTorch and OpenVINO", "training": "3. decoder training",
     "precision": "3b. fp32 against bf16, and what auto picks (needs encoder and training)",
     "memory": "4. memory of a Task 2 epoch", "task1_scaling": "5. Task 1 scaling", "volume_3d": "6. 3D propagation",
-    "viewer": "6b. the viewer's server", "interactive": "6c. the challenge's protocol, a process per step",
+    "viewer": "6b. the viewer's server",
+    "first_walk": "6f. the viewer's first box + P on a 512 x 512 CT from opening (background encoder on)",
+    "interactive": "6c. the challenge's protocol, a process per step",
     "slicer": "6d. 3D Slicer's protocol: two clients of slicer_server.py",
     "stride": "6e. a 3D box's walk, every slice against a stride of STRIDE_MM",
     "baselines": "7. baselines"}
@@ -143,7 +149,7 @@ def check_flags(cfg) -> list[str]:
         scales_arg(cfg["scales"])
     with flag("--phantom-shape"):
         phantom_shape(cfg["phantom_shape"])
-    if {"interactive", "slicer"} & set(wanted) and not cfg["interactive_ct"]:
+    if {"interactive", "slicer", "first_walk"} & set(wanted) and not cfg["interactive_ct"]:
         with flag("--interactive-shape"):
             phantom_shape(cfg["interactive_shape"])
     if "stride" in wanted:
@@ -173,6 +179,7 @@ def run_section(name: str, cfg, backbone, sets: dict, work: Path, device, res: d
         "task1_scaling": lambda: scaling.bench_task1_scaling(cfg, sets, work),
         "volume_3d": lambda: volumes.bench_volume(cfg, backbone, sets, work, device),
         "viewer": lambda: viewer.bench_viewer(cfg, backbone, sets, work, device),
+        "first_walk": lambda: viewer.bench_first_walk(cfg, backbone, work, device),
         "interactive": lambda: protocols.bench_interactive(cfg, work),
         "slicer": lambda: protocols.bench_slicer(cfg, work),
         "stride": lambda: volumes.bench_stride(cfg, compared_stride(cfg), backbone, work, device),

@@ -40,3 +40,22 @@ def test_the_stride_section_refuses_a_stride_of_nothing_before_any_work(tmp_path
         bench.main(["--sections", "stride", "--stride-mm", "0", "--work-dir", str(tmp_path / "work"),
                     "--results-dir", str(tmp_path / "res")])
     assert not (tmp_path / "work").exists() and not (tmp_path / "res").exists()
+
+
+@pytest.mark.slow  # two walks from a cold cache and a wait for the background
+def test_first_walk_measures_what_reading_time_saves(litemedsam, raw_phantom, tmp_path):
+    """bench.py's first box + P from opening: a box sent at once finds few slices encoded and its walk encodes; a box
+    after the background has encoded the CT finds every slice ready and the walk makes no pass; the same masks."""
+    from sambtcv.bench.viewer import first_walk
+    from sambtcv.data.btcv import find_cases
+    from sambtcv.engine.interactive import load_engine
+
+    _, image, label = find_cases(raw_phantom)["val"][0]
+    engine = load_engine(device="cpu", cache_dir=tmp_path / "unused", backbone=litemedsam, runtime="torch",
+                         dtype="fp32", encoder_dtype="fp32")
+    at_once = first_walk(engine, image, label, "liver", 0.0, tmp_path / "at_once")
+    read = first_walk(engine, image, label, "liver", 15.0, tmp_path / "read")
+    assert at_once["encoded_at_box"] < at_once["slices"] and at_once["walk_encoder_passes"] > 0
+    assert read["encoded_at_box"] == read["slices"] and read["walk_encoder_passes"] == 0
+    assert read["open_to_walk_s"] >= 15.0 > read["box_to_walk_s"]
+    assert at_once["dsc"] == read["dsc"] > 0.5 and at_once["walk_visited"] == read["walk_visited"]

@@ -44,22 +44,27 @@ def bench_interactive(cfg, work: Path) -> dict:
                                     "cache; a step's seconds per organ = its wall time / the organs of the case"}}
 
 
-def _slicer_cts(cfg, work: Path) -> list:
-    """Two 512 x 512 CTs as Slicer sends them: (name, HU [1, K, J, I] int16, spacing [sk, sj, si], label [K, J, I])."""
-    import nibabel as nib
-
+def interactive_cases(cfg, work: Path) -> list:
+    """Two 512 x 512 CTs [(name, image, label)]: INTERACTIVE_CT's first two val cases, or two INTERACTIVE_SHAPE
+    phantoms written under `work`."""
     from sambtcv.data.btcv import find_cases, phantom_shape
     from sambtcv.data.phantom import write_phantom
 
     if cfg["interactive_ct"]:
-        cases = find_cases(Path(cfg["interactive_ct"]))["val"][:2]
-    else:
-        shape = phantom_shape(cfg["interactive_shape"])
-        write_phantom(work / "slicer_raw", 2, cfg["seed"], shape=shape)
-        found = find_cases(work / "slicer_raw")
-        cases = (found["train"] + found["val"])[:2]
+        return find_cases(Path(cfg["interactive_ct"]))["val"][:2]
+    raw = work / "slicer_raw"  # written once a run (bench_slicer's and bench_first_walk's)
+    if not raw.is_dir():
+        write_phantom(raw, 2, cfg["seed"], shape=phantom_shape(cfg["interactive_shape"]))
+    found = find_cases(raw)
+    return (found["train"] + found["val"])[:2]
+
+
+def _slicer_cts(cfg, work: Path) -> list:
+    """Two 512 x 512 CTs as Slicer sends them: (name, HU [1, K, J, I] int16, spacing [sk, sj, si], label [K, J, I])."""
+    import nibabel as nib
+
     out = []
-    for name, image, label in cases:
+    for name, image, label in interactive_cases(cfg, work):
         img = nib.load(str(image))
         hu = np.ascontiguousarray(np.asarray(img.dataobj).astype(np.int16).transpose(2, 1, 0)[None])
         lab = np.ascontiguousarray(np.asarray(nib.load(str(label)).dataobj).astype(np.uint8).transpose(2, 1, 0))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from sambtcv.core import config
+from sambtcv.core.metrics import dice_score
 from sambtcv.core.names import ORGAN_ID
 from sambtcv.core.prompts import bound_box
 from sambtcv.engine.volume import load_case
@@ -94,3 +96,54 @@ def bench_viewer(cfg, backbone, sets: dict, work: Path, device) -> dict:
     return {"viewer": {**out, "dtype": dtype, "model": backbone.name,
                        "note": "sambtcv.bench.viewer.measure_viewer: server-side seconds of VolumeSession.prompt, no "
                                "HTTP, no background encoding; first = warm process, slice not yet encoded"}}
+
+
+def first_walk(engine, image: Path, label: Path, organ: str, read_s: float, root: Path) -> dict:
+    """The viewer's first box + P on a CT from its opening, as a user meets it (server side, no HTTP; the
+    background encoder on, every slice; a cold cache under `root`): the CT opened, `read_s` s of the user reading
+    it, a tight box on the organ's largest slice, then the walk. Seconds from the opening and from the box to the
+    walk's end, the slices encoded when the box came, and the walk's encoder passes."""
+    from sambtcv.servers.server import Settings
+    from sambtcv.servers.sessions import Sessions
+
+    gt = load_case("ref", image, label, engine.window).label == ORGAN_ID[organ]
+    k = int(np.argmax(gt.sum(axis=(1, 2))))
+    sessions = Sessions(replace(engine, cache_dir=root / "cache"), background_slices=Settings().background_slices,
+                        root=root / "sessions")
+    try:
+        t0 = time.perf_counter()
+        session = sessions.open_bytes(Path(image).read_bytes(), Path(image).name)
+        time.sleep(max(read_s - (time.perf_counter() - t0), 0.0))
+        t1, encoded = time.perf_counter(), len(session.dec.visited)
+        session.prompt(organ, {"slice": k, "box": bound_box(gt[k]).tolist()})
+        walk = session.propagate(ORGAN_ID[organ])
+        t2 = time.perf_counter()
+        pred = np.zeros_like(gt)
+        for j, sm in session.organs[ORGAN_ID[organ]].slices.items():
+            pred[j] = sm.mask
+        dsc = float(dice_score(pred, gt))
+    finally:
+        sessions.shutdown()
+    return {"read_s": read_s, "open_to_walk_s": round(t2 - t0, 2), "box_to_walk_s": round(t2 - t1, 2),
+            "encoded_at_box": encoded, "slices": int(len(gt)), "walk_encoder_passes": walk["encoder_passes"],
+            "walk_visited": walk["visited"], "dsc": round(dsc, 4)}
+
+
+def bench_first_walk(cfg, backbone, work: Path, device) -> dict:
+    """The viewer's first box + P on the interactive measurement's first 512 x 512 CT (`first_walk`), the box sent
+    at once and after VIEWER_READ_S s of reading, each from a cold cache."""
+    from sambtcv.bench.protocols import interactive_cases
+    from sambtcv.engine.interactive import load_engine
+
+    name, image, label = interactive_cases(cfg, work)[0]
+    dtype = precision.resolve(cfg["viewer_dtype"], precision.support(device, "torch")).used
+    engine = load_engine(device=torch.device(device), dtype=dtype, encoder_dtype=dtype, cache_dir=work / "first_walk",
+                         backbone=backbone)
+    runs = [first_walk(engine, image, label, "liver", read, work / "first_walk" / f"read_{read:g}")
+            for read in (0.0, float(cfg["viewer_read_s"]))]
+    for r in runs:
+        print(f"bench: viewer first box + P on {name}, box after {r['read_s']:g} s: {r['open_to_walk_s']:.1f} s from "
+              f"opening, {r['box_to_walk_s']:.1f} s from the box ({r['walk_encoder_passes']} passes)", flush=True)
+    return {"viewer_first_walk": {"case": name, "model": backbone.name, "dtype": dtype, "organ": "liver", "runs": runs,
+                                  "note": "sambtcv.bench.viewer.first_walk: server side, background encoder on, cold "
+                                          "cache; the box on the liver's largest slice, then P"}}
