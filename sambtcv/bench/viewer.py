@@ -83,11 +83,16 @@ def correction_seconds(session, organ: str, gt: np.ndarray, k: int, repeats: int
     return out
 
 
+def viewer_dtype(cfg, device) -> str:
+    """VIEWER_DTYPE resolved on `device` (auto: bf16 where PyTorch computes it natively)."""
+    return precision.resolve(cfg["viewer_dtype"], precision.support(device, "torch")).used
+
+
 def bench_viewer(cfg, backbone, sets: dict, work: Path, device) -> dict:
     """The viewer's server side (no HTTP): a prompt on an encoded slice (median of 20), the first prompt
     on an unencoded slice, and a walk's encoder passes per visited slice (`sambtcv.engine.interactive`)."""
     image, label = sets["val_volumes"][0]
-    dtype = precision.resolve(cfg["viewer_dtype"], precision.support(device, "torch")).used
+    dtype = viewer_dtype(cfg, device)
     point = load_backbone(cfg["viewer_point_model"], None, device) if cfg["viewer_point_model"] else None
     out = measure_viewer(backbone, image, label, work / "viewer", device, organ="spleen", repeats=20,
                          dtype=dtype, encoder_dtype=dtype, point_backbone=point)
@@ -118,10 +123,7 @@ def first_walk(engine, image: Path, label: Path, organ: str, read_s: float, root
         session.prompt(organ, {"slice": k, "box": bound_box(gt[k]).tolist()})
         walk = session.propagate(ORGAN_ID[organ])
         t2 = time.perf_counter()
-        pred = np.zeros_like(gt)
-        for j, sm in session.organs[ORGAN_ID[organ]].slices.items():
-            pred[j] = sm.mask
-        dsc = float(dice_score(pred, gt))
+        dsc = float(dice_score(session.labels() == ORGAN_ID[organ], gt))
     finally:
         sessions.shutdown()
     return {"read_s": read_s, "open_to_walk_s": round(t2 - t0, 2), "box_to_walk_s": round(t2 - t1, 2),
@@ -136,7 +138,7 @@ def bench_first_walk(cfg, backbone, work: Path, device) -> dict:
     from sambtcv.engine.interactive import load_engine
 
     name, image, label = interactive_cases(cfg, work)[0]
-    dtype = precision.resolve(cfg["viewer_dtype"], precision.support(device, "torch")).used
+    dtype = viewer_dtype(cfg, device)
     engine = load_engine(device=torch.device(device), dtype=dtype, encoder_dtype=dtype, cache_dir=work / "first_walk",
                          backbone=backbone)
     runs = [first_walk(engine, image, label, "liver", read, work / "first_walk" / f"read_{read:g}")
