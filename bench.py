@@ -71,7 +71,7 @@ ENCODER_SLICES = 16  # slices timed through the image encoder, per dtype (>= 1)
 ENCODER_BATCHES = "1"  # slices per encoder pass to time (comma list; a GPU profits from more than 1)
 VIEWER_POINT_MODEL = "mobilesam"  # the model that answers the viewer measurement's clicks; empty: MODEL
 VIEWER_DTYPE = "auto"  # auto | fp32 | bf16: encoder and decoder precision of the viewer measurement
-VIEWER_READ_S = 30.0  # first_walk: seconds a user reads the CT before the box, measured beside a box sent at once
+VIEWER_READ_S = 30.0  # first_walk: seconds a user reads the CT before the box, measured beside a box sent at once (> 0)
 TRAIN_PROMPT = "bound_box"  # prompt type of the decoder-training samples
 TRAIN_BATCH = 32  # samples per SGD step in the batched measurement (>= 1)
 TRAIN_SAMPLES = 128  # samples timed per mode (batched, one at a time) and dtype (>= 1)
@@ -152,6 +152,9 @@ def check_flags(cfg) -> list[str]:
     if {"interactive", "slicer", "first_walk"} & set(wanted) and not cfg["interactive_ct"]:
         with flag("--interactive-shape"):
             phantom_shape(cfg["interactive_shape"])
+    if "first_walk" in wanted:
+        with flag("--viewer-read-s"):
+            viewer.reading_seconds(cfg["viewer_read_s"])
     if "stride" in wanted:
         compared_stride(cfg)
         if not cfg["stride_ct"]:

@@ -42,6 +42,19 @@ def test_the_stride_section_refuses_a_stride_of_nothing_before_any_work(tmp_path
     assert not (tmp_path / "work").exists() and not (tmp_path / "res").exists()
 
 
+@pytest.mark.parametrize("read", ["-5", "0", "nan"])
+def test_the_first_walk_section_refuses_a_reading_time_of_nothing_before_any_work(tmp_path, read):
+    """--sections first_walk measures a box after VIEWER_READ_S s beside one sent at once: 0, a negative or a NaN
+    time is refused before anything is built or written (-5 ran as a second box at once, labelled "after -5 s")."""
+    import bench
+    from sambtcv.core.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="--viewer-read-s must be (a number of seconds > 0|a finite number)"):
+        bench.main(["--sections", "first_walk", "--viewer-read-s", read, "--work-dir", str(tmp_path / "work"),
+                    "--results-dir", str(tmp_path / "res")])
+    assert not (tmp_path / "work").exists() and not (tmp_path / "res").exists()
+
+
 @pytest.mark.slow  # two walks from a cold cache and a wait for the background
 def test_first_walk_measures_what_reading_time_saves(litemedsam, raw_phantom, tmp_path):
     """bench.py's first box + P from opening: a box sent at once finds few slices encoded and its walk encodes; a box

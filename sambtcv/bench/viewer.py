@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from sambtcv.core import config
+from sambtcv.core.errors import PipelineError
 from sambtcv.core.metrics import dice_score
 from sambtcv.core.names import ORGAN_ID
 from sambtcv.core.prompts import bound_box
@@ -103,6 +104,18 @@ def bench_viewer(cfg, backbone, sets: dict, work: Path, device) -> dict:
                                "HTTP, no background encoding; first = warm process, slice not yet encoded"}}
 
 
+def reading_seconds(value) -> float:
+    """VIEWER_READ_S: seconds a user reads before the box (a finite number > 0; the box at once is the other run)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise PipelineError(f"{{subject}} must be a number of seconds > 0 (the box sent at once is the other run), got "
+                            f"{value!r}", "the reading time")
+    return seconds
+
+
 def first_walk(engine, image: Path, label: Path, organ: str, read_s: float, root: Path) -> dict:
     """The viewer's first box + P on a CT from its opening, as a user meets it (server side, no HTTP; the
     background encoder on, every slice; a cold cache under `root`): the CT opened, `read_s` s of the user reading
@@ -142,7 +155,7 @@ def bench_first_walk(cfg, backbone, work: Path, device) -> dict:
     engine = load_engine(device=torch.device(device), dtype=dtype, encoder_dtype=dtype, cache_dir=work / "first_walk",
                          backbone=backbone)
     runs = [first_walk(engine, image, label, "liver", read, work / "first_walk" / f"read_{read:g}")
-            for read in (0.0, float(cfg["viewer_read_s"]))]
+            for read in (0.0, reading_seconds(cfg["viewer_read_s"]))]
     for r in runs:
         print(f"bench: viewer first box + P on {name}, box after {r['read_s']:g} s: {r['open_to_walk_s']:.1f} s from "
               f"opening, {r['box_to_walk_s']:.1f} s from the box ({r['walk_encoder_passes']} passes)", flush=True)
